@@ -1,0 +1,308 @@
+"""Adapter files, format_version "1": save, read (validated), load into a model.
+
+One ``.safetensors`` file per task. For each adapted parameter ``P`` (its ``state_dict`` name):
+``P.lie_B`` (shape[0], r) and ``P.lie_A`` (r, prod(shape[1:])); header metadata ``format``,
+``format_version``, ``expmap``, ``targets``, ``base_sha256``, ``config``, ``name``, ``created_by``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._version import __version__
+from .adapt import apply_adapters_, iter_adapters, remove_adapters_
+from .config import EXPMAPS, LieConfig
+from .errors import AdapterFileError, LieError
+from .sfile import atomic_path, read_header, tensor_sha256
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "AdapterFile",
+    "save_adapter",
+    "read_adapter",
+    "load_adapter",
+    "check_against_base",
+    "pristine_base_tensors",
+]
+
+FORMAT = "liedeploy.adapter"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class AdapterFile:
+    """A validated adapter file in memory."""
+
+    path: str
+    name: str
+    expmap: str
+    targets: dict  # {P: {"shape": tuple, "scale": float}}
+    factors: dict  # {P: (B, A)}
+    base_sha256: dict  # {P: hex}
+    config: dict
+    metadata: dict = field(default_factory=dict)
+
+    def rank(self, target: str) -> int:
+        return int(self.factors[target][0].shape[1])
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(B.numel() + A.numel() for B, A in self.factors.values())
+
+    def delta(self, target: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dW for ``target`` = scale * reshape(B @ A, shape), in ``dtype``."""
+        B, A = self.factors[target]
+        d = torch.mm(B.to(dtype), A.to(dtype)) * self.targets[target]["scale"]
+        return d.reshape(self.targets[target]["shape"])
+
+
+def pristine_base_tensors(model: nn.Module) -> dict:
+    """``{P: pristine base tensor}`` for every adapted parameter of ``model`` (live or merged)."""
+    out = {P: module.parametrizations[attr].original for P, module, attr, _ in iter_adapters(model)}
+    for P, rec in getattr(model, "_lie_merged", {}).items():
+        out[P] = rec.pristine()
+    return out
+
+
+def _live_factors(model: nn.Module) -> dict:
+    out = {P: (lie.lie_B, lie.lie_A, lie.scale, lie.expmap) for P, _, _, lie in iter_adapters(model)}
+    for P, rec in getattr(model, "_lie_merged", {}).items():
+        out[P] = (rec.B, rec.A, rec.scale, rec.expmap)
+    return out
+
+
+def save_adapter(model: nn.Module, path: str, name: Optional[str] = None) -> str:
+    """Write the model's Lie adapters to ``path`` (adapter format_version "1").
+
+    Args:
+        model: a model prepared with :func:`apply_adapters_` (live or merged with ``merge_``).
+        path: output ``.safetensors`` path; written to a temporary file and renamed.
+        name: the task name stored in the file (default: the file's stem).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> save_adapter(model, "rotated.safetensors", name="rotated")
+    """
+    live = _live_factors(model)
+    if not live:
+        raise LieError("the model has no Lie adapters to save; call apply_adapters_ first")
+    expmaps = {e for *_, e in live.values()}
+    if len(expmaps) != 1:
+        raise LieError(f"the model mixes exp maps {sorted(expmaps)}; one adapter file holds one map")
+    base = pristine_base_tensors(model)
+    tensors, targets, hashes = {}, {}, {}
+    for P in sorted(live):
+        B, A, scale, _ = live[P]
+        tensors[f"{P}.lie_B"] = B.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{P}.lie_A"] = A.detach().to("cpu", copy=True).contiguous()
+        targets[P] = {"shape": list(base[P].shape), "scale": float(scale)}
+        hashes[P] = tensor_sha256(base[P])
+    cfg = getattr(model, "lie_config", None)
+    name = name if name is not None else os.path.splitext(os.path.basename(path))[0]
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "expmap": expmaps.pop(),
+        "targets": json.dumps(targets, sort_keys=True),
+        "base_sha256": json.dumps(hashes, sort_keys=True),
+        "config": cfg.to_json() if isinstance(cfg, LieConfig) else json.dumps(cfg or {}),
+        "name": str(name),
+        "created_by": f"liedeploy {__version__}",
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def _json_meta(path: str, metadata: dict, key: str) -> object:
+    if key not in metadata:
+        raise AdapterFileError(f"{path}: adapter metadata {key!r} is missing")
+    try:
+        return json.loads(metadata[key])
+    except ValueError:
+        raise AdapterFileError(f"{path}: adapter metadata {key!r} is not valid JSON") from None
+
+
+def read_adapter(path: str, device: str | torch.device = "cpu") -> AdapterFile:
+    """Read and validate an adapter file without any model.
+
+    Refuses (:class:`AdapterFileError`, one sentence naming the file): a pickle or other
+    non-safetensors file, truncated data, a missing or unknown format/version/expmap, factors whose
+    shapes disagree with ``targets``, missing or extra tensors, non-finite factors.
+    """
+    path = os.fspath(path)
+    header, meta, _ = read_header(path)
+    fmt = meta.get("format")
+    if fmt is None:
+        raise AdapterFileError(f"{path}: not a liedeploy adapter (metadata 'format' is missing)")
+    if fmt != FORMAT:
+        raise AdapterFileError(f"{path}: not a liedeploy adapter (format is {fmt!r}, expected {FORMAT!r})")
+    ver = meta.get("format_version")
+    if ver != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path}: unsupported adapter format_version {ver!r} (this liedeploy reads {FORMAT_VERSION!r})"
+        )
+    expmap = meta.get("expmap")
+    if expmap not in EXPMAPS:
+        raise AdapterFileError(f"{path}: unknown expmap {expmap!r} (expected 'exact' or 'first_order')")
+    targets_raw = _json_meta(path, meta, "targets")
+    hashes = _json_meta(path, meta, "base_sha256")
+    config = _json_meta(path, meta, "config") if "config" in meta else {}
+    if not isinstance(targets_raw, dict) or not targets_raw:
+        raise AdapterFileError(f"{path}: adapter metadata 'targets' must be a non-empty JSON object")
+    if not isinstance(hashes, dict):
+        raise AdapterFileError(f"{path}: adapter metadata 'base_sha256' must be a JSON object")
+    targets = {}
+    for P, info in targets_raw.items():
+        try:
+            shape = tuple(int(s) for s in info["shape"])
+            scale = float(info["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number") from None
+        if len(shape) < 2 or not math.isfinite(scale):
+            raise AdapterFileError(f"{path}: target {P} has shape {list(shape)} and scale {scale}: need rank >= 2 and a finite scale")
+        targets[P] = {"shape": shape, "scale": scale}
+    expected = {f"{P}.lie_{x}" for P in targets for x in "AB"}
+    extra = sorted(set(header) - expected)
+    if extra:
+        raise AdapterFileError(f"{path}: tensor {extra[0]} does not belong to any target listed in 'targets'")
+    missing = sorted(expected - set(header))
+    if missing:
+        raise AdapterFileError(f"{path}: tensor {missing[0]} is missing")
+    for P, info in targets.items():
+        m, n = info["shape"][0], math.prod(info["shape"][1:])
+        bs, as_ = header[f"{P}.lie_B"]["shape"], header[f"{P}.lie_A"]["shape"]
+        if len(bs) != 2 or len(as_) != 2 or bs[0] != m or as_[1] != n or bs[1] != as_[0]:
+            raise AdapterFileError(
+                f"{path}: factors of {P} have shapes B {list(bs)} and A {list(as_)}, which disagree with its "
+                f"target shape {list(info['shape'])} (expected B [{m}, r] and A [r, {n}])"
+            )
+        if P not in hashes:
+            raise AdapterFileError(f"{path}: 'base_sha256' has no entry for target {P}")
+    try:
+        tensors = load_file(path, device=str(device))
+    except Exception as exc:  # safetensors' own parser; header already checked above
+        raise AdapterFileError(f"{path}: unreadable safetensors data ({str(exc).splitlines()[0]})") from None
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{path}: factor {key} has dtype {t.dtype}, expected a floating-point type")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{path}: factor {key} holds non-finite values (NaN or inf)")
+    factors = {P: (tensors[f"{P}.lie_B"], tensors[f"{P}.lie_A"]) for P in targets}
+    return AdapterFile(
+        path=path,
+        name=meta.get("name", os.path.splitext(os.path.basename(path))[0]),
+        expmap=expmap,
+        targets=targets,
+        factors=factors,
+        base_sha256={k: str(v) for k, v in hashes.items()},
+        config=config if isinstance(config, dict) else {},
+        metadata=dict(meta),
+    )
+
+
+def check_against_base(
+    adapter: AdapterFile,
+    shapes: Mapping[str, tuple],
+    sha256: Optional[Callable[[str], str]] = None,
+) -> None:
+    """Refuse an adapter whose targets are absent from a base, have other shapes, or other bytes.
+
+    Args:
+        adapter: a read adapter.
+        shapes: ``{name: shape}`` of the base tensors.
+        sha256: ``name -> hex digest`` of the base tensor; ``None`` skips the hash check.
+    """
+    path = adapter.path
+    for P, info in adapter.targets.items():
+        if P not in shapes:
+            raise AdapterFileError(f"{path}: target {P} is absent from the base")
+        if tuple(shapes[P]) != tuple(info["shape"]):
+            raise AdapterFileError(
+                f"{path}: target {P} has shape {list(info['shape'])} but the base tensor has shape {list(shapes[P])}"
+            )
+    if sha256 is not None:
+        for P in adapter.targets:
+            got = sha256(P)
+            want = adapter.base_sha256[P]
+            if got != want:
+                raise AdapterFileError(
+                    f"{path}: base tensor {P} differs from the one this adapter was trained on "
+                    f"(sha256 {got[:12]}... vs {want[:12]}...); it was made for another base"
+                )
+
+
+def _base_view(model: nn.Module) -> dict:
+    """``{P: pristine tensor}`` for all parameters and buffers of ``model`` under base names."""
+    out = {}
+    live = pristine_base_tensors(model)
+    for k, v in model.state_dict(keep_vars=True).items():
+        if ".parametrizations." in k:
+            continue
+        out[k] = v
+    out.update(live)
+    return out
+
+
+def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn.Module:
+    """Load an adapter file into ``model`` and return it.
+
+    If the model already has Lie adapters on exactly the file's targets and ranks, the factors are
+    copied in place (no new tensors: compiled graphs and CUDA graphs keep working). Otherwise any
+    existing adapters are removed and the file's adapters are attached.
+
+    Args:
+        model: the base architecture (with pristine base weights).
+        path: an adapter file.
+        verify_base: check every target's base tensor against the file's ``base_sha256``.
+
+    Raises:
+        AdapterFileError: see :func:`read_adapter`, plus targets absent from the model, other
+            shapes, or base tensors whose hash differs.
+    """
+    if getattr(model, "_lie_merged", None):
+        raise LieError("the model holds merged adapters; call unmerge_ before loading another adapter")
+    af = read_adapter(path)
+    base = _base_view(model)
+    check_against_base(
+        af,
+        {k: tuple(v.shape) for k, v in base.items()},
+        (lambda P: tensor_sha256(base[P])) if verify_base else None,
+    )
+    live = {P: lie for P, _, _, lie in iter_adapters(model)}
+    same = set(live) == set(af.targets) and all(
+        live[P].r == af.rank(P) for P in af.targets
+    )
+    if not same:
+        if live:
+            remove_adapters_(model)
+        try:
+            cfg = LieConfig.from_dict(af.config)
+        except (TypeError, ValueError):
+            cfg = LieConfig(r=af.rank(next(iter(af.targets))), expmap=af.expmap, targets=sorted(af.targets))
+        if cfg.expmap != af.expmap:
+            cfg = LieConfig(r=cfg.r, alpha=cfg.alpha, expmap=af.expmap, targets=sorted(af.targets))
+        exact = {P: (af.rank(P), af.targets[P]["scale"]) for P in af.targets}
+        apply_adapters_(model, cfg, targets_exact=exact)
+        live = {P: lie for P, _, _, lie in iter_adapters(model)}
+    with torch.no_grad():
+        for P, (B, A) in af.factors.items():
+            lie = live[P]
+            lie.lie_B.copy_(B)
+            lie.lie_A.copy_(A)
+            lie.scale = af.targets[P]["scale"]
+            lie.expmap = af.expmap
+    model.lie_adapter_name = af.name
+    return model

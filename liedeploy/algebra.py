@@ -1,0 +1,166 @@
+"""Lie-algebra math: the perturbation dW from its factors, the exponential maps, composition.
+
+W' = W * exp(dW) (``exact``) or W * (1 + dW) (``first_order``), dW = scale * reshape(B @ A, W.shape).
+
+:class:`LieFold` is the autograd function used in training: its forward keeps no full-size tensor
+alive (only W, which the model holds anyway, and the small factors) and its backward recomputes
+exp(dW) instead, so the exact map costs about what the first-order map costs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = ["compute_dtype", "delta", "fold", "fold_sum", "lie_fold", "LieFold"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fold is computed in: at least float32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def delta(B: torch.Tensor, A: torch.Tensor, scale: float, shape: Sequence[int], dtype: Optional[torch.dtype] = None):
+    """dW = scale * reshape(B @ A, shape), computed in ``dtype`` (default: B's dtype)."""
+    dtype = dtype or B.dtype
+    d = torch.mm(B.to(dtype), A.to(dtype))
+    if scale != 1.0:
+        d.mul_(scale)
+    return d.reshape(shape)
+
+
+def _apply_map_(d: torch.Tensor, expmap: str) -> torch.Tensor:
+    """In place: d -> exp(d) or 1 + d."""
+    if expmap == "exact":
+        return d.exp_()
+    if expmap == "first_order":
+        return d.add_(1.0)
+    raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
+
+
+def fold(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    expmap: str = "exact",
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """W' = W * map(dW), computed in at least float32, rounded once to ``out_dtype`` (default W's).
+
+    No autograd: for merging. Allocates one full-size tensor in the compute dtype.
+    """
+    return fold_sum(W, [(B, A, scale)], expmap, out_dtype)
+
+
+_CHUNK_BYTES = 1 << 20  # rows are folded in blocks of about this size, so each block stays in cache
+
+
+def fold_sum(
+    W: torch.Tensor,
+    factors: Iterable[tuple],
+    expmap: str = "exact",
+    out_dtype: Optional[torch.dtype] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fold several perturbations at once: W * map(sum_i s_i dW_i).
+
+    For ``exact`` this is the exact group composition exp(dW1) * exp(dW2) = exp(dW1 + dW2).
+    ``factors`` is an iterable of ``(B, A, scale)``. Computed in at least float32, block by block
+    (each block of rows stays in cache: one read of W, one write of the result), and rounded once
+    to ``out_dtype`` (default: W's dtype). ``out`` may be given to write into existing storage.
+    """
+    if expmap not in ("exact", "first_order"):
+        raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
+    cdt = compute_dtype(W.dtype)
+    out_dtype = out.dtype if out is not None else (out_dtype or W.dtype)
+    m = W.shape[0]
+    with torch.no_grad():
+        pairs = []
+        for B, A, scale in factors:
+            B2 = B.to(device=W.device, dtype=cdt)
+            if scale != 1.0:
+                B2 = B2 * scale
+            pairs.append((B2, A.to(device=W.device, dtype=cdt)))
+        if out is None:
+            out = torch.empty(W.shape, dtype=out_dtype, device=W.device)
+        if not pairs:
+            return out.copy_(W)
+        W2 = W.reshape(m, -1)
+        O2 = out.view(m, -1)
+        n = W2.shape[1]
+        rows = max(1, _CHUNK_BYTES // max(1, n * 4))
+        direct = out_dtype == cdt
+        buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            blk = O2[r0:r1] if direct else buf[: r1 - r0]
+            B0, A0 = pairs[0]
+            torch.mm(B0[r0:r1], A0, out=blk)
+            for Bi, Ai in pairs[1:]:
+                blk.addmm_(Bi[r0:r1], Ai)
+            if expmap == "exact":
+                blk.exp_()
+            else:
+                blk.add_(1.0)
+            blk.mul_(W2[r0:r1])
+            if not direct:
+                O2[r0:r1].copy_(blk)
+        return out
+
+
+class LieFold(torch.autograd.Function):
+    """W' = W * map(scale * reshape(B @ A)) with a backward that recomputes map(dW).
+
+    Saved for backward: W, B, A (no full-size intermediate). Gradients:
+        g = dL/dW'            (matricized (m, n))
+        exact:       dL/d(dW) = g * W'        = g * W * exp(dW)
+        first_order: dL/d(dW) = g * W
+        dL/dB = scale * dL/d(dW) @ A^T,  dL/dA = scale * B^T @ dL/d(dW)
+        dL/dW = g * map(dW)   (only when W itself requires grad)
+    """
+
+    @staticmethod
+    def forward(ctx, W, B, A, scale: float, expmap: str):  # type: ignore[override]
+        cdt = compute_dtype(W.dtype)
+        with torch.autocast(W.device.type, enabled=False):
+            d = torch.mm(B.to(cdt) * scale, A.to(cdt))  # same rounding as fold_sum
+            _apply_map_(d, expmap)
+            d.mul_(W.reshape(W.shape[0], -1))
+            out = d.reshape(W.shape).to(W.dtype)
+        ctx.save_for_backward(W, B, A)
+        ctx.scale = scale
+        ctx.expmap = expmap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        W, B, A = ctx.saved_tensors
+        scale, expmap = ctx.scale, ctx.expmap
+        cdt = compute_dtype(W.dtype)
+        m = W.shape[0]
+        g = grad_out.reshape(m, -1).to(cdt)
+        W2 = W.reshape(m, -1)
+        gW = None
+        with torch.autocast(W.device.type, enabled=False):
+            d = torch.mm(B.to(cdt) * scale, A.to(cdt))
+            _apply_map_(d, expmap)  # d = map(dW)
+            if ctx.needs_input_grad[0]:
+                gW = (g * d).reshape(W.shape).to(W.dtype)
+            if expmap == "exact":
+                d.mul_(W2).mul_(g)  # g * W * exp(dW)
+            else:
+                d = g * W2
+            if scale != 1.0:
+                d.mul_(scale)
+            gB = torch.mm(d, A.to(cdt).t()).to(B.dtype) if ctx.needs_input_grad[1] else None
+            gA = torch.mm(B.to(cdt).t(), d).to(A.dtype) if ctx.needs_input_grad[2] else None
+        return gW, gB, gA, None, None
+
+
+def lie_fold(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, expmap: str = "exact") -> torch.Tensor:
+    """Differentiable W * map(scale * reshape(B @ A, W.shape)) (see :class:`LieFold`)."""
+    if expmap not in ("exact", "first_order"):
+        raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
+    return LieFold.apply(W, B, A, float(scale), expmap)

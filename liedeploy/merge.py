@@ -1,0 +1,145 @@
+"""Fold adapters into live modules (``merge_``) and restore the pristine base (``unmerge_``).
+
+For offline merges of safetensors files see :mod:`liedeploy.merge_files`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .adapt import LieParametrization, iter_adapters
+from .algebra import fold
+from .errors import LieError
+
+__all__ = ["merge_", "unmerge_", "is_merged", "check_finite"]
+
+
+class _Merged:
+    """What ``merge_`` keeps for one parameter so ``unmerge_`` can restore it bit for bit."""
+
+    __slots__ = ("module", "attr", "lie", "kept")
+
+    def __init__(self, module: nn.Module, attr: str, lie: LieParametrization, kept: Optional[torch.Tensor]):
+        self.module, self.attr, self.lie, self.kept = module, attr, lie, kept
+
+    # the adapter's view, used by save_adapter on a merged model
+    B = property(lambda self: self.lie.lie_B)
+    A = property(lambda self: self.lie.lie_A)
+    scale = property(lambda self: self.lie.scale)
+    expmap = property(lambda self: self.lie.expmap)
+
+    def pristine(self) -> torch.Tensor:
+        if self.kept is None:
+            raise LieError("merge_ was called with keep_base=False: pass the base file to unmerge_(model, base=...)")
+        return self.kept
+
+
+def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
+    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|."""
+    if torch.isfinite(merged).all():
+        return
+    with torch.no_grad():
+        d = torch.mm(B.float() * scale, A.float()).abs().max().item()
+    raise LieError(
+        f"merging {name} overflows {merged.dtype} (largest |dW| = {d:.4g}, exp = {min(d, 1e300):.4g}): "
+        "the adapter is unusable with this base dtype"
+    )
+
+
+def is_merged(model: nn.Module) -> bool:
+    """True when ``merge_`` folded adapters into ``model`` and ``unmerge_`` has not run since."""
+    return bool(getattr(model, "_lie_merged", None))
+
+
+def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -> nn.Module:
+    """Fold every Lie adapter into a plain tensor: the model becomes the base architecture again.
+
+    W' = W * exp(dW) (or W * (1 + dW) for first_order adapters), computed in at least float32 and
+    rounded once to the base dtype. Idempotent: already merged parameters are left alone.
+
+    Args:
+        model: a model with live adapters (``apply_adapters_`` / ``load_adapter``).
+        keep_base: how ``unmerge_`` will get the pristine base back: ``True`` keeps the original
+            tensors where they are (no copy), a device (``"cpu"``) keeps a copy there (frees
+            accelerator memory), ``False`` keeps nothing (``unmerge_`` then needs ``base=``).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        LieError: a merged tensor would not be finite (names the tensor and its largest |dW|).
+    """
+    records = getattr(model, "_lie_merged", None) or {}
+    work = []
+    for name, module, attr, lie in list(iter_adapters(model)):
+        W = module.parametrizations[attr].original
+        merged = fold(W, lie.lie_B, lie.lie_A, lie.scale, lie.expmap)
+        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale)
+        work.append((name, module, attr, lie, W, merged))
+    # all checks passed: now switch every parameter (never half-merged)
+    for name, module, attr, lie, W, merged in work:
+        if keep_base is True:
+            kept = W
+        elif keep_base is False or keep_base is None:
+            kept = None
+        else:
+            kept = W.detach().to(torch.device(keep_base), copy=True)
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        setattr(module, attr, nn.Parameter(merged, requires_grad=False))
+        records[name] = _Merged(module, attr, lie, kept)
+    model._lie_merged = records
+    return model
+
+
+def _base_tensor(base, name: str) -> torch.Tensor:
+    if isinstance(base, dict):
+        if name not in base:
+            raise LieError(f"the base given to unmerge_ has no tensor {name}")
+        return base[name]
+    from safetensors import safe_open
+
+    from .merge_files import resolve_shards
+
+    for shard, keys in resolve_shards(str(base)).items():
+        if name in keys:
+            with safe_open(shard, framework="pt") as f:
+                return f.get_tensor(name)
+    raise LieError(f"{base}: has no tensor {name}")
+
+
+def unmerge_(model: nn.Module, base: Union[None, str, dict] = None) -> nn.Module:
+    """Undo ``merge_``: restore the pristine base tensors bit for bit and re-attach the adapters.
+
+    The base comes from the copy ``merge_`` kept or, with ``base=``, from a safetensors file
+    (or sharded index) or a state dict. Never computed by division.
+    """
+    records = getattr(model, "_lie_merged", None)
+    if not records:
+        return model
+    restored = {}
+    for name, rec in records.items():
+        merged = getattr(rec.module, rec.attr)
+        if rec.kept is not None:
+            src = rec.kept
+        elif base is not None:
+            src = _base_tensor(base, name)
+        else:
+            rec.pristine()  # raises the explanation
+        if tuple(src.shape) != tuple(merged.shape):
+            raise LieError(f"base tensor {name} has shape {tuple(src.shape)}, the model has {tuple(merged.shape)}")
+        restored[name] = src
+    for name, rec in records.items():
+        src = restored[name]
+        merged = getattr(rec.module, rec.attr)
+        if isinstance(src, nn.Parameter) and src.device == merged.device and src.dtype == merged.dtype:
+            W = src
+        else:
+            W = nn.Parameter(src.detach().to(device=merged.device, dtype=merged.dtype, copy=True), requires_grad=False)
+        setattr(rec.module, rec.attr, W)
+        parametrize.register_parametrization(rec.module, rec.attr, rec.lie, unsafe=True)
+    model._lie_merged = {}
+    return model

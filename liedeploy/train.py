@@ -1,0 +1,109 @@
+"""A small training loop for Lie adapters on CPU or CUDA.
+
+Device choice, bf16 autocast on CUDA, a progress bar on a terminal (quiet when piped),
+adapter-only checkpoints (the factors, never the base).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter_file import save_adapter
+from .progress import progress_bar
+
+__all__ = ["resolve_device", "train_adapters", "evaluate"]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, bf16: bool | str):
+    if bf16 == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
+
+
+def train_adapters(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    loss_fn: Callable = F.cross_entropy,
+    device: str | torch.device | None = "auto",
+    bf16: bool | str = "auto",
+    checkpoint: Optional[str] = None,
+    name: Optional[str] = None,
+    progress: Optional[bool] = None,
+    desc: str = "train",
+) -> list[float]:
+    """Train the trainable parameters of ``model`` (the Lie factors) with AdamW.
+
+    Args:
+        model: a model prepared with ``apply_adapters_``.
+        data: an iterable of ``(inputs, targets)`` batches (e.g. a DataLoader), re-iterated per epoch.
+        epochs, lr, weight_decay: optimisation settings.
+        loss_fn: ``loss_fn(model(inputs), targets)``.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``...
+        bf16: autocast to bfloat16; ``"auto"`` = on for CUDA devices that support it.
+        checkpoint: adapter file written (atomically) after every epoch: factors only.
+        name: task name stored in the checkpoint.
+        progress: show a progress bar; default: only when stderr is a terminal.
+
+    Returns:
+        The mean training loss of each epoch.
+
+    Example:
+        >>> losses = train_adapters(model, loader, epochs=3, checkpoint="task.safetensors")
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    dev = resolve_device(device)
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call apply_adapters_ first")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    history = []
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        bar = progress_bar(data, desc=f"{desc} {epoch + 1}/{epochs}", enabled=progress)
+        for x, y in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with _autocast(dev, bf16):
+                loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        history.append(total / max(count, 1))
+        if checkpoint:
+            save_adapter(model, checkpoint, name=name)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, device: str | torch.device | None = "auto") -> float:
+    """Top-1 accuracy of a classifier over ``(inputs, labels)`` batches."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    correct = total = 0
+    for x, y in data:
+        pred = model(x.to(dev)).argmax(-1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
