@@ -1,0 +1,22 @@
+import json
+import os
+
+from liedeploy.cli import main
+from liedeploy.adapter_file import read_adapter
+
+
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--tasks", "rotated", "inverted", "--pretrain-epochs", "8",
+                 "--adapter-epochs", "15", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["base_accuracy_upright"] > 0.8
+    assert [t["task"] for t in summary["tasks"]] == ["rotated", "inverted"]
+    for t in summary["tasks"]:
+        assert os.path.exists(t["adapter_file"])
+        af = read_adapter(t["adapter_file"])
+        assert af.name == t["task"] and af.expmap == "exact"
+        # the adapter fixes what the distribution shift broke
+        assert t["adapted_accuracy"] > t["base_accuracy"] + 0.3
+        assert abs(t["merged_accuracy"] - t["adapted_accuracy"]) <= 1 / 400
