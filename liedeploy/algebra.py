@@ -111,24 +111,21 @@ def fold_sum(
 
 
 class LieFold(torch.autograd.Function):
-    """W' = W * map(scale * reshape(B @ A)) with a backward that recomputes map(dW).
+    """W' = W * map(scale * reshape(B @ A)) with a backward that recomputes map(dW) block by block.
 
-    Saved for backward: W, B, A (no full-size intermediate). Gradients:
-        g = dL/dW'            (matricized (m, n))
-        exact:       dL/d(dW) = g * W'        = g * W * exp(dW)
-        first_order: dL/d(dW) = g * W
-        dL/dB = scale * dL/d(dW) @ A^T,  dL/dA = scale * B^T @ dL/d(dW)
-        dL/dW = g * map(dW)   (only when W itself requires grad)
+    Saved for backward: W, B, A (no full-size intermediate). Gradients, with g = dL/dW'
+    matricized (m, n):
+        exact:       G = dL/d(dW) = g * W * exp(dW)
+        first_order: G = dL/d(dW) = g * W
+        dL/dB = scale * G @ A^T,  dL/dA = scale * B^T @ G,  dL/dW = g * map(dW) (if W needs grad)
+    Forward and backward walk W in blocks of rows that stay in cache, so neither allocates a
+    full-size temporary beyond the output (forward) and dL/dW (backward, only if W needs grad).
     """
 
     @staticmethod
     def forward(ctx, W, B, A, scale: float, expmap: str):  # type: ignore[override]
-        cdt = compute_dtype(W.dtype)
         with torch.autocast(W.device.type, enabled=False):
-            d = torch.mm(B.to(cdt) * scale, A.to(cdt))  # same rounding as fold_sum
-            _apply_map_(d, expmap)
-            d.mul_(W.reshape(W.shape[0], -1))
-            out = d.reshape(W.shape).to(W.dtype)
+            out = fold_sum(W, [(B, A, scale)], expmap)
         ctx.save_for_backward(W, B, A)
         ctx.scale = scale
         ctx.expmap = expmap
@@ -140,22 +137,46 @@ class LieFold(torch.autograd.Function):
         scale, expmap = ctx.scale, ctx.expmap
         cdt = compute_dtype(W.dtype)
         m = W.shape[0]
-        g = grad_out.reshape(m, -1).to(cdt)
+        g2 = grad_out.reshape(m, -1)
         W2 = W.reshape(m, -1)
-        gW = None
+        n = W2.shape[1]
+        need_W, need_B, need_A = ctx.needs_input_grad[:3]
         with torch.autocast(W.device.type, enabled=False):
-            d = torch.mm(B.to(cdt) * scale, A.to(cdt))
-            _apply_map_(d, expmap)  # d = map(dW)
-            if ctx.needs_input_grad[0]:
-                gW = (g * d).reshape(W.shape).to(W.dtype)
-            if expmap == "exact":
-                d.mul_(W2).mul_(g)  # g * W * exp(dW)
-            else:
-                d = g * W2
-            if scale != 1.0:
-                d.mul_(scale)
-            gB = torch.mm(d, A.to(cdt).t()).to(B.dtype) if ctx.needs_input_grad[1] else None
-            gA = torch.mm(B.to(cdt).t(), d).to(A.dtype) if ctx.needs_input_grad[2] else None
+            Bs = B.to(cdt) * scale
+            A2 = A.to(cdt)
+            gB = torch.empty((m, B.shape[1]), dtype=cdt, device=W.device) if need_B else None
+            gA = torch.zeros((A.shape[0], n), dtype=cdt, device=W.device) if need_A else None
+            gW = torch.empty_like(W2) if need_W else None
+            rows = max(1, _CHUNK_BYTES // max(1, n * 4))
+            buf = torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
+            for r0 in range(0, m, rows):
+                r1 = min(m, r0 + rows)
+                g = g2[r0:r1] if g2.dtype == cdt else g2[r0:r1].to(cdt)
+                t = buf[: r1 - r0]
+                if expmap == "exact" or need_W:
+                    torch.mm(Bs[r0:r1], A2, out=t)
+                    if expmap == "exact":
+                        t.exp_()
+                    else:
+                        t.add_(1.0)
+                    if need_W:
+                        gW[r0:r1] = g * t
+                    if expmap == "exact":
+                        t.mul_(W2[r0:r1]).mul_(g)
+                    else:
+                        torch.mul(g, W2[r0:r1], out=t)
+                else:
+                    torch.mul(g, W2[r0:r1], out=t)
+                if need_B:
+                    torch.mm(t, A2.t(), out=gB[r0:r1])
+                if need_A:
+                    gA.addmm_(Bs[r0:r1].t(), t)
+            if need_B:
+                gB = gB.mul_(scale).to(B.dtype)
+            if need_A:
+                gA = gA.to(A.dtype)
+            if need_W:
+                gW = gW.reshape(W.shape)
         return gW, gB, gA, None, None
 
 

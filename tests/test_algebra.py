@@ -83,6 +83,18 @@ def test_gradcheck_linear_and_conv(expmap):
 
 
 @pytest.mark.parametrize("expmap", ["exact", "first_order"])
+def test_gradcheck_many_blocks(expmap, monkeypatch):
+    import liedeploy.algebra as alg
+
+    monkeypatch.setattr(alg, "_CHUNK_BYTES", 40)  # 1-2 rows per block
+    torch.manual_seed(1)
+    W = torch.randn(7, 3, 2, dtype=torch.float64, requires_grad=True)
+    B = (torch.randn(7, 2, dtype=torch.float64) * 0.3).requires_grad_()
+    A = (torch.randn(2, 6, dtype=torch.float64) * 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda W, B, A: lie_fold(W, B, A, 0.6, expmap).sin(), (W, B, A))
+
+
+@pytest.mark.parametrize("expmap", ["exact", "first_order"])
 def test_forward_keeps_no_full_size_tensor(expmap):
     """The exact map must not keep exp(dW) or any other W-sized intermediate for backward."""
     W = torch.randn(64, 48)
