@@ -13,7 +13,7 @@ from .adapter_file import load_adapter, read_adapter, save_adapter
 from .config import LieConfig
 from .errors import AdapterFileError, LieError
 from .merge import merge_, unmerge_
-from .merge_files import merge_files
+from .merge import merge_files
 
 __all__ = [
     "__version__",

@@ -13,7 +13,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["compute_dtype", "delta", "fold", "fold_sum", "lie_fold", "LieFold"]
+from .errors import LieError
+
+__all__ = ["check_finite", "compute_dtype", "delta", "fold", "fold_sum", "lie_fold", "LieFold"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,3 +187,15 @@ def lie_fold(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, ex
     if expmap not in ("exact", "first_order"):
         raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
     return LieFold.apply(W, B, A, float(scale), expmap)
+
+
+def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
+    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|."""
+    if torch.isfinite(merged).all():
+        return
+    with torch.no_grad():
+        d = torch.mm(B.float() * scale, A.float()).abs().max().item()
+    raise LieError(
+        f"merging {name} overflows {merged.dtype} (largest |dW| = {d:.4g}, exp = {min(d, 1e300):.4g}): "
+        "the adapter is unusable with this base dtype"
+    )

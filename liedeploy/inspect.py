@@ -47,7 +47,7 @@ def describe_file(path: str) -> dict:
     """A JSON-able description of an adapter file, a safetensors weight file or a sharded index."""
     path = os.fspath(path)
     if path.endswith(".index.json"):
-        from .merge_files import resolve_shards
+        from .sfile import resolve_shards
 
         shards = resolve_shards(path)
         info = {"path": path, "kind": "sharded weights", "size_bytes": 0, "shards": len(shards),

@@ -1,6 +1,5 @@
-"""Fold adapters into live modules (``merge_``) and restore the pristine base (``unmerge_``).
-
-For offline merges of safetensors files see :mod:`liedeploy.merge_files`.
+"""Merging: ``merge_`` folds adapters into live modules, ``unmerge_`` restores the pristine base,
+``merge_files`` (implemented in :mod:`liedeploy.streaming`) merges safetensors files offline.
 """
 
 from __future__ import annotations
@@ -12,10 +11,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapt import LieParametrization, iter_adapters
-from .algebra import fold
+from .algebra import check_finite, fold
 from .errors import LieError
+from .sfile import read_header, resolve_shards
+from .streaming import merge_files
 
-__all__ = ["merge_", "unmerge_", "is_merged", "check_finite"]
+__all__ = ["merge_", "unmerge_", "merge_files", "is_merged"]
 
 
 class _Merged:
@@ -36,18 +37,6 @@ class _Merged:
         if self.kept is None:
             raise LieError("merge_ was called with keep_base=False: pass the base file to unmerge_(model, base=...)")
         return self.kept
-
-
-def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
-    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|."""
-    if torch.isfinite(merged).all():
-        return
-    with torch.no_grad():
-        d = torch.mm(B.float() * scale, A.float()).abs().max().item()
-    raise LieError(
-        f"merging {name} overflows {merged.dtype} (largest |dW| = {d:.4g}, exp = {min(d, 1e300):.4g}): "
-        "the adapter is unusable with this base dtype"
-    )
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -102,11 +91,12 @@ def _base_tensor(base, name: str) -> torch.Tensor:
         return base[name]
     from safetensors import safe_open
 
-    from .merge_files import resolve_shards
-
-    for shard, keys in resolve_shards(str(base)).items():
-        if name in keys:
-            with safe_open(shard, framework="pt") as f:
+    base = str(base)
+    shards = resolve_shards(base) if base.endswith(".index.json") else {base: None}
+    for shard in shards:
+        read_header(shard)  # clear refusal of non-safetensors files, never unpickles
+        with safe_open(shard, framework="pt") as f:
+            if name in f.keys():
                 return f.get_tensor(name)
     raise LieError(f"{base}: has no tensor {name}")
 

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_path",
     "ST_DTYPES",
     "DTYPE_NAMES",
+    "resolve_shards",
 ]
 
 # safetensors dtype strings <-> torch dtypes (the ones a weight file may hold).
@@ -141,3 +142,22 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def resolve_shards(path: str) -> dict:
+    """``{shard_path: [tensor names]}`` for a ``*.safetensors.index.json`` (in shard order)."""
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: no such file") from None
+    except (ValueError, KeyError, TypeError):
+        raise AdapterFileError(f"{path}: not a safetensors index (needs a JSON object with a 'weight_map')") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    shards: dict = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(os.path.join(folder, shard), []).append(name)
+    return shards

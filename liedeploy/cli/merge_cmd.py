@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..merge_files import merge_files
+from ..merge import merge_files
 
 __all__ = ["add_parser", "run"]
 

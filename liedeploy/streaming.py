@@ -1,4 +1,4 @@
-"""Merge adapter files into safetensors base weights, streaming, with no model code.
+"""``merge_files``: merge adapter files into safetensors base weights, streaming, with no model code.
 
 Keys, shapes and the adapter format say everything: each adapted tensor is read once into a
 reused buffer, its hash is checked, it is folded block by block and written; every other tensor's
@@ -26,13 +26,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .adapter_file import AdapterFile, check_against_base, read_adapter
-from .algebra import fold_sum
+from .algebra import check_finite, fold_sum
 from .errors import AdapterFileError, LieError
-from .merge import check_finite
 from .progress import progress_bar
-from .sfile import DTYPE_NAMES, ST_DTYPES, atomic_path, read_header
+from .sfile import DTYPE_NAMES, ST_DTYPES, atomic_path, read_header, resolve_shards
 
-__all__ = ["merge_files", "resolve_shards", "DTYPE_ALIASES"]
+__all__ = ["merge_files", "DTYPE_ALIASES"]
 
 DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -40,25 +39,6 @@ DTYPE_ALIASES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 _FLOAT = {"F64", "F32", "F16", "BF16"}
-
-
-def resolve_shards(path: str) -> dict:
-    """``{shard_path: [tensor names]}`` for a ``*.safetensors.index.json`` (in shard order)."""
-    try:
-        with open(path) as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path}: no such file") from None
-    except (ValueError, KeyError, TypeError):
-        raise AdapterFileError(f"{path}: not a safetensors index (needs a JSON object with a 'weight_map')") from None
-    folder = os.path.dirname(os.path.abspath(path))
-    shards: dict = {}
-    for name, shard in weight_map.items():
-        shards.setdefault(os.path.join(folder, shard), []).append(name)
-    return shards
 
 
 def _file_sha256(path: str) -> str:
