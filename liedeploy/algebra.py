@@ -56,7 +56,7 @@ def fold(
     return fold_sum(W, [(B, A, scale)], expmap, out_dtype)
 
 
-_CHUNK_BYTES = 1 << 20  # rows are folded in blocks of about this size, so each block stays in cache
+_CHUNK_BYTES = 1 << 22  # rows are folded in blocks of about this size, so each block stays in cache
 
 
 def fold_sum(
@@ -65,6 +65,7 @@ def fold_sum(
     expmap: str = "exact",
     out_dtype: Optional[torch.dtype] = None,
     out: Optional[torch.Tensor] = None,
+    check: Optional[list] = None,
 ) -> torch.Tensor:
     """Fold several perturbations at once: W * map(sum_i s_i dW_i).
 
@@ -72,6 +73,9 @@ def fold_sum(
     ``factors`` is an iterable of ``(B, A, scale)``. Computed in at least float32, block by block
     (each block of rows stays in cache: one read of W, one write of the result), and rounded once
     to ``out_dtype`` (default: W's dtype). ``out`` may be given to write into existing storage.
+    With ``check=[]``, ``True`` is appended if every result is finite (tested block by block
+    while the block is in cache: a sum is non-finite iff some element is, up to overflow of the
+    sum itself, which is then settled by an exact test), else ``False``.
     """
     if expmap not in ("exact", "first_order"):
         raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
@@ -95,6 +99,7 @@ def fold_sum(
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
         direct = out_dtype == cdt
         buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
+        total = None
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
             blk = O2[r0:r1] if direct else buf[: r1 - r0]
@@ -109,6 +114,14 @@ def fold_sum(
             blk.mul_(W2[r0:r1])
             if not direct:
                 O2[r0:r1].copy_(blk)
+            if check is not None:
+                bs = O2[r0:r1].sum(dtype=cdt)  # the rounded result: fp16 overflows show here
+                total = bs if total is None else total.add_(bs)
+        if check is not None:
+            ok = total is None or bool(torch.isfinite(total))
+            if not ok:  # the sum may have overflowed on its own: decide exactly
+                ok = bool(torch.isfinite(out).all())
+            check.append(ok)
         return out
 
 
@@ -189,9 +202,12 @@ def lie_fold(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, ex
     return LieFold.apply(W, B, A, float(scale), expmap)
 
 
-def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
-    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|."""
-    if torch.isfinite(merged).all():
+def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, ok=None) -> None:
+    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|.
+
+    ``ok``: the result of ``fold_sum(..., check=...)`` when already known.
+    """
+    if ok if ok is not None else bool(torch.isfinite(merged).all()):
         return
     with torch.no_grad():
         d = torch.mm(B.float() * scale, A.float()).abs().max().item()

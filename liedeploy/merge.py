@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapt import LieParametrization, iter_adapters
-from .algebra import check_finite, fold
+from .algebra import check_finite, fold_sum
 from .errors import LieError
 from .sfile import read_header, resolve_shards
 from .streaming import merge_files
@@ -66,8 +66,9 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
     work = []
     for name, module, attr, lie in list(iter_adapters(model)):
         W = module.parametrizations[attr].original
-        merged = fold(W, lie.lie_B, lie.lie_A, lie.scale, lie.expmap)
-        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale)
+        ok: list = []
+        merged = fold_sum(W, [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, check=ok)
+        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
         work.append((name, module, attr, lie, W, merged))
     # all checks passed: now switch every parameter (never half-merged)
     for name, module, attr, lie, W, merged in work:

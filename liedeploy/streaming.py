@@ -88,18 +88,21 @@ class _Plan:
                     (B, A, a.targets[P]["scale"] * s)
                 )
 
-    def fold(self, name: str, W: torch.Tensor, out: torch.Tensor) -> None:
+    def fold(self, name: str, W: torch.Tensor, out: torch.Tensor) -> bool:
+        """Fold into ``out``; returns whether every merged value is finite."""
         groups = self.targets[name]
+        ok: list = []
         if groups["exact"] and groups["first_order"]:
             tmp = fold_sum(W, groups["exact"], "exact", out_dtype=torch.float32 if W.dtype != torch.float64 else W.dtype)
-            fold_sum(tmp, groups["first_order"], "first_order", out=out)
+            fold_sum(tmp, groups["first_order"], "first_order", out=out, check=ok)
         elif groups["exact"]:
-            fold_sum(W, groups["exact"], "exact", out=out)
+            fold_sum(W, groups["exact"], "exact", out=out, check=ok)
         else:
-            fold_sum(W, groups["first_order"], "first_order", out=out)
+            fold_sum(W, groups["first_order"], "first_order", out=out, check=ok)
+        return ok[0]
 
-    def check(self, name: str, merged: torch.Tensor) -> None:
-        if torch.isfinite(merged).all():
+    def check(self, name: str, merged: torch.Tensor, ok: bool) -> None:
+        if ok:
             return
         factors = self.targets[name]["exact"] + self.targets[name]["first_order"]
         B = torch.cat([b * s for b, _, s in factors], 1)
@@ -157,7 +160,7 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
             O = outbuf[: o1 - o0].view(ST_DTYPES[new["dtype"]]).reshape(shape)
             if k in plan.targets:
                 digest = pool.submit(lambda v=view: hashlib.sha256(v.numpy()).hexdigest()) if hashes else None
-                plan.fold(k, W, O)
+                finite = plan.fold(k, W, O)
                 if digest is not None:
                     for a in hashes:
                         want = a.base_sha256.get(k)
@@ -166,7 +169,7 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
                                 f"{a.path}: base tensor {k} differs from the one this adapter was trained on "
                                 f"(sha256 {digest.result()[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
                             )
-                plan.check(k, O)
+                plan.check(k, O, finite)
                 n_merged += 1
             else:
                 O.copy_(W)

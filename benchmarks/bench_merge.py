@@ -1,0 +1,241 @@
+"""Merge speed and memory: in memory (merge_) and from files (liedeploy merge), against baselines.
+
+ViT-B (transformers ViTConfig() with random weights), every Linear of the encoder adapted, r=16.
+
+In memory (fp32), medians of --reps repetitions, 2 threads:
+  liedeploy merge_  vs  the copy limit (clone of the same adapted weights)  vs  PEFT LoRA merge_and_unload
+From files (subprocesses, wall time and peak RSS from /usr/bin/time -v), medians of --reps:
+  liedeploy merge  vs  cp of the base file  vs  a PEFT script (load, merge_and_unload, save_file),
+  and `liedeploy --version` (interpreter + import start-up) measured alone;
+  again on a bf16 checkpoint split into 3 shards.
+
+    python benchmarks/bench_merge.py [--reps 5] [--json benchmarks/results/merge_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_RX = r"layers\.\d+\.(attention\.(q|k|v|o)_proj|mlp\.fc(1|2))"
+LIEDEPLOY = [sys.executable, "-m", "liedeploy.cli"]
+
+
+def _vit():
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(), add_pooling_layer=False).eval()
+
+
+def _median_time(fn, reps, setup=None):
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def bench_memory(reps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from liedeploy import LieConfig, apply_adapters_, merge_, unmerge_
+    from liedeploy.adapt import iter_adapters
+
+    model = _vit()
+    apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(model):
+            lie.lie_B.normal_(0, 0.01)
+    weights = [m.parametrizations[a].original for _, m, a, _ in iter_adapters(model)]
+    n_elems = sum(w.numel() for w in weights)
+    holder = []
+
+    def clone():
+        holder[:] = [w.clone() for w in weights]
+
+    t_copy, copy_all = _median_time(clone, reps, setup=holder.clear)
+    t_lie, lie_all = _median_time(lambda: merge_(model), reps, setup=lambda: unmerge_(model))
+    unmerge_(model)
+
+    peft_model = [None]
+
+    def peft_setup():
+        peft_model[0] = None
+        m = _vit()
+        pm = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, target_modules=TARGET_RX, init_lora_weights=False))
+        peft_model[0] = pm
+
+    t_peft, peft_all = _median_time(lambda: peft_model[0].merge_and_unload(), reps, setup=peft_setup)
+    return {
+        "adapted_elements": n_elems,
+        "copy_limit_s": t_copy,
+        "liedeploy_merge__s": t_lie,
+        "peft_merge_and_unload_s": t_peft,
+        "all": {"copy": copy_all, "liedeploy": lie_all, "peft": peft_all},
+        "ratio_vs_copy": t_lie / t_copy,
+        "ratio_vs_peft": t_lie / t_peft,
+    }
+
+
+PEFT_SCRIPT = r"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import ViTConfig, ViTModel
+from peft import LoraConfig, get_peft_model
+m = ViTModel(ViTConfig(), add_pooling_layer=False)
+m.load_state_dict(load_file(sys.argv[1]))
+pm = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, target_modules=sys.argv[3], init_lora_weights=False))
+merged = pm.merge_and_unload()
+save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, sys.argv[2])
+"""
+
+
+def _timed(cmd, env=None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a command, via /usr/bin/time -v."""
+    t = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if out.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed: {out.stderr[-1500:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) * 1024
+    return wall, rss
+
+
+def _median_cmd(cmd, reps, env=None, cleanup=None):
+    walls, rsss = [], []
+    for _ in range(reps):
+        w, r = _timed(cmd, env)
+        walls.append(w)
+        rsss.append(r)
+        if cleanup:
+            cleanup()
+    return statistics.median(walls), max(rsss), walls
+
+
+def bench_files(reps: int, tmp: str, threads: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from liedeploy import LieConfig, apply_adapters_, save_adapter
+    from liedeploy.adapt import iter_adapters
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    model = _vit()
+    base = os.path.join(tmp, "vit.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+    apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(model):
+            lie.lie_B.normal_(0, 0.01)
+    adapter = os.path.join(tmp, "task.safetensors")
+    save_adapter(model, adapter)
+    out = os.path.join(tmp, "merged.safetensors")
+    rm = lambda: os.path.exists(out) and os.unlink(out)
+    size = os.path.getsize(base)
+    res = {"base_bytes": size}
+    res["cp"] = _median_cmd(["cp", base, out], reps, env, rm)
+    res["startup"] = _median_cmd(LIEDEPLOY + ["--version"], reps, env)
+    res["liedeploy_merge"] = _median_cmd(LIEDEPLOY + ["merge", base, adapter, "-o", out], reps, env, rm)
+    res["peft_script"] = _median_cmd([sys.executable, "-c", PEFT_SCRIPT, base, out, TARGET_RX], max(1, reps // 2), env, rm)
+
+    # bf16, 3 shards
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in _vit().state_dict().items()}
+    keys = list(sd)
+    shard_dir = os.path.join(tmp, "bf16")
+    os.makedirs(shard_dir, exist_ok=True)
+    wm = {}
+    for i in range(3):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = keys[i * len(keys) // 3 : (i + 1) * len(keys) // 3]
+        save_file({k: sd[k] for k in part}, os.path.join(shard_dir, fname))
+        wm.update({k: fname for k in part})
+    index = os.path.join(shard_dir, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": wm}, f)
+    m16 = _vit().to(torch.bfloat16)
+    apply_adapters_(m16, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m16):
+            lie.lie_B.normal_(0, 0.01)
+    ad16 = os.path.join(tmp, "task16.safetensors")
+    save_adapter(m16, ad16)
+    out_dir = os.path.join(tmp, "bf16-out")
+    os.makedirs(out_dir, exist_ok=True)
+    rm16 = lambda: shutil.rmtree(out_dir) or os.makedirs(out_dir)
+    res["bf16_base_bytes"] = sum(os.path.getsize(os.path.join(shard_dir, f)) for f in set(wm.values()))
+    res["bf16_cp"] = _median_cmd(["cp", "-r", shard_dir, out_dir + "/x"], reps, env, rm16)
+    res["bf16_liedeploy_merge"] = _median_cmd(
+        LIEDEPLOY + ["merge", index, ad16, "-o", os.path.join(out_dir, "model.safetensors.index.json")], reps, env, rm16
+    )
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="benchmarks/results/merge_cpu.json")
+    ap.add_argument("--skip-files", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    mem = bench_memory(args.reps)
+    print(f"In memory: ViT-B, {mem['adapted_elements'] / 1e6:.1f}M adapted fp32 weights, r=16, "
+          f"{args.threads} threads, median of {args.reps}")
+    print(f"{'method':<30} {'ms':>8} {'/copy':>7} {'/PEFT':>7}")
+    for name, key in [("copy limit (clone)", "copy_limit_s"), ("liedeploy merge_", "liedeploy_merge__s"),
+                      ("PEFT LoRA merge_and_unload", "peft_merge_and_unload_s")]:
+        t = mem[key]
+        print(f"{name:<30} {t * 1e3:>8.1f} {t / mem['copy_limit_s']:>7.2f} {t / mem['peft_merge_and_unload_s']:>7.2f}")
+    print("targets: merge_ <= 1.1x copy, <= 0.6x PEFT")
+    result = {"args": vars(args), "memory": mem}
+    if not args.skip_files:
+        with tempfile.TemporaryDirectory() as tmp:
+            f = bench_files(args.reps, tmp, args.threads)
+        result["files"] = f
+        cp, st = f["cp"][0], f["startup"][0]
+        print()
+        print(f"From files: ViT-B fp32 base {f['base_bytes'] / 2**20:.0f} MiB; bf16 in 3 shards "
+              f"{f['bf16_base_bytes'] / 2**20:.0f} MiB; wall = median, RSS = max")
+        print(f"{'command':<34} {'wall s':>7} {'peak RSS MiB':>13} {'wall/(2cp+startup)':>19} {'RSS/(0.5 base+400MB)':>21}")
+        budget_rss = 0.5 * f["base_bytes"] + 400 * 2**20
+        for name, key, base_key, cpk in [
+            ("cp base", "cp", "base_bytes", "cp"),
+            ("liedeploy --version (start-up)", "startup", "base_bytes", "cp"),
+            ("liedeploy merge", "liedeploy_merge", "base_bytes", "cp"),
+            ("PEFT load+merge_and_unload+save", "peft_script", "base_bytes", "cp"),
+            ("cp -r bf16 shards", "bf16_cp", "bf16_base_bytes", "bf16_cp"),
+            ("liedeploy merge bf16 shards", "bf16_liedeploy_merge", "bf16_base_bytes", "bf16_cp"),
+        ]:
+            w, r, _ = f[key]
+            budget = 2 * f[cpk][0] + st
+            rb = 0.5 * f[base_key] + 400 * 2**20
+            print(f"{name:<34} {w:>7.2f} {r / 2**20:>13.0f} {w / budget:>19.2f} {r / rb:>21.2f}")
+        print("targets: liedeploy merge wall <= 2x cp + start-up (ratio <= 1), peak RSS <= 0.5x base + 400 MB (ratio <= 1)")
+        print(f"liedeploy merge vs PEFT script: wall {f['liedeploy_merge'][0] / f['peft_script'][0]:.2f}x, "
+              f"peak RSS {f['liedeploy_merge'][1] / f['peft_script'][1]:.2f}x")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
