@@ -12,7 +12,7 @@ from .._version import __version__
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("merge", "inspect", "demo")
+SUBCOMMANDS = ("merge", "export", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

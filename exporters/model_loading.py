@@ -1,0 +1,62 @@
+"""Build a model from ``PKG.MOD:FACTORY`` and load safetensors weights strictly."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from torch import nn
+
+from liedeploy.errors import LieError
+
+__all__ = ["build_model", "load_weights_strict"]
+
+
+def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
+    """``build_model("mypkg.models:resnet", {}, "w.safetensors")`` -> model in eval mode."""
+    if ":" not in spec:
+        raise LieError(f"--model must look like PKG.MOD:FACTORY, got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise LieError(f"cannot import {mod_name} ({exc})") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise LieError(f"{mod_name} has no attribute {attr}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise LieError(f"{spec} is not callable")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise LieError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    load_weights_strict(model, weights)
+    return model.eval()
+
+
+def load_weights_strict(model: nn.Module, weights: str) -> None:
+    """Load every tensor of ``weights`` into ``model``; a missing or unexpected key is an error."""
+    from safetensors.torch import load_file
+
+    from liedeploy.sfile import read_header, resolve_shards
+
+    shards = resolve_shards(weights) if weights.endswith(".index.json") else {weights: None}
+    sd = {}
+    for shard in shards:
+        read_header(shard)  # refuses non-safetensors files in one line, never unpickles
+        sd.update(load_file(shard))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing:
+        raise LieError(f"{weights}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise LieError(f"{weights}: unexpected key {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise LieError(f"{weights}: tensor {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,230 @@
+"""ONNX export of merged models, checked in ONNX Runtime before it is kept.
+
+``export_onnx(model, example_inputs, path)``: a model with live Lie adapters is merged first (on a
+copy), so the graph is the base architecture with folded weights and zero adapter overhead. The
+export uses torch.onnx's dynamo exporter at an opset TensorRT's parser accepts (18 by default),
+external data past 2 GB, optional fp16. Every export is checked: ``onnx.checker``, then ONNX
+Runtime (CPU) against torch on the same random inputs (and on a second batch size when the batch
+axis is dynamic). Beyond tolerance the export is refused and nothing is left at ``path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from liedeploy.adapt import adapted_names
+from liedeploy.errors import LieError
+from liedeploy.merge import merge_
+
+__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "flatten_outputs", "publish_files"]
+
+DEFAULT_OPSET = 18
+# (atol, rtol) per export dtype
+DEFAULT_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}
+_TWO_GB = 2 * 1024**3
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"ONNX export needs {module}: pip install 'liedeploy[onnx]'") from None
+
+
+def flatten_outputs(out: Any) -> list:
+    """Tensors of a model output in order (tensor, tuple/list, dict or transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flatten_outputs(o)]
+    return []
+
+
+def _random_like(t: torch.Tensor, batch: Optional[int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = list(t.shape)
+    if batch is not None and shape:
+        shape[0] = batch
+    if t.is_floating_point():
+        return torch.randn(shape, generator=g).to(t.dtype)
+    high = max(2, int(t.max().item()) + 1) if t.numel() else 2
+    return torch.randint(0, high, shape, generator=g, dtype=t.dtype)
+
+
+def verify_onnx(
+    path: str,
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    batches: Sequence[Optional[int]] = (None,),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    feeds_extra: Optional[dict] = None,
+    run_options=None,
+    session=None,
+) -> dict:
+    """Run the ONNX file in ONNX Runtime (CPU) and torch on the same random inputs.
+
+    Returns a report ``{"ok", "atol", "rtol", "checks": [{"batch", "outputs": [{max_abs, max_rel}]}]}``;
+    ``ok`` is False if any element is beyond ``atol + rtol * |torch|``.
+    """
+    ort = _require("onnxruntime")
+    sess = session or ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()][: len(example_inputs)]
+    report = {"ok": True, "atol": atol, "rtol": rtol, "checks": []}
+    for i, batch in enumerate(batches):
+        inputs = [_random_like(t, batch, 1234 + i + 17 * j) for j, t in enumerate(example_inputs)]
+        with torch.no_grad():
+            ref = [t.float().numpy() for t in flatten_outputs(model(*inputs))]
+        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+        feeds.update(feeds_extra or {})
+        got = sess.run(None, feeds, run_options=run_options) if run_options is not None else sess.run(None, feeds)
+        outs = []
+        for r, g in zip(ref, got):
+            g = np.asarray(g, dtype=np.float32)
+            if g.shape != r.shape:
+                outs.append({"shape_torch": list(r.shape), "shape_onnx": list(g.shape), "ok": False})
+                report["ok"] = False
+                continue
+            diff = np.abs(g - r)
+            max_abs = float(diff.max()) if diff.size else 0.0
+            max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max()) if diff.size else 0.0
+            ok = bool(np.all(diff <= atol + rtol * np.abs(r)))
+            outs.append({"max_abs": max_abs, "max_rel": max_rel, "ok": ok})
+            report["ok"] &= ok
+        if len(got) != len(ref):
+            report["ok"] = False
+            outs.append({"error": f"torch gave {len(ref)} outputs, ONNX Runtime {len(got)}"})
+        report["checks"].append({"batch": int(inputs[0].shape[0]) if inputs[0].dim() else None, "outputs": outs})
+    return report
+
+
+def publish_files(tmp_dir: str, out_dir: str) -> list:
+    """Move every file of ``tmp_dir`` into ``out_dir`` (renames on one file system); ``.onnx`` last."""
+    names = sorted(os.listdir(tmp_dir), key=lambda n: n.endswith(".onnx"))
+    moved = []
+    for n in names:
+        os.replace(os.path.join(tmp_dir, n), os.path.join(out_dir, n))
+        moved.append(os.path.join(out_dir, n))
+    return moved
+
+
+def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    if adapted_names(model):
+        merge_(model, keep_base=False)
+    if fp16:
+        model = model.half()
+    return model
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    path: str,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    fp16: bool = False,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    input_names: Optional[Sequence[str]] = None,
+    external_data: Optional[bool] = None,
+) -> dict:
+    """Export ``model`` to ONNX at ``path``, verify it in ONNX Runtime, keep it only if it matches.
+
+    Args:
+        model: a torch model; live Lie adapters are merged first (on a copy).
+        example_inputs: a tensor or tuple of tensors with the export shapes.
+        path: output ``.onnx`` path; the verification report is written to ``path + ".report.json"``.
+        opset: ONNX opset (default 18; TensorRT's parser accepts <= 20).
+        dynamic_batch: make axis 0 of every input dynamic (checked at two batch sizes).
+        fp16: export in float16 (the check then uses fp16 tolerances).
+        atol, rtol: tolerances (defaults per dtype: fp32 1e-4/1e-3, fp16 2e-2/2e-2).
+        input_names: graph input names (default ``input``, ``input_1``...).
+        external_data: store weights beside the graph; default: only past 2 GB.
+
+    Returns:
+        The verification report (also saved as JSON).
+
+    Raises:
+        LieError: the exported graph disagrees with torch beyond tolerance (numbers in the message).
+    """
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not 7 <= int(opset) <= 23:
+        raise LieError(f"opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {opset}")
+    kind = "fp16" if fp16 else "fp32"
+    d_atol, d_rtol = DEFAULT_TOLERANCE[kind]
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    prepared = _prepare(model, fp16)
+    if fp16:
+        example_inputs = tuple(t.half() if t.is_floating_point() else t for t in example_inputs)
+    names = list(input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(example_inputs))])
+    n_bytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
+    if external_data is None:
+        external_data = n_bytes >= _TWO_GB
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise LieError(f"{path}: the output folder {out_dir} does not exist")
+    base = os.path.basename(path)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", dir=out_dir)
+    try:
+        tmp_path = os.path.join(tmp_dir, base)
+        dynamic_shapes = None
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+        with torch.no_grad(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            program = torch.onnx.export(
+                prepared,
+                example_inputs,
+                dynamo=True,
+                opset_version=int(opset),
+                input_names=names,
+                dynamic_shapes=dynamic_shapes,
+                external_data=external_data,
+                optimize=True,
+            )
+            program.save(tmp_path, external_data=external_data)
+        onnx.checker.check_model(tmp_path, full_check=False)
+        b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
+        batches = (None, b + 2) if dynamic_batch else (None,)
+        report = verify_onnx(tmp_path, prepared, example_inputs, batches=batches, atol=atol, rtol=rtol)
+        report.update(
+            {"opset": int(opset), "dtype": kind, "dynamic_batch": dynamic_batch, "external_data": bool(external_data),
+             "onnx_bytes": sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in os.listdir(tmp_dir))}
+        )
+        if not report["ok"]:
+            worst = max(
+                (o for c in report["checks"] for o in c["outputs"] if "max_abs" in o),
+                key=lambda o: o["max_abs"], default={"max_abs": float("nan"), "max_rel": float("nan")},
+            )
+            raise LieError(
+                f"the ONNX export of {base} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
+                f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
+            )
+        with open(os.path.join(tmp_dir, base + ".report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        publish_files(tmp_dir, out_dir)
+        return report
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
