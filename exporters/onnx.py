@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -123,6 +124,22 @@ def publish_files(tmp_dir: str, out_dir: str) -> list:
     return moved
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (the check report says what matters)."""
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
     model = copy.deepcopy(model).eval()
     if adapted_names(model):
@@ -193,7 +210,7 @@ def export_onnx(
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
             dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-        with torch.no_grad(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        with torch.no_grad(), _quiet():
             program = torch.onnx.export(
                 prepared,
                 example_inputs,
