@@ -10,6 +10,7 @@ Example:
 from ._version import __version__
 from .adapt import apply_adapters_, remove_adapters_, trainable_parameter_count
 from .adapter_file import load_adapter, read_adapter, save_adapter
+from .bank import AdapterBank
 from .config import LieConfig
 from .errors import AdapterFileError, LieError
 from .merge import merge_, unmerge_
@@ -27,6 +28,7 @@ __all__ = [
     "merge_",
     "unmerge_",
     "merge_files",
+    "AdapterBank",
     "LieError",
     "AdapterFileError",
 ]

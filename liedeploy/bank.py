@@ -1,0 +1,228 @@
+"""``AdapterBank``: one base model in memory, many tasks, folded on demand, race-free by construction.
+
+A Lie update is dense, so a task's weights are folded once (W * exp(dW), from the pristine base) and
+cached. Each cached task is a shallow replica of the module tree that shares every unadapted tensor
+with the base and holds only its own folded tensors: memory per task = the adapted tensors, and
+concurrent calls for different tasks never see each other's weights (there is no global switch).
+The cache is an LRU bounded in bytes. An evicted replica is simply dropped (a call still running
+on it keeps its tensors alive until it returns; nothing is ever written into a live tensor).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .adapt import adapted_names
+from .adapter_file import AdapterFile, check_against_base, read_adapter
+from .algebra import check_finite, fold_sum
+from .errors import LieError
+from .sfile import tensor_sha256
+
+__all__ = ["AdapterBank"]
+
+
+def _split(name: str) -> tuple[str, str]:
+    mod, _, attr = name.rpartition(".")
+    return mod, attr
+
+
+class _Task:
+    __slots__ = ("adapter", "replica", "nbytes")
+
+    def __init__(self, adapter: AdapterFile):
+        self.adapter = adapter
+        self.replica: Optional[nn.Module] = None
+        self.nbytes = 0
+
+
+class AdapterBank:
+    """Serve many Lie adapters over one base model.
+
+    Args:
+        model: the base architecture with pristine base weights (no live adapters).
+        adapters: ``{task name: adapter file path}`` to add now.
+        cache_bytes: bound of the folded-weights cache (default: unbounded).
+        device: where the base and the folded weights live (default: the model's device).
+        verify_base: refuse adapters whose ``base_sha256`` does not match the model.
+
+    Example:
+        >>> bank = AdapterBank(model, adapters={"cats": "cats.safetensors", "dogs": "dogs.safetensors"})
+        >>> y = bank(x, task="cats")
+        >>> ys = bank.forward_mixed(xs, tasks=["cats", "dogs", "cats"])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Optional[Mapping[str, str]] = None,
+        *,
+        cache_bytes: Optional[int] = None,
+        device: Union[None, str, torch.device] = None,
+        verify_base: bool = True,
+    ):
+        if adapted_names(model) or getattr(model, "_lie_merged", None):
+            raise LieError("AdapterBank needs the plain base model: call remove_adapters_ or unmerge_ first")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise LieError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if device is not None:
+            model = model.to(device)
+        self.base = model.eval()
+        self.cache_bytes = cache_bytes
+        self.verify_base = verify_base
+        self._tensors = dict(self.base.state_dict(keep_vars=True))
+        self._hashes: dict = {}
+        self._tasks: dict[str, _Task] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.RLock()
+        self._build_locks: dict[str, threading.Lock] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        for name, path in (adapters or {}).items():
+            self.add(name, path)
+
+    # -- adapters ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def _hash(self, name: str) -> str:
+        if name not in self._hashes:
+            self._hashes[name] = tensor_sha256(self._tensors[name])
+        return self._hashes[name]
+
+    def add(self, name: str, adapter: Union[str, AdapterFile], *, replace: bool = False) -> None:
+        """Add (or with ``replace=True`` reload) a task; refused if made for another base."""
+        af = adapter if isinstance(adapter, AdapterFile) else read_adapter(os.fspath(adapter))
+        check_against_base(
+            af, {k: tuple(v.shape) for k, v in self._tensors.items()}, self._hash if self.verify_base else None
+        )
+        with self._lock:
+            if name in self._tasks and not replace:
+                raise LieError(f"task {name!r} is already in the bank; pass replace=True to reload it")
+            self._drop(name)
+            self._tasks[name] = _Task(af)
+            self._build_locks.setdefault(name, threading.Lock())
+
+    def remove(self, name: str) -> None:
+        """Remove a task and free its cached weights."""
+        with self._lock:
+            self._check(name)
+            self._drop(name)
+            del self._tasks[name]
+
+    def _drop(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is not None and task.replica is not None:
+            self._lru.pop(name, None)
+            task.replica, task.nbytes = None, 0
+
+    def _check(self, name: str) -> _Task:
+        task = self._tasks.get(name)
+        if task is None:
+            known = ", ".join(sorted(self._tasks)) or "none"
+            raise LieError(f"unknown task {name!r}; known tasks: {known}")
+        return task
+
+    # -- cache ------------------------------------------------------------------------------
+    @property
+    def cached_bytes(self) -> int:
+        return sum(self._tasks[n].nbytes for n in self._lru)
+
+    def _evict_for(self, need: int) -> None:
+        if self.cache_bytes is None:
+            return
+        while self._lru and self.cached_bytes + need > self.cache_bytes:
+            old, _ = self._lru.popitem(last=False)
+            task = self._tasks[old]
+            task.replica, task.nbytes = None, 0
+            self.stats["evictions"] += 1
+
+    def _fold(self, af: AdapterFile) -> tuple[dict, int]:
+        folded, nbytes = {}, 0
+        for n in af.targets:
+            W = self._tensors[n].detach()
+            B, A = af.factors[n]
+            ok: list = []
+            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, check=ok)
+            check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0])
+            folded[n] = f
+            nbytes += f.numel() * f.element_size()
+        return folded, nbytes
+
+    def _replica(self, folded: dict) -> nn.Module:
+        memo = {id(t): t for t in self._tensors.values()}
+        replica = copy.deepcopy(self.base, memo)  # new module objects, the very same tensors
+        for n, f in folded.items():
+            mod, attr = _split(n)
+            owner = replica.get_submodule(mod) if mod else replica
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(f, requires_grad=False)
+            else:
+                owner._buffers[attr] = f
+        return replica
+
+    def model_for(self, task: Optional[str]) -> nn.Module:
+        """The module that computes ``task`` (the base for ``None``); folded and cached on first use."""
+        if task is None:
+            return self.base
+        with self._lock:
+            t = self._check(task)
+            if t.replica is not None:
+                self._lru.move_to_end(task)
+                self.stats["hits"] += 1
+                return t.replica
+            lock = self._build_locks[task]
+        with lock:  # one build per task; other tasks proceed
+            with self._lock:
+                t = self._check(task)
+                if t.replica is not None:
+                    self.stats["hits"] += 1
+                    return t.replica
+            folded, nbytes = self._fold(t.adapter)
+            replica = self._replica(folded)
+            with self._lock:
+                if self._tasks.get(task) is not t:  # removed or reloaded meanwhile
+                    return replica
+                self._evict_for(nbytes)
+                self.stats["misses"] += 1
+                t.replica, t.nbytes = replica, nbytes
+                if self.cache_bytes is None or nbytes <= self.cache_bytes:
+                    self._lru[task] = None
+                    self._lru.move_to_end(task)
+                else:
+                    t.replica, t.nbytes = None, 0  # larger than the whole cache: use once
+            return replica
+
+    # -- inference --------------------------------------------------------------------------
+    def __call__(self, *args: Any, task: Optional[str] = None, **kwargs: Any) -> Any:
+        """Run the model with ``task``'s folded weights (``task=None``: the base)."""
+        with torch.no_grad():
+            return self.model_for(task)(*args, **kwargs)
+
+    def forward_mixed(self, x: torch.Tensor, tasks: Sequence[Optional[str]]) -> Any:
+        """One task name per sample: groups samples by task, runs each group, returns input order."""
+        if len(tasks) != len(x):
+            raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
+        groups: dict = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(t, []).append(i)
+        for t in groups:
+            if t is not None:
+                self._check(t)
+        out = None
+        for t, idx in groups.items():
+            index = torch.tensor(idx, device=x.device)
+            y = self(x.index_select(0, index), task=t)
+            if not isinstance(y, torch.Tensor):
+                raise LieError("forward_mixed needs a model that returns one tensor")
+            if out is None:
+                out = y.new_empty((len(x),) + tuple(y.shape[1:]))
+            out.index_copy_(0, index, y)
+        return out
+

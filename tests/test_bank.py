@@ -1,0 +1,135 @@
+import copy
+import random
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from liedeploy import AdapterBank, AdapterFileError, LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter
+from liedeploy.adapt import iter_adapters
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x)).relu().mean((2, 3)))
+
+
+def _base(seed=0):
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+def _task(base, path, seed):
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(r=2, alpha=4, targets=["conv", "fc"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m):
+            lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * 0.3)
+    save_adapter(m, path, name=path)
+    return merge_(m).eval()
+
+
+@pytest.fixture
+def bank_setup(tmp_path):
+    base = _base()
+    refs, paths = {}, {}
+    for i in range(4):
+        p = str(tmp_path / f"t{i}.safetensors")
+        refs[f"t{i}"] = _task(base, p, seed=10 + i)
+        paths[f"t{i}"] = p
+    return base, refs, paths
+
+
+def test_each_task_equals_its_merged_model(bank_setup):
+    base, refs, paths = bank_setup
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths)
+    x = torch.randn(3, 3, 6, 6)
+    for name, ref in refs.items():
+        torch.testing.assert_close(bank(x, task=name), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(bank(x), base(x), rtol=0, atol=0)  # task=None: the base
+    # unadapted tensors are shared with the base, only adapted ones differ
+    rep = bank.model_for("t0")
+    assert rep.norm.weight is bank.base.norm.weight and rep.conv.bias is bank.base.conv.bias
+    assert rep.conv.weight is not bank.base.conv.weight
+
+
+def test_mixed_batch_equals_per_sample(bank_setup):
+    base, refs, paths = bank_setup
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths)
+    x = torch.randn(10, 3, 6, 6)
+    tasks = ["t1", "t0", None, "t3", "t1", "t2", "t0", "t3", None, "t2"]
+    out = bank.forward_mixed(x, tasks)
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(out[i : i + 1], bank(x[i : i + 1], task=t), rtol=1e-6, atol=1e-6)
+    with pytest.raises(LieError, match="forward_mixed got 2 task names for a batch of 10"):
+        bank.forward_mixed(x, ["t0", "t1"])
+
+
+def test_threads_never_see_another_tasks_weights(bank_setup):
+    base, refs, paths = bank_setup
+    # a cache that holds two tasks: constant eviction and refolding while other threads run
+    one_task = sum(p.numel() * 4 for n, p in base.named_parameters() if n in ("conv.weight", "fc.weight"))
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, cache_bytes=2 * one_task)
+    x = torch.randn(2, 3, 6, 6)
+    expected = {n: r(x) for n, r in refs.items()}
+    errors, bad = [], []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(200):
+                t = rng.choice(list(refs))
+                if not torch.equal(bank(x, task=t), expected[t]):
+                    bad.append(t)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and bad == []
+    assert bank.stats["evictions"] > 0 and bank.cached_bytes <= 2 * one_task
+
+
+def test_lru_bytes_add_remove_reload(bank_setup, tmp_path):
+    base, refs, paths = bank_setup
+    bank = AdapterBank(copy.deepcopy(base), cache_bytes=10**9)
+    bank.add("a", paths["t0"])
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(bank(x, task="a"), refs["t0"](x), rtol=0, atol=0)
+    assert bank.cached_bytes == (8 * 3 * 9 + 5 * 8) * 4
+    bank.add("a", paths["t1"], replace=True)  # reload while serving
+    torch.testing.assert_close(bank(x, task="a"), refs["t1"](x), rtol=0, atol=0)
+    with pytest.raises(LieError, match="task 'a' is already in the bank; pass replace=True"):
+        bank.add("a", paths["t2"])
+    bank.remove("a")
+    with pytest.raises(LieError, match=r"unknown task 'a'; known tasks: none"):
+        bank(x, task="a")
+    bank.add("b", paths["t2"])
+    with pytest.raises(LieError, match=r"unknown task 'zz'; known tasks: b"):
+        bank(x, task="zz")
+
+
+def test_adapter_for_another_base_is_refused(bank_setup, tmp_path):
+    _, _, paths = bank_setup
+    other = _base(seed=99)
+    bank = AdapterBank(other)
+    with pytest.raises(AdapterFileError, match=r"base tensor (conv|fc)\.weight differs from the one this adapter was trained on"):
+        bank.add("t0", paths["t0"])
+    assert bank.tasks == []
+
+
+def test_bank_needs_plain_base(bank_setup):
+    base, _, paths = bank_setup
+    m = load_adapter(copy.deepcopy(base), paths["t0"])
+    with pytest.raises(LieError, match="AdapterBank needs the plain base model"):
+        AdapterBank(m)
