@@ -129,15 +129,20 @@ def _quiet():
     """Silence the exporter's progress prints and warnings (the check report says what matters)."""
     import warnings
 
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    import torch.onnx._internal.exporter._registration  # noqa: F401  (its import-time warnings, silenced below)
+
+    names = ["torch.onnx"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.onnx")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _prepare(model: nn.Module, fp16: bool) -> nn.Module:

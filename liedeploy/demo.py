@@ -2,7 +2,8 @@
 
 Pretrain a small convnet (grouped, strided, dilated depthwise convs), then for each task (rotated,
 inverted, mirrored, blurred digits) train Lie adapters, save one adapter file per task, merge
-it and compare accuracies.
+it from files, serve all tasks from one AdapterBank in a mixed request stream, and compare
+accuracies. The ONNX part (exporters.demo_onnx) is run by the CLI when onnxruntime is installed.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from .adapt import apply_adapters_, trainable_parameter_count
-from .adapter_file import load_adapter, save_adapter
+from .adapter_file import save_adapter
+from .bank import AdapterBank
 from .config import LieConfig
-from .merge import merge_
+from .merge import merge_files
 from .train import evaluate, train_adapters
 
 __all__ = ["DigitsNet", "load_digits_tensors", "TASKS", "run_demo"]
@@ -161,9 +164,11 @@ def run_demo(
         )
         save_adapter(model, path, name=name)
         adapted = evaluate(model, _batches(te, yte, 256, False), "cpu")
-        # reload from the file into a fresh base, merge, and check the merged model
-        fresh = load_adapter(copy.deepcopy(base), path)
-        merged = merge_(fresh, keep_base=False)
+        # merge from files (what deployments do) and check the merged model
+        merged_path = os.path.join(out_dir, f"{name}.merged.safetensors")
+        merge_files(base_path, [path], merged_path)
+        merged = DigitsNet()
+        merged.load_state_dict(load_file(merged_path))
         merged_acc = evaluate(merged, _batches(te, yte, 256, False), "cpu")
         results.append(
             {
@@ -172,18 +177,36 @@ def run_demo(
                 "adapted_accuracy": adapted,
                 "merged_accuracy": merged_acc,
                 "adapter_file": path,
+                "merged_file": merged_path,
                 "adapter_bytes": os.path.getsize(path),
                 "trainable_parameters": n_params,
             }
         )
+    # one bank, one mixed request stream over every task's test images
+    bank = AdapterBank(copy.deepcopy(base), adapters={res["task"]: res["adapter_file"] for res in results})
+    xs = torch.cat([TASKS[res["task"]](xte) for res in results])
+    ys = torch.cat([yte for _ in results])
+    names = [res["task"] for res in results for _ in range(len(xte))]
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed)).tolist()
+    correct: dict = {res["task"]: 0 for res in results}
+    for i in range(0, len(order), 32):
+        idx = order[i : i + 32]
+        pred = bank.forward_mixed(xs[idx], [names[j] for j in idx]).argmax(-1)
+        for j, p in zip(idx, pred.tolist()):
+            correct[names[j]] += int(p == int(ys[j]))
+    for res in results:
+        res["bank_accuracy"] = correct[res["task"]] / len(xte)
     total_params = sum(p.numel() for p in base.parameters())
     log("")
-    log(f"{'task':<10} {'base acc':>9} {'adapted':>9} {'merged':>9} {'adapter params':>15} {'file bytes':>11}")
+    log(f"{'task':<10} {'base acc':>9} {'adapted':>9} {'merged':>9} {'bank':>9} {'adapter params':>15} {'file bytes':>11}")
     for rres in results:
         log(
             f"{rres['task']:<10} {rres['base_accuracy']:>9.1%} {rres['adapted_accuracy']:>9.1%} "
-            f"{rres['merged_accuracy']:>9.1%} {rres['trainable_parameters']:>15,} {rres['adapter_bytes']:>11,}"
+            f"{rres['merged_accuracy']:>9.1%} {rres['bank_accuracy']:>9.1%} {rres['trainable_parameters']:>15,} "
+            f"{rres['adapter_bytes']:>11,}"
         )
+    log("(merged: liedeploy merge of the adapter file into base.safetensors; bank: AdapterBank serving one "
+        "shuffled mixed-task request stream in batches of 32)")
     log(f"(base model: {total_params:,} parameters; adapters: r={r}, expmap={expmap})")
     summary = {
         "base_accuracy_upright": base_acc,

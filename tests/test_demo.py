@@ -20,3 +20,5 @@ def test_demo_smoke(tmp_path, capsys):
         # the adapter fixes what the distribution shift broke
         assert t["adapted_accuracy"] > t["base_accuracy"] + 0.3
         assert abs(t["merged_accuracy"] - t["adapted_accuracy"]) <= 1 / 400
+        assert t["bank_accuracy"] == t["merged_accuracy"]
+        assert t["onnx_accuracy"] == t["merged_accuracy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..demo import TASKS, run_demo
 
@@ -40,6 +41,17 @@ def run(args) -> int:
         seed=args.seed,
         log=(lambda s: None) if args.json else print,
     )
+    log = (lambda s: None) if args.json else print
+    try:
+        import onnxruntime  # noqa: F401
+
+        from exporters.demo_onnx import run_demo_onnx
+    except ImportError:
+        log("(ONNX step skipped: pip install 'liedeploy[demo]' to export and check the task models in ONNX Runtime)")
+    else:
+        run_demo_onnx(summary, args.out, seed=args.seed, log=log)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
