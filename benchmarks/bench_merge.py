@@ -127,23 +127,29 @@ def _median_cmd(cmd, reps, env=None, cleanup=None):
     return statistics.median(walls), max(rsss), walls
 
 
-def bench_files(reps: int, tmp: str, threads: int) -> dict:
+def _save_task_adapter(model, path: str) -> str:
+    """Adapt every encoder Linear (r=16), give the factors non-zero values, save the adapter file."""
     import torch
-    from safetensors.torch import save_file
 
     from liedeploy import LieConfig, apply_adapters_, save_adapter
     from liedeploy.adapt import iter_adapters
+
+    apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(model):
+            lie.lie_B.normal_(0, 0.01)
+    return save_adapter(model, path)
+
+
+def bench_files(reps: int, tmp: str, threads: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     model = _vit()
     base = os.path.join(tmp, "vit.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
-    apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(model):
-            lie.lie_B.normal_(0, 0.01)
-    adapter = os.path.join(tmp, "task.safetensors")
-    save_adapter(model, adapter)
+    adapter = _save_task_adapter(model, os.path.join(tmp, "task.safetensors"))
     out = os.path.join(tmp, "merged.safetensors")
     rm = lambda: os.path.exists(out) and os.unlink(out)
     size = os.path.getsize(base)
@@ -167,13 +173,7 @@ def bench_files(reps: int, tmp: str, threads: int) -> dict:
     index = os.path.join(shard_dir, "model.safetensors.index.json")
     with open(index, "w") as f:
         json.dump({"metadata": {}, "weight_map": wm}, f)
-    m16 = _vit().to(torch.bfloat16)
-    apply_adapters_(m16, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(m16):
-            lie.lie_B.normal_(0, 0.01)
-    ad16 = os.path.join(tmp, "task16.safetensors")
-    save_adapter(m16, ad16)
+    ad16 = _save_task_adapter(_vit().to(torch.bfloat16), os.path.join(tmp, "task16.safetensors"))
     out_dir = os.path.join(tmp, "bf16-out")
     os.makedirs(out_dir, exist_ok=True)
     rm16 = lambda: shutil.rmtree(out_dir) or os.makedirs(out_dir)

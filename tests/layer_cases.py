@@ -55,3 +55,14 @@ def make_case(name, seed=0):
     make_layer, make_input = CASES[name]
     layer = nn.Sequential(make_layer())
     return layer, make_input()
+
+
+def randomize_factors(model, std=0.2, seed=1):
+    """Give every Lie factor of ``model`` reproducible non-zero values."""
+    from liedeploy.adapt import iter_adapters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(model):
+            lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * std)
+            lie.lie_A.copy_(torch.randn(lie.lie_A.shape, generator=g) * std)

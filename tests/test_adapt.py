@@ -8,15 +8,7 @@ from torch import nn
 from liedeploy import LieConfig, LieError, apply_adapters_, remove_adapters_, trainable_parameter_count
 from liedeploy.adapt import adapted_names, iter_adapters
 
-from .layer_cases import CASES, make_case
-
-
-def _randomize_factors(model, std=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(model):
-            lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * std)
-            lie.lie_A.copy_(torch.randn(lie.lie_A.shape, generator=g) * std)
+from .layer_cases import CASES, make_case, randomize_factors
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -36,7 +28,7 @@ def test_adapted_forward_matches_float64_reference(case, expmap):
     base = copy.deepcopy(model)
     W0 = model[0].weight.detach().clone()
     apply_adapters_(model, LieConfig(r=3, alpha=1.5, expmap=expmap, targets=["0.weight"]))
-    _randomize_factors(model)
+    randomize_factors(model)
     lie = model[0].parametrizations.weight[0]
     d = (lie.lie_B.double() @ lie.lie_A.double()).reshape(W0.shape) * (1.5 / 3)
     W_ref = W0.double() * (torch.exp(d) if expmap == "exact" else 1 + d)

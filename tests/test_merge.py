@@ -8,15 +8,7 @@ from liedeploy import LieConfig, LieError, apply_adapters_, merge_, save_adapter
 from liedeploy.adapt import adapted_names, iter_adapters
 from liedeploy.merge import is_merged
 
-from .layer_cases import make_case
-
-
-def _randomize(model, std=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(model):
-            lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * std)
-            lie.lie_A.copy_(torch.randn(lie.lie_A.shape, generator=g) * std)
+from .layer_cases import make_case, randomize_factors
 
 
 @pytest.mark.parametrize(
@@ -26,7 +18,7 @@ def _randomize(model, std=0.2, seed=1):
 def test_merged_equals_unmerged(case, expmap):
     model, x = make_case(case)
     apply_adapters_(model, LieConfig(r=3, alpha=6, expmap=expmap, targets=["0"]))
-    _randomize(model)
+    randomize_factors(model)
     with torch.no_grad():
         ref = model(x)
         merge_(model)
@@ -51,7 +43,7 @@ def test_1000_merge_unmerge_cycles_are_bit_exact(dtype):
     model = nn.Sequential(nn.Linear(16, 8), nn.Conv1d(8, 8, 3, groups=2)).to(dtype)
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     apply_adapters_(model, LieConfig(r=2, targets=["0", "1"]))
-    _randomize(model)
+    randomize_factors(model)
     merge_(model)
     first = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(1000):
@@ -75,7 +67,7 @@ def test_unmerge_from_kept_copy_on_cpu_and_from_file(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base_file)
     pristine = model[0].weight.detach().clone()
     apply_adapters_(model, LieConfig(targets=["0"]))
-    _randomize(model)
+    randomize_factors(model)
     merge_(model, keep_base="cpu")
     unmerge_(model)
     assert torch.equal(model[0].parametrizations.weight.original, pristine)
@@ -101,7 +93,7 @@ def test_merge_refuses_overflow_and_stays_unmerged():
 def test_save_adapter_from_merged_model(tmp_path):
     model, x = make_case("linear")
     apply_adapters_(model, LieConfig(targets=["0"]))
-    _randomize(model)
+    randomize_factors(model)
     a = str(tmp_path / "a.safetensors")
     save_adapter(model, a)
     merge_(model)

@@ -20,14 +20,12 @@ def add_parser(sub) -> None:
         "'liedeploy merge'), export it and check the export against torch before keeping it.",
         epilog="examples:\n"
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights merged.safetensors "
-        "--input-shape 1,3,224,224 -o model.onnx --dynamic-batch\n"
-        "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
-        "--input-shape 1,3,224,224 -o bank.onnx --bank a.safetensors b.safetensors",
+        "--input-shape 1,3,224,224 -o model.onnx --dynamic-batch",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fmt = p.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--onnx", action="store_true", help="export ONNX, verified in ONNX Runtime (CPU)")
-    fmt.add_argument("--trt", action="store_true", help="build a refittable TensorRT engine (needs tensorrt and CUDA)")
+    fmt.add_argument("--trt", action="store_true", help="TensorRT engine (not in this release: export --onnx, then trtexec)")
     p.add_argument("--model", required=True, metavar="PKG.MOD:FACTORY", help="callable that builds the nn.Module")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
     p.add_argument("--weights", required=True, metavar="W.safetensors", help="weights (a file or *.safetensors.index.json)")
@@ -39,7 +37,6 @@ def add_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="export in float16")
     p.add_argument("--atol", type=float, help="absolute tolerance of the check (default by dtype)")
     p.add_argument("--rtol", type=float, help="relative tolerance of the check (default by dtype)")
-    p.add_argument("--bank", nargs="+", metavar="ADAPTER", help="export a switchable bank graph plus one .onnx_adapter per adapter")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(run=run)
 
@@ -66,25 +63,20 @@ def run(args) -> int:
     except ValueError:
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
     shape = _shape(args.input_shape)
+    if args.trt:
+        raise ValueError(
+            "--trt is not in this release: export with --onnx (opset <= 20) and build the engine with "
+            "TensorRT's trtexec --onnx=model.onnx"
+        )
     model = build_model(args.model, kwargs, args.weights)
     if args.input_dtype == "int64":
         example = torch.zeros(shape, dtype=torch.int64)
     else:
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    if args.trt:
-        from exporters.tensorrt import export_tensorrt
+    from exporters.onnx import export_onnx
 
-        report = export_tensorrt(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, fp16=args.fp16)
-    elif args.bank:
-        from exporters.bank_graph import export_bank_graph
-
-        report = export_bank_graph(model, example, args.out, args.bank, opset=args.opset,
-                                   dynamic_batch=args.dynamic_batch, atol=args.atol, rtol=args.rtol)
-    else:
-        from exporters.onnx import export_onnx
-
-        report = export_onnx(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                             fp16=args.fp16, atol=args.atol, rtol=args.rtol)
+    report = export_onnx(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                         fp16=args.fp16, atol=args.atol, rtol=args.rtol)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
