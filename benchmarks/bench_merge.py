@@ -209,12 +209,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             f = bench_files(args.reps, tmp, args.threads)
         result["files"] = f
-        cp, st = f["cp"][0], f["startup"][0]
+        st = f["startup"][0]
         print()
         print(f"From files: ViT-B fp32 base {f['base_bytes'] / 2**20:.0f} MiB; bf16 in 3 shards "
               f"{f['bf16_base_bytes'] / 2**20:.0f} MiB; wall = median, RSS = max")
         print(f"{'command':<34} {'wall s':>7} {'peak RSS MiB':>13} {'wall/(2cp+startup)':>19} {'RSS/(0.5 base+400MB)':>21}")
-        budget_rss = 0.5 * f["base_bytes"] + 400 * 2**20
         for name, key, base_key, cpk in [
             ("cp base", "cp", "base_bytes", "cp"),
             ("liedeploy --version (start-up)", "startup", "base_bytes", "cp"),

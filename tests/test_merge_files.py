@@ -201,7 +201,6 @@ def test_refusals_leave_nothing_and_never_touch_the_base(tmp_path):
     before = open(base, "rb").read()
     a = str(tmp_path / "a.safetensors")
     _adapter(model, a, 1)
-    _, other_base = _base(tmp_path / ".." / tmp_path.name, seed=7) if False else (None, None)
     torch.manual_seed(9)
     other = Net()
     b = str(tmp_path / "b.safetensors")
