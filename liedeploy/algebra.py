@@ -72,7 +72,8 @@ def fold_sum(
     For ``exact`` this is the exact group composition exp(dW1) * exp(dW2) = exp(dW1 + dW2).
     ``factors`` is an iterable of ``(B, A, scale)``. Computed in at least float32, block by block
     (each block of rows stays in cache: one read of W, one write of the result), and rounded once
-    to ``out_dtype`` (default: W's dtype). ``out`` may be given to write into existing storage.
+    to ``out_dtype`` (default: W's dtype). ``out`` may be given to write into existing storage,
+    including W's own (an in-place fold).
     With ``check=[]``, ``True`` is appended if every result is finite (tested block by block
     while the block is in cache: a sum is non-finite iff some element is, up to overflow of the
     sum itself, which is then settled by an exact test), else ``False``.
@@ -97,7 +98,8 @@ def fold_sum(
         O2 = out.view(m, -1)
         n = W2.shape[1]
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
-        direct = out_dtype == cdt
+        # write blocks straight into ``out`` unless a cast is needed or ``out`` is W itself (in place)
+        direct = out_dtype == cdt and out.data_ptr() != W.data_ptr()
         buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
         total = None
         for r0 in range(0, m, rows):

@@ -53,8 +53,10 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
     Args:
         model: a model with live adapters (``apply_adapters_`` / ``load_adapter``).
         keep_base: how ``unmerge_`` will get the pristine base back: ``True`` keeps the original
-            tensors where they are (no copy), a device (``"cpu"``) keeps a copy there (frees
-            accelerator memory), ``False`` keeps nothing (``unmerge_`` then needs ``base=``).
+            tensors where they are (no copy; the merged tensors are new), a device (``"cpu"``)
+            keeps a copy there (frees accelerator memory), ``False`` keeps nothing and folds in
+            place into the base tensors' own storage, like PEFT's merge (no new memory; ``unmerge_``
+            then needs ``base=``; an overflow then leaves the model unusable and is reported).
 
     Returns:
         ``model``.
@@ -63,21 +65,25 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
         LieError: a merged tensor would not be finite (names the tensor and its largest |dW|).
     """
     records = getattr(model, "_lie_merged", None) or {}
+    in_place = keep_base is False or keep_base is None
     work = []
     for name, module, attr, lie in list(iter_adapters(model)):
         W = module.parametrizations[attr].original
         ok: list = []
-        merged = fold_sum(W, [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, check=ok)
-        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
-        work.append((name, module, attr, lie, W, merged))
-    # all checks passed: now switch every parameter (never half-merged)
-    for name, module, attr, lie, W, merged in work:
-        if keep_base is True:
-            kept = W
-        elif keep_base is False or keep_base is None:
-            kept = None
+        kept = None
+        if in_place:  # fold into W's own storage, like PEFT's merge: no new memory
+            out = W.data
         else:
-            kept = W.detach().to(torch.device(keep_base), copy=True)
+            if keep_base is not True:
+                kept = W.detach().to(torch.device(keep_base), copy=True)
+            out = None
+        merged = fold_sum(W.detach(), [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, out=out, check=ok)
+        if not ok[0] and in_place:
+            raise LieError(f"merging {name} overflowed and keep_base=False already overwrote it: reload the base")
+        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
+        work.append((name, module, attr, lie, W if keep_base is True else kept, merged))
+    # all checks passed: now switch every parameter (never half-merged)
+    for name, module, attr, lie, kept, merged in work:
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         setattr(module, attr, nn.Parameter(merged, requires_grad=False))
         records[name] = _Merged(module, attr, lie, kept)

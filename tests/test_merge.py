@@ -70,7 +70,9 @@ def test_unmerge_from_kept_copy_on_cpu_and_from_file(tmp_path):
     merge_(model, keep_base="cpu")
     unmerge_(model)
     assert torch.equal(model[0].parametrizations.weight.original, pristine)
+    storage = model[0].parametrizations.weight.original.data_ptr()
     merge_(model, keep_base=False)
+    assert model[0].weight.data_ptr() == storage  # folded in place: no new memory
     with pytest.raises(LieError, match="merge_ was called with keep_base=False"):
         unmerge_(model)
     unmerge_(model, base=base_file)
