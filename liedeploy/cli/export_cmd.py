@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 __all__ = ["add_parser", "run"]
 
@@ -20,7 +21,11 @@ def add_parser(sub) -> None:
         "'liedeploy merge'), export it and check the export against torch before keeping it.",
         epilog="examples:\n"
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights merged.safetensors "
-        "--input-shape 1,3,224,224 -o model.onnx --dynamic-batch",
+        "--input-shape 1,3,224,224 -o model.onnx --dynamic-batch\n"
+        "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
+        "--input-shape 1,3,224,224 -o bank.onnx --bank a.safetensors b.safetensors\n"
+        "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
+        "--input-shape 1,3,224,224 -o tasks/ --task-models a.safetensors b.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fmt = p.add_mutually_exclusive_group(required=True)
@@ -37,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="export in float16")
     p.add_argument("--atol", type=float, help="absolute tolerance of the check (default by dtype)")
     p.add_argument("--rtol", type=float, help="relative tolerance of the check (default by dtype)")
+    p.add_argument("--bank", nargs="+", metavar="ADAPTER",
+                   help="write a switchable bank graph at OUT plus one .onnx_adapter per adapter (ONNX Runtime >= 1.20)")
+    p.add_argument("--task-models", nargs="+", metavar="ADAPTER",
+                   help="write base.onnx and one merged <task>.onnx per adapter into the folder OUT, sharing unchanged weights on disk")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(run=run)
 
@@ -73,10 +82,30 @@ def run(args) -> int:
         example = torch.zeros(shape, dtype=torch.int64)
     else:
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    common = dict(opset=args.opset, dynamic_batch=args.dynamic_batch, atol=args.atol, rtol=args.rtol)
+    if args.bank and args.task_models:
+        raise ValueError("--bank and --task-models are two ways to export tasks: choose one")
+    if args.bank or args.task_models:
+        if args.fp16:
+            raise ValueError("--fp16 applies to a single merged export only")
+        if args.bank:
+            from exporters.bank_graph import export_bank_graph
+
+            report = export_bank_graph(model, example, args.out, args.bank, **common)
+        else:
+            from exporters.task_models import export_task_models
+
+            report = export_task_models(model, example, args.out, args.task_models, **common)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            where = os.path.dirname(os.path.abspath(args.out)) if args.bank else args.out
+            print(f"{args.out}: exported and checked in ONNX Runtime, base and {len(args.bank or args.task_models)} "
+                  f"task(s); files in {where}")
+        return 0
     from exporters.onnx import export_onnx
 
-    report = export_onnx(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                         fp16=args.fp16, atol=args.atol, rtol=args.rtol)
+    report = export_onnx(model, example, args.out, fp16=args.fp16, **common)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

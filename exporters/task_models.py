@@ -1,0 +1,145 @@
+"""Per-task merged ONNX models that share the base's weights on disk.
+
+For hot tasks a merged graph is the fastest thing ONNX Runtime can run (constant weights,
+pre-packed). ``export_task_models`` writes ``base.onnx`` with its weights in ``base.onnx.data`` and,
+per task, ``<task>.onnx`` whose initializers point into ``base.onnx.data`` wherever their bytes
+equal the base's and into ``<task>.onnx.data`` only where they differ: bytes per extra task =
+the tensors the adapter changed (plus the exporter's derived tensors of those, e.g. a Conv with a
+folded BatchNorm) and a small graph. Each file is verified in ONNX Runtime against torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from liedeploy.adapter_file import load_adapter, read_adapter
+from liedeploy.errors import LieError
+from liedeploy.merge import merge_
+
+from .onnx import DEFAULT_OPSET, _require, export_onnx, publish_files, verify_onnx
+
+__all__ = ["export_task_models", "shared_initializers"]
+
+_ALIGN = 64
+
+
+def _externalize(proto, folder: str, data_name: str, shared: dict, shared_name: str) -> int:
+    """Point each initializer at ``shared`` bytes if equal, else append it to ``data_name``."""
+    from onnx import TensorProto, numpy_helper
+
+    own = 0
+    with open(os.path.join(folder, data_name), "wb") as f:
+        for t in proto.graph.initializer:
+            raw = numpy_helper.to_array(t).tobytes()
+            if len(raw) < 1024:  # small tensors stay inline in the graph
+                continue
+            digest = hashlib.sha256(raw).hexdigest()
+            hit = shared.get(digest)
+            if hit is not None:
+                location, offset = shared_name, hit
+            else:
+                pad = (-f.tell()) % _ALIGN
+                f.write(b"\0" * pad)
+                location, offset = data_name, f.tell()
+                f.write(raw)
+                own += len(raw)
+                if shared_name == data_name:
+                    shared[digest] = offset
+            dims, dtype = list(t.dims), t.data_type
+            name = t.name
+            t.Clear()
+            t.name, t.data_type = name, dtype
+            t.dims.extend(dims)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    return own
+
+
+def shared_initializers(paths: Sequence[str]) -> dict:
+    """``{initializer name: (data file, offset, length)}`` common to all the given task models."""
+    import onnx
+
+    common = None
+    for p in paths:
+        proto = onnx.load(p, load_external_data=False)
+        refs = {}
+        for t in proto.graph.initializer:
+            info = {e.key: e.value for e in t.external_data}
+            if info:
+                refs[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+        common = refs if common is None else {k: v for k, v in common.items() if refs.get(k) == v}
+    return common or {}
+
+
+def export_task_models(
+    model: nn.Module,
+    example_inputs,
+    out_dir: str,
+    adapters: Sequence[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    verify_base: bool = True,
+) -> dict:
+    """Write ``base.onnx`` and one merged ``<task>.onnx`` per adapter into ``out_dir``, sharing weights.
+
+    Returns a report with, per file, the check results and its own bytes on disk.
+    """
+    onnx = _require("onnx")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not os.path.isdir(out_dir):
+        raise LieError(f"{out_dir}: the output folder does not exist")
+    afs = [read_adapter(a) for a in adapters]
+    names = [af.name for af in afs]
+    if len(set(names)) != len(names) or "base" in names:
+        raise LieError(f"task names must be unique and not 'base', got {names}")
+    tmp = tempfile.mkdtemp(prefix=".tasks.", dir=out_dir)
+    try:
+        work = os.path.join(tmp, "work")
+        os.makedirs(work)
+        base = copy.deepcopy(model).eval()
+        models = {"base": base}
+        for af, path in zip(afs, adapters):
+            models[af.name] = merge_(load_adapter(copy.deepcopy(model).eval(), path, verify_base=verify_base), keep_base=False)
+        report = {"ok": True, "files": {}}
+        shared: dict = {}
+        for name, m in models.items():
+            p = os.path.join(work, f"{name}.onnx")
+            export_onnx(m, example_inputs, p, opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol)
+            proto = onnx.load(p, load_external_data=True)
+            own = _externalize(proto, tmp, f"{name}.onnx.data", shared, "base.onnx.data")
+            final = os.path.join(tmp, f"{name}.onnx")
+            onnx.save(proto, final)
+            if own == 0 and name != "base":
+                os.unlink(os.path.join(tmp, f"{name}.onnx.data"))
+            b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
+            check = verify_onnx(final, m, example_inputs, batches=(None, b + 2) if dynamic_batch else (None,),
+                                atol=json.load(open(p + ".report.json"))["atol"], rtol=json.load(open(p + ".report.json"))["rtol"])
+            if not check["ok"]:
+                raise LieError(f"{name}.onnx with shared weights disagrees with torch; nothing was written")
+            report["files"][name] = {
+                "check": check,
+                "graph_bytes": os.path.getsize(final),
+                "own_data_bytes": own,
+            }
+        shutil.rmtree(work)
+        with open(os.path.join(tmp, "tasks.report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        publish_files(tmp, out_dir)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

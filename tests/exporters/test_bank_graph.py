@@ -1,0 +1,118 @@
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from exporters.bank_graph import BankSession, export_bank_graph, write_onnx_adapter  # noqa: E402
+from exporters.task_models import export_task_models, shared_initializers  # noqa: E402
+from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter  # noqa: E402
+from liedeploy.adapt import iter_adapters  # noqa: E402
+from liedeploy.cli import main  # noqa: E402
+
+from .arch import ARCHS  # noqa: E402
+
+
+def _tasks(tmp_path, name="resnet", ranks=(2, 4), targets=None):
+    factory, default_targets, make_input = ARCHS[name]
+    torch.manual_seed(0)
+    base = factory().eval()
+    paths = []
+    for i, r in enumerate(ranks):
+        m = apply_adapters_(copy.deepcopy(base), LieConfig(r=r, alpha=r, targets=targets or default_targets))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, _, _, lie in iter_adapters(m):
+                lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * 0.1)
+        p = str(tmp_path / f"task{i}.safetensors")
+        save_adapter(m, p, name=f"task{i}")
+        paths.append(p)
+    return base, paths, make_input()
+
+
+def test_bank_graph_base_and_each_task(tmp_path):
+    base, paths, x = _tasks(tmp_path, ranks=(2, 5))  # different ranks: dynamic rank axis
+    out = str(tmp_path / "bank.onnx")
+    report = export_bank_graph(base, x, out, paths, dynamic_batch=True)
+    assert report["ok"] and set(report["tasks"]) == {"<base>", "task0", "task1"}
+    assert os.path.exists(tmp_path / "task0.onnx_adapter") and os.path.exists(out + ".bank.json")
+    sess = BankSession(out)
+    with torch.no_grad():
+        ref_base = base(x).numpy()
+    np.testing.assert_allclose(sess.run(x)[0], ref_base, rtol=1e-4, atol=1e-5)  # no adapter: the base
+    for i, p in enumerate(paths):
+        merged = merge_(load_adapter(copy.deepcopy(base), p))
+        with torch.no_grad():
+            ref = merged(x).numpy()
+        got = sess.run(x, adapter=str(tmp_path / f"task{i}.onnx_adapter"))[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+        assert np.abs(got - ref_base).max() > 1e-3  # the adapter really changes the output
+    # a second batch size through the same session
+    x2 = torch.randn(5, *x.shape[1:])
+    assert sess.run(x2, adapter=str(tmp_path / "task1.onnx_adapter"))[0].shape[0] == 5
+
+
+def test_adapter_for_another_graph_is_refused(tmp_path):
+    base, paths, x = _tasks(tmp_path, ranks=(2,))
+    export_bank_graph(base, x, str(tmp_path / "a.onnx"), paths)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    obase, opaths, ox = _tasks(other_dir, name="conv1d", ranks=(2,))
+    export_bank_graph(obase, ox, str(other_dir / "b.onnx"), opaths)
+    sess = BankSession(str(tmp_path / "a.onnx"))
+    with pytest.raises(LieError, match=r"made for another bank graph than .*a\.onnx"):
+        sess.run(x, adapter=str(other_dir / "task0.onnx_adapter"))
+    with pytest.raises(LieError, match=r"not a liedeploy bank graph"):
+        BankSession(str(tmp_path / "task0.onnx_adapter"))
+
+
+def test_bank_graph_refuses_first_order(tmp_path):
+    factory, targets, make_input = ARCHS["conv1d"]
+    torch.manual_seed(0)
+    base = factory().eval()
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(expmap="first_order", targets=targets))
+    p = str(tmp_path / "fo.safetensors")
+    save_adapter(m, p)
+    with pytest.raises(LieError, match="a first_order adapter must be merged instead"):
+        export_bank_graph(base, make_input(), str(tmp_path / "b.onnx"), [p])
+    assert not os.path.exists(tmp_path / "b.onnx")
+
+
+def test_task_models_share_unchanged_weights(tmp_path):
+    # adapt only the classifier: every conv weight is shared on disk
+    base, paths, x = _tasks(tmp_path, ranks=(2, 3), targets=r".*classifier\.1\.weight")
+    out = tmp_path / "tasks"
+    out.mkdir()
+    report = export_task_models(base, x, str(out), paths)
+    assert all(f["check"]["ok"] for f in report["files"].values())
+    base_bytes = os.path.getsize(out / "base.onnx.data")
+    for t in ("task0", "task1"):
+        own = report["files"][t]["own_data_bytes"]
+        assert own < 0.05 * base_bytes  # only what the adapter changed (the classifier is small)
+    shared = shared_initializers([str(out / "base.onnx"), str(out / "task0.onnx"), str(out / "task1.onnx")])
+    assert shared and all(loc == "base.onnx.data" for loc, _, _ in shared.values())
+    import onnxruntime as ort
+
+    for i, p in enumerate(paths):
+        merged = merge_(load_adapter(copy.deepcopy(base), p))
+        sess = ort.InferenceSession(str(out / f"task{i}.onnx"), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], merged(x).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_cli_bank(tmp_path, capsys):
+    base, paths, _ = _tasks(tmp_path, name="conv3d", ranks=(2,))
+    w = str(tmp_path / "base.safetensors")
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, w)
+    out = str(tmp_path / "bank.onnx")
+    assert main(["export", "--onnx", "--model", "tests.exporters.arch:conv3d", "--weights", w,
+                 "--input-shape", "1,2,4,8,8", "-o", out, "--bank"] + paths + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert os.path.exists(tmp_path / "task0.onnx_adapter")
