@@ -28,6 +28,18 @@ from .sfile import tensor_sha256
 __all__ = ["AdapterBank"]
 
 
+def _clone_tree(module: nn.Module, memo: dict) -> nn.Module:
+    """A new module tree whose modules are shallow copies: every tensor is shared, not copied."""
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)  # a new object with a shallow copy of __dict__
+    memo[id(module)] = clone
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {k: (None if m is None else _clone_tree(m, memo)) for k, m in module._modules.items()}
+    return clone
+
+
 def _split(name: str) -> tuple[str, str]:
     mod, _, attr = name.rpartition(".")
     return mod, attr
@@ -156,8 +168,7 @@ class AdapterBank:
         return folded, nbytes
 
     def _replica(self, folded: dict) -> nn.Module:
-        memo = {id(t): t for t in self._tensors.values()}
-        replica = copy.deepcopy(self.base, memo)  # new module objects, the very same tensors
+        replica = _clone_tree(self.base, {})  # new module objects, the very same tensors
         for n, f in folded.items():
             mod, attr = _split(n)
             owner = replica.get_submodule(mod) if mod else replica

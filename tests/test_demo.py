@@ -22,3 +22,4 @@ def test_demo_smoke(tmp_path, capsys):
         assert abs(t["merged_accuracy"] - t["adapted_accuracy"]) <= 1 / 400
         assert t["bank_accuracy"] == t["merged_accuracy"]
         assert t["onnx_accuracy"] == t["merged_accuracy"]
+        assert abs(t["onnx_bank_accuracy"] - t["merged_accuracy"]) <= 1 / 400

@@ -116,3 +116,33 @@ def test_cli_bank(tmp_path, capsys):
                  "--input-shape", "1,2,4,8,8", "-o", out, "--bank"] + paths + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
     assert os.path.exists(tmp_path / "task0.onnx_adapter")
+
+
+def test_ort_adapter_bank_hot_sessions_and_long_tail(tmp_path):
+    from exporters.ort_bank import OrtAdapterBank
+
+    base, paths, x = _tasks(tmp_path, ranks=(2, 3, 4), targets=r".*(layer\.1\.convolution|classifier\.1)\.weight")
+    out = tmp_path / "tasks"
+    out.mkdir()
+    export_task_models(base, x, str(out), paths[:2], dynamic_batch=True)  # two hot tasks
+    export_bank_graph(base, x, str(tmp_path / "bank.onnx"), paths, dynamic_batch=True)  # all three
+    bank = OrtAdapterBank(task_models=str(out), bank_graph=str(tmp_path / "bank.onnx"), max_sessions=1)
+    assert bank.tasks == ["task0", "task1", "task2"] and bank._shared_values  # shared weights loaded once
+    refs = {}
+    for i, p in enumerate(paths):
+        with torch.no_grad():
+            refs[f"task{i}"] = merge_(load_adapter(copy.deepcopy(base), p))(x).numpy()
+    for _ in range(2):
+        for t, ref in refs.items():
+            np.testing.assert_allclose(bank(x, task=t), ref, rtol=1e-4, atol=1e-5)
+    assert bank.stats["bank_graph_calls"] == 2  # task2 has no merged model: the long tail
+    assert bank.stats["sessions_built"] >= 3  # max_sessions=1: hot sessions were evicted and rebuilt
+    with torch.no_grad():
+        np.testing.assert_allclose(bank(x), base(x).numpy(), rtol=1e-4, atol=1e-5)
+    tasks = ["task2", "task0", None]
+    xs = torch.cat([x[:1]] * 3)
+    mixed = bank.forward_mixed(xs, tasks)
+    for i, t in enumerate(tasks):
+        np.testing.assert_allclose(mixed[i : i + 1], bank(xs[i : i + 1], task=t), rtol=1e-5, atol=1e-6)
+    with pytest.raises(LieError, match=r"unknown task 'zz'; known tasks: task0, task1, task2"):
+        bank(x, task="zz")

@@ -1,0 +1,162 @@
+"""``OrtAdapterBank``: the AdapterBank API over ONNX Runtime.
+
+Two export modes, chosen per task from measurements (benchmarks/bench_onnx.py, README):
+- hot tasks: a merged per-task model (``export_task_models``) in its own InferenceSession. The
+  initializers every task shares with the base are loaded once into OrtValues and handed to every
+  session with ``SessionOptions.add_initializer``, so they are not read or held once per task
+  (ONNX Runtime still keeps its own pre-packed copy of weights per session).
+  Fastest: weights are constants (1.6x-4x faster than the bank graph here).
+- long tail: one bank graph (``export_bank_graph``) whose ``.onnx_adapter`` per task is activated
+  per run; memory per task = its factors, but every call recomputes W * exp(BA).
+At most ``max_sessions`` hot sessions are kept (LRU); other tasks run on the bank graph.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import numpy as np
+
+from liedeploy.errors import LieError
+
+from .onnx import _require
+from .task_models import shared_initializers
+
+__all__ = ["OrtAdapterBank"]
+
+
+class OrtAdapterBank:
+    """Serve tasks from ONNX Runtime with the same calls as :class:`liedeploy.AdapterBank`.
+
+    Args:
+        task_models: folder written by ``export_task_models`` (``base.onnx`` + ``<task>.onnx``), or None.
+        bank_graph: path of a bank graph written by ``export_bank_graph``, or None.
+        max_sessions: how many per-task sessions to keep (hot tasks); 0 = bank graph only.
+        threads: intra-op threads per session.
+
+    Example:
+        >>> bank = OrtAdapterBank(task_models="tasks/", bank_graph="bank.onnx", max_sessions=4)
+        >>> y = bank(x, task="rotated")
+    """
+
+    def __init__(self, task_models: Optional[str] = None, bank_graph: Optional[str] = None, *,
+                 max_sessions: int = 8, threads: int = 0):
+        ort = _require("onnxruntime")
+        if task_models is None and bank_graph is None:
+            raise LieError("OrtAdapterBank needs task_models=FOLDER and/or bank_graph=PATH")
+        self._ort = ort
+        self.threads = threads
+        self.max_sessions = max_sessions
+        self._lock = threading.RLock()
+        self._sessions: OrderedDict = OrderedDict()
+        self._task_files: dict = {}
+        self._adapters: dict = {}
+        self._shared_values: dict = {}
+        self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0}
+        if task_models is not None:
+            if not os.path.exists(os.path.join(task_models, "base.onnx")):
+                raise LieError(f"{task_models}: no base.onnx (write it with export_task_models / --task-models)")
+            for f in sorted(os.listdir(task_models)):
+                if f.endswith(".onnx"):
+                    self._task_files[f[: -len(".onnx")]] = os.path.join(task_models, f)
+            self._load_shared(task_models)
+        self.bank = None
+        if bank_graph is not None:
+            from .bank_graph import BankSession
+
+            self.bank = BankSession(bank_graph, self._options())
+            folder = os.path.dirname(os.path.abspath(bank_graph))
+            for task, fname in self.bank.manifest.get("adapters", {}).items():
+                self._adapters[task] = os.path.join(folder, fname)
+
+    def _options(self):
+        so = self._ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        return so
+
+    def _load_shared(self, folder: str) -> None:
+        """One OrtValue per initializer that base and every task model share (same bytes on disk)."""
+        common = shared_initializers(list(self._task_files.values()))
+        import onnx
+
+        proto = onnx.load(self._task_files["base"], load_external_data=False)
+        meta = {t.name: (list(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type)) for t in proto.graph.initializer}
+        for name, (location, offset, length) in common.items():
+            dims, dtype = meta[name]
+            arr = np.fromfile(os.path.join(folder, location), dtype=np.uint8, count=length, offset=offset)
+            arr = arr.view(dtype).reshape(dims)
+            self._shared_values[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+
+    @property
+    def tasks(self) -> list:
+        return sorted((set(self._task_files) - {"base"}) | set(self._adapters))
+
+    def add(self, name: str, onnx_adapter: str) -> None:
+        """Add a long-tail task served by the bank graph (an ``.onnx_adapter`` for it)."""
+        if self.bank is None:
+            raise LieError("add needs a bank graph: construct OrtAdapterBank(bank_graph=...)")
+        self.bank._load(onnx_adapter)  # refuses an adapter made for another graph
+        with self._lock:
+            self._adapters[name] = onnx_adapter
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self.tasks:
+                raise LieError(f"unknown task {name!r}; known tasks: {', '.join(self.tasks) or 'none'}")
+            self._adapters.pop(name, None)
+            self._task_files.pop(name, None)
+            self._sessions.pop(name, None)
+
+    def _session(self, task: str):
+        with self._lock:
+            sess = self._sessions.get(task)
+            if sess is not None:
+                self._sessions.move_to_end(task)
+                self.stats["session_hits"] += 1
+                return sess
+        so = self._options()
+        for name, value in self._shared_values.items():
+            so.add_initializer(name, value)
+        sess = self._ort.InferenceSession(self._task_files[task], so, providers=["CPUExecutionProvider"])
+        with self._lock:
+            self.stats["sessions_built"] += 1
+            self._sessions[task] = sess
+            while len(self._sessions) > max(self.max_sessions, 1 if task == "base" else 0):
+                self._sessions.popitem(last=False)
+        return sess
+
+    def __call__(self, x, task: Optional[str] = None):
+        """Outputs (first output) for ``x`` with ``task`` (None: the base)."""
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().numpy()
+        key = "base" if task is None else task
+        if key in self._task_files and (self.max_sessions > 0 or key == "base"):
+            sess = self._session(key)
+            return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        if self.bank is not None and (task is None or task in self._adapters):
+            self.stats["bank_graph_calls"] += 1
+            return self.bank.run(x, adapter=None if task is None else self._adapters[task])[0]
+        raise LieError(f"unknown task {task!r}; known tasks: {', '.join(self.tasks) or 'none'}")
+
+    def forward_mixed(self, x, tasks: Sequence[Optional[str]]):
+        """One task per sample: grouped by task, outputs returned in input order."""
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().numpy()
+        if len(tasks) != len(x):
+            raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
+        out = None
+        groups: dict = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(t, []).append(i)
+        for t, idx in groups.items():
+            y = self(x[idx], task=t)
+            if out is None:
+                out = np.empty((len(x),) + y.shape[1:], dtype=y.dtype)
+            out[idx] = y
+        return out
