@@ -4,8 +4,9 @@ A Lie update is dense, so a task's weights are folded once (W * exp(dW), from th
 cached. Each cached task is a shallow replica of the module tree that shares every unadapted tensor
 with the base and holds only its own folded tensors: memory per task = the adapted tensors, and
 concurrent calls for different tasks never see each other's weights (there is no global switch).
-The cache is an LRU bounded in bytes. An evicted replica is simply dropped (a call still running
-on it keeps its tensors alive until it returns; nothing is ever written into a live tensor).
+The cache is an LRU bounded in bytes. The storage of an evicted task is recycled for the next
+fold (no fresh pages to fault in) once no running call uses it; tensors of a replica handed out
+by ``model_for`` are never recycled, and nothing is ever written into a tensor in use.
 """
 
 from __future__ import annotations
@@ -45,12 +46,24 @@ def _split(name: str) -> tuple[str, str]:
     return mod, attr
 
 
+class _Folded:
+    """One build of a task: its replica and folded tensors, and who is using them."""
+
+    __slots__ = ("replica", "tensors", "users", "leaked", "retired")
+
+    def __init__(self, replica: nn.Module, tensors: dict):
+        self.replica, self.tensors = replica, tensors
+        self.users = 0
+        self.leaked = False  # handed out by model_for(): never recycled
+        self.retired = False  # evicted or removed: recycled once no call uses it
+
+
 class _Task:
-    __slots__ = ("adapter", "replica", "nbytes")
+    __slots__ = ("adapter", "folded", "nbytes")
 
     def __init__(self, adapter: AdapterFile):
         self.adapter = adapter
-        self.replica: Optional[nn.Module] = None
+        self.folded: Optional[_Folded] = None
         self.nbytes = 0
 
 
@@ -93,8 +106,11 @@ class AdapterBank:
         self._tasks: dict[str, _Task] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
+        self._pool: dict = {}  # (shape, dtype, device) -> free folded tensors for reuse
+        self._pool_bytes = 0
+        self._pool_limit = 0
         self._build_locks: dict[str, threading.Lock] = {}
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0}
         for name, path in (adapters or {}).items():
             self.add(name, path)
 
@@ -130,9 +146,26 @@ class AdapterBank:
 
     def _drop(self, name: str) -> None:
         task = self._tasks.get(name)
-        if task is not None and task.replica is not None:
+        if task is not None and task.folded is not None:
             self._lru.pop(name, None)
-            task.replica, task.nbytes = None, 0
+            self._retire(task.folded)
+            task.folded, task.nbytes = None, 0
+
+    def _retire(self, folded: "_Folded") -> None:
+        folded.retired = True
+        if folded.users == 0 and not folded.leaked:
+            self._recycle(folded)
+
+    def _recycle(self, folded: "_Folded") -> None:
+        """Keep the storage of a build nobody uses for the next fold (bounded: one task's bytes)."""
+        for t in folded.tensors.values():
+            nbytes = t.numel() * t.element_size()
+            if self._pool_bytes + nbytes > self._pool_limit:
+                break
+            self._pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+            self._pool_bytes += nbytes
+        folded.tensors = {}
+        folded.replica = None
 
     def _check(self, name: str) -> _Task:
         task = self._tasks.get(name)
@@ -152,8 +185,19 @@ class AdapterBank:
         while self._lru and self.cached_bytes + need > self.cache_bytes:
             old, _ = self._lru.popitem(last=False)
             task = self._tasks[old]
-            task.replica, task.nbytes = None, 0
+            self._retire(task.folded)
+            task.folded, task.nbytes = None, 0
             self.stats["evictions"] += 1
+
+    def _take(self, W: torch.Tensor) -> Optional[torch.Tensor]:
+        with self._lock:
+            free = self._pool.get((tuple(W.shape), W.dtype, W.device))
+            if free:
+                t = free.pop()
+                self._pool_bytes -= t.numel() * t.element_size()
+                self.stats["recycled"] += 1
+                return t
+        return None
 
     def _fold(self, af: AdapterFile) -> tuple[dict, int]:
         folded, nbytes = {}, 0
@@ -161,7 +205,7 @@ class AdapterBank:
             W = self._tensors[n].detach()
             B, A = af.factors[n]
             ok: list = []
-            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, check=ok)
+            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok)
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0])
             folded[n] = f
             nbytes += f.numel() * f.element_size()
@@ -178,46 +222,82 @@ class AdapterBank:
                 owner._buffers[attr] = f
         return replica
 
-    def model_for(self, task: Optional[str]) -> nn.Module:
-        """The module that computes ``task`` (the base for ``None``); folded and cached on first use."""
-        if task is None:
-            return self.base
+    def _acquire(self, task: str) -> "_Folded":
+        """The task's build with one more user (folded and cached on first use)."""
         with self._lock:
             t = self._check(task)
-            if t.replica is not None:
+            if t.folded is not None:
                 self._lru.move_to_end(task)
                 self.stats["hits"] += 1
-                return t.replica
+                t.folded.users += 1
+                return t.folded
             lock = self._build_locks[task]
         with lock:  # one build per task; other tasks proceed
             with self._lock:
                 t = self._check(task)
-                if t.replica is not None:
+                if t.folded is not None:
                     self.stats["hits"] += 1
-                    return t.replica
-            folded, nbytes = self._fold(t.adapter)
-            replica = self._replica(folded)
+                    t.folded.users += 1
+                    return t.folded
+            tensors, nbytes = self._fold(t.adapter)
+            folded = _Folded(self._replica(tensors), tensors)
             with self._lock:
-                if self._tasks.get(task) is not t:  # removed or reloaded meanwhile
-                    return replica
+                self._pool_limit = max(self._pool_limit, nbytes)
+                folded.users += 1
+                if self._tasks.get(task) is not t:  # removed or reloaded meanwhile: use once
+                    folded.retired = True
+                    return folded
                 self._evict_for(nbytes)
                 self.stats["misses"] += 1
-                t.replica, t.nbytes = replica, nbytes
                 if self.cache_bytes is None or nbytes <= self.cache_bytes:
+                    t.folded, t.nbytes = folded, nbytes
                     self._lru[task] = None
                     self._lru.move_to_end(task)
                 else:
-                    t.replica, t.nbytes = None, 0  # larger than the whole cache: use once
-            return replica
+                    folded.retired = True  # larger than the whole cache: use once
+            return folded
+
+    def _release(self, folded: "_Folded") -> None:
+        with self._lock:
+            folded.users -= 1
+            if folded.retired and folded.users == 0 and not folded.leaked:
+                self._recycle(folded)
+
+    def prefetch(self, task: str) -> None:
+        """Fold and cache ``task`` now (e.g. before traffic arrives), evicting as the bound requires."""
+        self._release(self._acquire(task))
+
+    def model_for(self, task: Optional[str]) -> nn.Module:
+        """The module that computes ``task`` (the base for ``None``), to hold and call directly.
+
+        Its tensors are never recycled, even after eviction (they stay alive while you hold it).
+        """
+        if task is None:
+            return self.base
+        folded = self._acquire(task)
+        with self._lock:
+            folded.leaked = True
+        self._release(folded)
+        return folded.replica
 
     # -- inference --------------------------------------------------------------------------
     def __call__(self, *args: Any, task: Optional[str] = None, **kwargs: Any) -> Any:
         """Run the model with ``task``'s folded weights (``task=None``: the base)."""
         with torch.no_grad():
-            return self.model_for(task)(*args, **kwargs)
+            if task is None:
+                return self.base(*args, **kwargs)
+            folded = self._acquire(task)
+            try:
+                return folded.replica(*args, **kwargs)
+            finally:
+                self._release(folded)
 
     def forward_mixed(self, x: torch.Tensor, tasks: Sequence[Optional[str]]) -> Any:
-        """One task name per sample: groups samples by task, runs each group, returns input order."""
+        """One task name per sample: groups samples by task, runs each group, returns input order.
+
+        Works for any output made of tensors with the batch as first axis (a tensor, tuples, dicts,
+        transformers ModelOutputs).
+        """
         if len(tasks) != len(x):
             raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
         groups: dict = {}
@@ -226,14 +306,16 @@ class AdapterBank:
         for t in groups:
             if t is not None:
                 self._check(t)
-        out = None
+        from torch.utils import _pytree as pytree
+
+        leaves_out, spec = None, None
         for t, idx in groups.items():
             index = torch.tensor(idx, device=x.device)
-            y = self(x.index_select(0, index), task=t)
-            if not isinstance(y, torch.Tensor):
-                raise LieError("forward_mixed needs a model that returns one tensor")
-            if out is None:
-                out = y.new_empty((len(x),) + tuple(y.shape[1:]))
-            out.index_copy_(0, index, y)
-        return out
-
+            leaves, spec = pytree.tree_flatten(self(x.index_select(0, index), task=t))
+            if not all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == len(idx) for v in leaves):
+                raise LieError("forward_mixed needs outputs whose tensors all have the batch as first axis")
+            if leaves_out is None:
+                leaves_out = [v.new_empty((len(x),) + tuple(v.shape[1:])) for v in leaves]
+            for o, v in zip(leaves_out, leaves):
+                o.index_copy_(0, index, v)
+        return pytree.tree_unflatten(leaves_out, spec)

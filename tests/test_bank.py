@@ -133,3 +133,48 @@ def test_bank_needs_plain_base(bank_setup):
     m = load_adapter(copy.deepcopy(base), paths["t0"])
     with pytest.raises(LieError, match="AdapterBank needs the plain base model"):
         AdapterBank(m)
+
+
+def test_mixed_batch_with_structured_outputs(bank_setup):
+    base, refs, paths = bank_setup
+
+    class Two(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            y = self.net(x)
+            return {"logits": y, "extra": (y * 2, y.sum(1))}
+
+    from liedeploy import read_adapter  # the adapter names parameters of Net: rename them for the wrapper
+    from safetensors.torch import load_file, save_file
+
+    af = read_adapter(paths["t0"])
+    meta = dict(af.metadata)
+    meta["targets"] = meta["targets"].replace('"conv.', '"net.conv.').replace('"fc.', '"net.fc.')
+    meta["base_sha256"] = meta["base_sha256"].replace('"conv.', '"net.conv.').replace('"fc.', '"net.fc.')
+    wrapped = paths["t0"] + ".wrapped.safetensors"
+    save_file({"net." + k: v for k, v in load_file(paths["t0"]).items()}, wrapped, metadata=meta)
+    bank = AdapterBank(Two(copy.deepcopy(base)), adapters={"a": wrapped})
+    x = torch.randn(5, 3, 6, 6)
+    out = bank.forward_mixed(x, ["a", None, "a", None, "a"])
+    assert set(out) == {"logits", "extra"} and out["extra"][1].shape == (5,)
+    for i, t in enumerate(["a", None, "a", None, "a"]):
+        one = bank(x[i : i + 1], task=t)
+        torch.testing.assert_close(out["logits"][i : i + 1], one["logits"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out["extra"][1][i : i + 1], one["extra"][1], rtol=1e-6, atol=1e-6)
+
+
+def test_evicted_storage_is_recycled_but_never_under_a_holder(bank_setup):
+    base, refs, paths = bank_setup
+    one_task = (8 * 3 * 9 + 5 * 8) * 4
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, cache_bytes=one_task)
+    x = torch.randn(2, 3, 6, 6)
+    held = bank.model_for("t0")  # a replica handed out: its tensors must never be reused
+    for _ in range(3):
+        for t in ("t1", "t2", "t3"):
+            torch.testing.assert_close(bank(x, task=t), refs[t](x), rtol=0, atol=0)
+    assert bank.stats["recycled"] > 0  # evicted tasks' storage was reused for later folds
+    with torch.no_grad():
+        torch.testing.assert_close(held(x), refs["t0"](x), rtol=0, atol=0)
