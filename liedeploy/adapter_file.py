@@ -302,7 +302,9 @@ def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn
             lie = live[P]
             lie.lie_B.copy_(B)
             lie.lie_A.copy_(A)
-            lie.scale = af.targets[P]["scale"]
-            lie.expmap = af.expmap
-    model.lie_adapter_name = af.name
+            # attributes are only written when they change: compiled graphs guard on them
+            if lie.scale != af.targets[P]["scale"]:
+                lie.scale = af.targets[P]["scale"]
+            if lie.expmap != af.expmap:
+                lie.expmap = af.expmap
     return model

@@ -90,6 +90,7 @@ def fold_sum(
             if scale != 1.0:
                 B2 = B2 * scale
             pairs.append((B2, A.to(device=W.device, dtype=cdt)))
+        in_place = out is not None and out.data_ptr() == W.data_ptr()
         if out is None:
             out = torch.empty(W.shape, dtype=out_dtype, device=W.device)
         if not pairs:
@@ -99,7 +100,7 @@ def fold_sum(
         n = W2.shape[1]
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
         # write blocks straight into ``out`` unless a cast is needed or ``out`` is W itself (in place)
-        direct = out_dtype == cdt and out.data_ptr() != W.data_ptr()
+        direct = out_dtype == cdt and not in_place
         buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
         total = None
         for r0 in range(0, m, rows):
