@@ -26,7 +26,7 @@ from torch import nn
 from liedeploy.adapter_file import AdapterFile, check_against_base, load_adapter, read_adapter
 from liedeploy.errors import LieError
 from liedeploy.merge import merge_
-from liedeploy.sfile import tensor_sha256
+from liedeploy.sfile import atomic_path, tensor_sha256
 
 from .onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, publish_files, verify_onnx
 
@@ -94,15 +94,8 @@ def write_onnx_adapter(adapter: AdapterFile, manifest: dict, path: str) -> str:
     fmt.set_adapter_version(1)
     fmt.set_model_version(int(manifest["graph_id"]))
     fmt.set_parameters(params)
-    out_dir = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fmt.export_adapter(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -80,13 +80,22 @@ def _live_factors(model: nn.Module) -> dict:
     return out
 
 
-def save_adapter(model: nn.Module, path: str, name: Optional[str] = None) -> str:
+def save_adapter(
+    model: nn.Module,
+    path: str,
+    name: Optional[str] = None,
+    *,
+    factors: Optional[dict] = None,
+    base: Optional[dict] = None,
+) -> str:
     """Write the model's Lie adapters to ``path`` (adapter format_version "1").
 
     Args:
         model: a model prepared with :func:`apply_adapters_` (live or merged with ``merge_``).
         path: output ``.safetensors`` path; written to a temporary file and renamed.
         name: the task name stored in the file (default: the file's stem).
+        factors, base: ``{P: (B, A)}`` and ``{P: base tensor}`` to write instead of the model's own
+            (used by ``save_adapter_distributed`` with factors gathered from all ranks).
 
     Returns:
         ``path``.
@@ -100,10 +109,12 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None) -> str
     expmaps = {e for *_, e in live.values()}
     if len(expmaps) != 1:
         raise LieError(f"the model mixes exp maps {sorted(expmaps)}; one adapter file holds one map")
-    base = pristine_base_tensors(model)
+    base = base if base is not None else pristine_base_tensors(model)
     tensors, targets, hashes = {}, {}, {}
     for P in sorted(live):
         B, A, scale, _ = live[P]
+        if factors is not None:
+            B, A = factors[P]
         tensors[f"{P}.lie_B"] = B.detach().to("cpu", copy=True).contiguous()
         tensors[f"{P}.lie_A"] = A.detach().to("cpu", copy=True).contiguous()
         targets[P] = {"shape": list(base[P].shape), "scale": float(scale)}

@@ -57,6 +57,8 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
             keeps a copy there (frees accelerator memory), ``False`` keeps nothing and folds in
             place into the base tensors' own storage, like PEFT's merge (no new memory; ``unmerge_``
             then needs ``base=``; an overflow then leaves the model unusable and is reported).
+            A tensor tied to another one (GPT-2's ``wte``/``lm_head``) is never overwritten in
+            place: the merged model computes exactly what the adapted model computed.
 
     Returns:
         ``model``.
@@ -66,19 +68,23 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
     """
     records = getattr(model, "_lie_merged", None) or {}
     in_place = keep_base is False or keep_base is None
+    if in_place:  # storages used by more than one tensor of the model (tied weights) are not overwritten
+        uses: dict = {}
+        for t in model.state_dict(keep_vars=True).values():
+            uses[t.data_ptr()] = uses.get(t.data_ptr(), 0) + 1
     work = []
     for name, module, attr, lie in list(iter_adapters(model)):
         W = module.parametrizations[attr].original
         ok: list = []
         kept = None
-        if in_place:  # fold into W's own storage, like PEFT's merge: no new memory
+        if in_place and uses.get(W.data_ptr(), 0) == 1:  # fold into W's own storage, like PEFT: no new memory
             out = W.data
         else:
-            if keep_base is not True:
-                kept = W.detach().to(torch.device(keep_base), copy=True)
             out = None
+            if not in_place and keep_base is not True:
+                kept = W.detach().to(torch.device(keep_base), copy=True)
         merged = fold_sum(W.detach(), [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, out=out, check=ok)
-        if not ok[0] and in_place:
+        if not ok[0] and out is not None:
             raise LieError(f"merging {name} overflowed and keep_base=False already overwrote it: reload the base")
         check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
         work.append((name, module, attr, lie, W if keep_base is True else kept, merged))

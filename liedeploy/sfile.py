@@ -122,6 +122,12 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success fsync and rename it onto ``path``.
@@ -135,6 +141,7 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600: give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

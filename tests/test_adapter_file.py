@@ -236,3 +236,14 @@ def test_save_is_atomic(tmp_path, monkeypatch, adapter):
         save_adapter(model, path)
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["task.safetensors"]  # no temp file left
+
+
+def test_saved_file_gets_usual_permissions(tmp_path):
+    model = _trained()
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "perm.safetensors")
+        save_adapter(model, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644

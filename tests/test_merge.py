@@ -105,3 +105,18 @@ def test_save_adapter_from_merged_model(tmp_path):
     ra, rb = read_adapter(a), read_adapter(b)
     assert ra.base_sha256 == rb.base_sha256
     assert all(torch.equal(ra.factors[k][0], rb.factors[k][0]) for k in ra.factors)
+
+
+def test_in_place_merge_never_overwrites_a_tied_tensor():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as GPT-2's wte / lm_head
+    model = nn.Sequential(emb, head)
+    x = torch.randint(0, 10, (2, 3))
+    apply_adapters_(model, LieConfig(targets=["0"]))
+    randomize_factors(model)
+    with torch.no_grad():
+        ref = model(x)
+        merge_(model, keep_base=False)
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)

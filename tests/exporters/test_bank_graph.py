@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from exporters.bank_graph import BankSession, export_bank_graph, write_onnx_adapter  # noqa: E402
+from exporters.bank_graph import BankSession, export_bank_graph  # noqa: E402
 from exporters.task_models import export_task_models, shared_initializers  # noqa: E402
 from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter  # noqa: E402
 from liedeploy.adapt import iter_adapters  # noqa: E402
