@@ -32,29 +32,41 @@ def _rss_kb() -> int:
     return 0
 
 
+VIT_TARGETS = r"vit\.layers\.\d+\.(attention\.(q|k|v|o)_proj|mlp\.fc(1|2))"
+
+
+def _targets(size: str):
+    return VIT_TARGETS if size == "vit-b" else TARGETS
+
+
 def _build(method: str, r: int, size: str):
     import torch
-    from transformers import ConvNextConfig, ConvNextForImageClassification
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    if size == "tiny":
+    if size == "vit-b":
+        model = ViTForImageClassification(ViTConfig(num_labels=10, image_size=64))
+    elif size == "tiny":
         cfg = ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], num_labels=10, image_size=64)
     else:  # base
         cfg = ConvNextConfig(depths=[3, 3, 27, 3], hidden_sizes=[128, 256, 512, 1024], num_labels=10, image_size=64)
-    model = ConvNextForImageClassification(cfg)
+    if size != "vit-b":
+        model = ConvNextForImageClassification(cfg)
+    targets = _targets(size)
     if method.startswith("lie"):
         from liedeploy import LieConfig, apply_adapters_
 
-        apply_adapters_(model, LieConfig(r=r, alpha=r, expmap=method[4:], targets=TARGETS))
+        lie_targets = targets + r"\.weight" if isinstance(targets, str) else targets
+        apply_adapters_(model, LieConfig(r=r, alpha=r, expmap=method[4:], targets=lie_targets))
         for p in model.classifier.parameters():
             p.requires_grad_(True)
     else:
         from peft import HiraConfig, LoraConfig, get_peft_model
 
         if method == "peft_lora":
-            pc = LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, modules_to_save=["classifier"])
+            pc = LoraConfig(r=r, lora_alpha=r, target_modules=targets, modules_to_save=["classifier"])
         else:
-            pc = HiraConfig(r=r, target_modules=TARGETS, modules_to_save=["classifier"])
+            pc = HiraConfig(r=r, target_modules=targets, modules_to_save=["classifier"])
         model = get_peft_model(model, pc)
     return model
 
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", choices=["tiny", "base"], default="tiny")
+    ap.add_argument("--size", choices=["tiny", "base", "vit-b"], default="tiny", help="ConvNeXt tiny/base or ViT-B")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default="benchmarks/results/train_cpu.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -139,7 +151,7 @@ def main(argv=None) -> int:
             return 1
         results[m] = json.loads(line[0][7:])
     fo, hira, lora = results["lie_first_order"], results["peft_hira"], results["peft_lora"]
-    print(f"ConvNeXt-{args.size} config, {args.batch}x3x64x64, r={args.rank}, targets {TARGETS}, "
+    print(f"{args.size} config, {args.batch}x3x64x64, r={args.rank}, targets {_targets(args.size)}, "
           f"device {args.device}, {args.threads} threads, median of {args.steps} steps")
     print(f"{'method':<16} {'trainable':>10} {'step (s)':>9} {'peak MB':>8} {'time/first_order':>17} "
           f"{'mem/first_order':>16} {'time/HiRA':>10} {'time/LoRA':>10}")
