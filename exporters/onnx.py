@@ -166,6 +166,7 @@ def export_onnx(
     rtol: Optional[float] = None,
     input_names: Optional[Sequence[str]] = None,
     external_data: Optional[bool] = None,
+    optimize: bool = True,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verify it in ONNX Runtime, keep it only if it matches.
 
@@ -179,6 +180,8 @@ def export_onnx(
         atol, rtol: tolerances (defaults per dtype: fp32 1e-4/1e-3, fp16 2e-2/2e-2).
         input_names: graph input names (default ``input``, ``input_1``...).
         external_data: store weights beside the graph; default: only past 2 GB.
+        optimize: run the exporter's graph optimizer. ``False`` keeps every parameter as an
+            initializer named as in ``state_dict()`` (what TensorRT refit needs).
 
     Returns:
         The verification report (also saved as JSON).
@@ -224,7 +227,7 @@ def export_onnx(
                 input_names=names,
                 dynamic_shapes=dynamic_shapes,
                 external_data=external_data,
-                optimize=True,
+                optimize=optimize,
             )
             program.save(tmp_path, external_data=external_data)
         onnx.checker.check_model(tmp_path, full_check=False)
@@ -233,6 +236,7 @@ def export_onnx(
         report = verify_onnx(tmp_path, prepared, example_inputs, batches=batches, atol=atol, rtol=rtol)
         report.update(
             {"opset": int(opset), "dtype": kind, "dynamic_batch": dynamic_batch, "external_data": bool(external_data),
+             "optimized": bool(optimize),
              "onnx_bytes": sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in os.listdir(tmp_dir))}
         )
         if not report["ok"]:

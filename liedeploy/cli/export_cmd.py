@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     )
     fmt = p.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--onnx", action="store_true", help="export ONNX, verified in ONNX Runtime (CPU)")
-    fmt.add_argument("--trt", action="store_true", help="TensorRT engine (not in this release: export --onnx, then trtexec)")
+    fmt.add_argument("--trt", action="store_true", help="build a refittable TensorRT engine (needs tensorrt and CUDA)")
     p.add_argument("--model", required=True, metavar="PKG.MOD:FACTORY", help="callable that builds the nn.Module")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
     p.add_argument("--weights", required=True, metavar="W.safetensors", help="weights (a file or *.safetensors.index.json)")
@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
                    help="write a switchable bank graph at OUT plus one .onnx_adapter per adapter (ONNX Runtime >= 1.20)")
     p.add_argument("--task-models", nargs="+", metavar="ADAPTER",
                    help="write base.onnx and one merged <task>.onnx per adapter into the folder OUT, sharing unchanged weights on disk")
+    p.add_argument("--for-trt", action="store_true",
+                   help="with --onnx: keep initializers named as in state_dict and write OUT.refit.json (for trtexec --refit)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(run=run)
 
@@ -73,10 +75,9 @@ def run(args) -> int:
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
     shape = _shape(args.input_shape)
     if args.trt:
-        raise ValueError(
-            "--trt is not in this release: export with --onnx (opset <= 20) and build the engine with "
-            "TensorRT's trtexec --onnx=model.onnx"
-        )
+        from exporters.tensorrt import require_tensorrt
+
+        require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
     model = build_model(args.model, kwargs, args.weights)
     if args.input_dtype == "int64":
         example = torch.zeros(shape, dtype=torch.int64)
@@ -102,6 +103,19 @@ def run(args) -> int:
             where = os.path.dirname(os.path.abspath(args.out)) if args.bank else args.out
             print(f"{args.out}: exported and checked in ONNX Runtime, base and {len(args.bank or args.task_models)} "
                   f"task(s); files in {where}")
+        return 0
+    if args.trt or args.for_trt:
+        from exporters.tensorrt import export_refit_onnx, export_tensorrt
+
+        if args.trt:
+            report = export_tensorrt(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                                     fp16=args.fp16)
+        else:
+            report = export_refit_onnx(model, example, args.out, fp16=args.fp16, **common)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"{args.out}: exported; refit manifest in {report['refit_manifest']}")
         return 0
     from exporters.onnx import export_onnx
 

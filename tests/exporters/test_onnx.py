@@ -84,8 +84,10 @@ def test_cli_export_strict_weights(tmp_path, capsys, monkeypatch):
     assert f"{w}: unexpected key extra" in capsys.readouterr().err
     assert main(["export", "--onnx", "--model", "tests.exporters.arch:nope", "--weights", w, "--input-shape", "1,2", "-o", out]) == 1
     assert "tests.exporters.arch has no attribute nope" in capsys.readouterr().err
-    assert main(["export", "--trt", "--model", "tests.exporters.arch:conv3d", "--weights", w, "--input-shape", "1,2,4,8,8", "-o", out]) == 1
-    assert "--trt is not in this release" in capsys.readouterr().err
+    engine = str(tmp_path / "c.engine")
+    assert main(["export", "--trt", "--model", "tests.exporters.arch:conv3d", "--weights", w, "--input-shape", "1,2,4,8,8", "-o", engine]) == 1
+    assert "TensorRT is not installed: pip install 'liedeploy[trt]'" in capsys.readouterr().err
+    assert not os.path.exists(engine)
     with pytest.raises(SystemExit) as e:
         main(["export", "--model", "x:y", "--weights", w, "--input-shape", "1", "-o", out])  # no --onnx/--trt
     assert e.value.code == 2
