@@ -102,6 +102,7 @@ def fold_sum(
         # write blocks straight into ``out`` unless a cast is needed or ``out`` is W itself (in place)
         direct = out_dtype == cdt and not in_place
         buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
+        wbuf = torch.empty((min(rows, m), n), dtype=cdt, device=W.device) if W.dtype != cdt else None
         total = None
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
@@ -114,7 +115,10 @@ def fold_sum(
                 blk.exp_()
             else:
                 blk.add_(1.0)
-            blk.mul_(W2[r0:r1])
+            Wb = W2[r0:r1]
+            if Wb.dtype != cdt:  # a half-precision base: widen the block first (the mixed-dtype mul is slow)
+                Wb = wbuf[: r1 - r0].copy_(Wb)
+            blk.mul_(Wb)
             if not direct:
                 O2[r0:r1].copy_(blk)
             if check is not None:
