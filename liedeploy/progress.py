@@ -17,4 +17,5 @@ def progress_bar(iterable: Optional[Iterable] = None, *, desc: str = "", total=N
     from tqdm.auto import tqdm
 
     enabled = is_terminal() if enabled is None else enabled
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, unit=unit, file=sys.stderr)
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, unit=unit, file=sys.stderr, **scale)
