@@ -25,6 +25,7 @@ def main(strategy: str, out: str) -> None:
         loss.backward()
         opt.step()
     save_adapter_distributed(model, out, name="dist")
+    dist.barrier()
     dist.destroy_process_group()
 
 
