@@ -20,24 +20,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+from _timing import median_time
 
 VIT_RX = r"layers\.\d+\.(attention\.(q|k|v|o)_proj|mlp\.fc(1|2))"
 RESNET_RX = r".*layer\.\d\.convolution"
-
-
-def _median(fn, reps, setup=None):
-    times = []
-    for _ in range(reps):
-        if setup:
-            setup()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _models():
@@ -84,11 +73,11 @@ def bench(name, model, rx, shape, reps, tmp):
         turn["i"] = (turn["i"] + 1) % 8
         bank.prefetch(f"t{turn['i']}")
 
-    res["cold_switch_s"] = _median(cold, reps)
-    res["hot_switch_s"] = _median(lambda: bank.prefetch(f"t{turn['i']}"), reps * 20)
+    res["cold_switch_s"] = median_time(cold, reps)[0]
+    res["hot_switch_s"] = median_time(lambda: bank.prefetch(f"t{turn['i']}"), reps * 20)[0]
     bank.cache_bytes = None
     live = load_adapter(copy.deepcopy(model), paths[0])
-    res["merge__s"] = _median(lambda: merge_(live), reps, setup=lambda: unmerge_(live))
+    res["merge__s"] = median_time(lambda: merge_(live), reps, setup=lambda: unmerge_(live))[0]
     # PEFT: 8 LoRA adapters, switch = unmerge + set_adapter + merge
     lcfg = dict(r=16, lora_alpha=16, target_modules=rx, init_lora_weights=False)
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(**lcfg), adapter_name="t0")
@@ -103,7 +92,7 @@ def bench(name, model, rx, shape, reps, tmp):
         pm.base_model.merge_adapter()
 
     pm.base_model.merge_adapter()
-    res["peft_set_adapter_merge_s"] = _median(peft_switch, reps)
+    res["peft_set_adapter_merge_s"] = median_time(peft_switch, reps)[0]
     pm.base_model.unmerge_adapter()
     # PEFT hotswap_adapter (loads the other adapter's weights from disk, copy_ in place)
     lora_dirs = []
@@ -119,7 +108,7 @@ def bench(name, model, rx, shape, reps, tmp):
         k["i"] ^= 1
         hotswap_adapter(hm, lora_dirs[k["i"]], adapter_name="default", torch_device="cpu")
 
-    res["peft_hotswap_s"] = _median(hot, reps)
+    res["peft_hotswap_s"] = median_time(hot, reps)[0]
     # memory
     bank.prefetch("t1")
     per_task = bank._tasks["t1"].nbytes
@@ -135,15 +124,15 @@ def bench(name, model, rx, shape, reps, tmp):
         x = torch.randn(8 * s, *shape)
         tasks = [f"t{i % 8}" for i in range(8 * s)]
         with torch.no_grad():
-            t_bank = _median(lambda: bank.forward_mixed(x, tasks), reps) if s else 0
-            t_peft = _median(lambda: pm_mixed(x, adapter_names=tasks), reps)
+            t_bank = median_time(lambda: bank.forward_mixed(x, tasks), reps)[0] if s else 0
+            t_peft = median_time(lambda: pm_mixed(x, adapter_names=tasks), reps)[0]
             order = sorted(range(len(tasks)), key=lambda j: tasks[j])
 
             def seq():
                 for i, m in enumerate(merged_models):
                     m(x[[j for j in order if tasks[j] == f"t{i}"]])
 
-            t_seq = _median(seq, reps)
+            t_seq = median_time(seq, reps)[0]
         mixed[s] = {"bank_s": t_bank, "peft_mixed_s": t_peft, "separate_models_s": t_seq}
     res["mixed"] = mixed
     return res

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from _timing import median_time
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_RX = r"layers\.\d+\.(attention\.(q|k|v|o)_proj|mlp\.fc(1|2))"
 LIEDEPLOY = [sys.executable, "-m", "liedeploy.cli"]
@@ -36,17 +38,6 @@ def _vit():
 
     torch.manual_seed(0)
     return ViTModel(ViTConfig(), add_pooling_layer=False).eval()
-
-
-def _median_time(fn, reps, setup=None):
-    times = []
-    for _ in range(reps):
-        if setup:
-            setup()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def bench_memory(reps: int) -> dict:
@@ -68,12 +59,12 @@ def bench_memory(reps: int) -> dict:
     def clone():
         holder[:] = [w.clone() for w in weights]
 
-    t_copy, copy_all = _median_time(clone, reps, setup=holder.clear)
-    t_lie, lie_all = _median_time(lambda: merge_(model), reps, setup=lambda: unmerge_(model))
+    t_copy, copy_all = median_time(clone, reps, setup=holder.clear)
+    t_lie, lie_all = median_time(lambda: merge_(model), reps, setup=lambda: unmerge_(model))
     unmerge_(model)
     # keep_base=False: folded in place like PEFT's merge; the base comes back from a state dict
     pristine = {n: m.parametrizations[a].original.detach().clone() for n, m, a, _ in iter_adapters(model)}
-    t_inpl, inpl_all = _median_time(
+    t_inpl, inpl_all = median_time(
         lambda: merge_(model, keep_base=False), reps, setup=lambda: unmerge_(model, base=pristine)
     )
     unmerge_(model, base=pristine)
@@ -86,7 +77,7 @@ def bench_memory(reps: int) -> dict:
         pm = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, target_modules=TARGET_RX, init_lora_weights=False))
         peft_model[0] = pm
 
-    t_peft, peft_all = _median_time(lambda: peft_model[0].merge_and_unload(), reps, setup=peft_setup)
+    t_peft, peft_all = median_time(lambda: peft_model[0].merge_and_unload(), reps, setup=peft_setup)
     return {
         "adapted_elements": n_elems,
         "copy_limit_s": t_copy,

@@ -13,13 +13,14 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _timing import median_time  # noqa: E402
 
 
 def _resnet18():
@@ -30,17 +31,6 @@ def _resnet18():
     cfg = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                        layer_type="basic", num_labels=10)
     return _Logits(ResNetForImageClassification(cfg), "logits").eval()
-
-
-def _median(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -91,9 +81,9 @@ def main(argv=None) -> int:
                 x = torch.randn(batch, 3, hw, hw)
                 xn = x.numpy()
                 with torch.no_grad():
-                    t_torch = _median(lambda: merged(x), args.reps)
-                t_ort = _median(lambda: sess.run(None, {name: xn}), args.reps)
-                t_bank = _median(lambda: bank.session.run(None, {bank.input_name: xn}, run_options=ro), args.reps)
+                    t_torch = median_time(lambda: merged(x), args.reps, warmup=3)[0]
+                t_ort = median_time(lambda: sess.run(None, {name: xn}), args.reps, warmup=3)[0]
+                t_bank = median_time(lambda: bank.session.run(None, {bank.input_name: xn}, run_options=ro), args.reps, warmup=3)[0]
                 key = f"{hw}x{hw} b{batch}"
                 results[key] = {"torch_eager_s": t_torch, "ort_merged_s": t_ort, "ort_bank_s": t_bank}
                 rows.append((key, t_torch, t_ort, t_bank))
