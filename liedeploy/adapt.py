@@ -157,6 +157,8 @@ def remove_adapters_(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
     if hasattr(model, "lie_config"):
         del model.lie_config
+    if hasattr(model, "_lie_spare"):
+        del model._lie_spare  # merged buffers kept by unmerge_
     return model
 
 

@@ -116,11 +116,14 @@ def fold_sum(
             else:
                 blk.add_(1.0)
             Wb = W2[r0:r1]
-            if Wb.dtype != cdt:  # a half-precision base: widen the block first (the mixed-dtype mul is slow)
-                Wb = wbuf[: r1 - r0].copy_(Wb)
-            blk.mul_(Wb)
-            if not direct:
-                O2[r0:r1].copy_(blk)
+            if in_place and Wb.dtype == cdt:
+                Wb.mul_(blk)  # W <- W * map(dW) in W's own storage: no copy back
+            else:
+                if Wb.dtype != cdt:  # a half-precision base: widen the block first (mixed-dtype mul is slow)
+                    Wb = wbuf[: r1 - r0].copy_(Wb)
+                blk.mul_(Wb)
+                if not direct:
+                    O2[r0:r1].copy_(blk)
             if check is not None:
                 bs = O2[r0:r1].sum(dtype=cdt)  # the rounded result: fp16 overflows show here
                 total = bs if total is None else total.add_(bs)

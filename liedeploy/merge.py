@@ -72,26 +72,31 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
         uses: dict = {}
         for t in model.state_dict(keep_vars=True).values():
             uses[t.data_ptr()] = uses.get(t.data_ptr(), 0) + 1
+    spares = getattr(model, "_lie_spare", None) or {}
     work = []
     for name, module, attr, lie in list(iter_adapters(model)):
         W = module.parametrizations[attr].original
         ok: list = []
-        kept = None
+        kept, param = None, None
         if in_place and uses.get(W.data_ptr(), 0) == 1:  # fold into W's own storage, like PEFT: no new memory
             out = W.data
         else:
             out = None
+            spare = spares.get(name)
+            if spare is not None and spare.shape == W.shape and spare.dtype == W.dtype and spare.device == W.device:
+                param, out = spare, spare.data  # the storage of the last merge, kept by unmerge_
             if not in_place and keep_base is not True:
                 kept = W.detach().to(torch.device(keep_base), copy=True)
         merged = fold_sum(W.detach(), [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, out=out, check=ok)
-        if not ok[0] and out is not None:
+        if not ok[0] and out is not None and out.data_ptr() == W.data_ptr():
             raise LieError(f"merging {name} overflowed and keep_base=False already overwrote it: reload the base")
         check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
-        work.append((name, module, attr, lie, W if keep_base is True else kept, merged))
+        work.append((name, module, attr, lie, W if keep_base is True else kept, merged, param))
     # all checks passed: now switch every parameter (never half-merged)
-    for name, module, attr, lie, kept, merged in work:
+    for name, module, attr, lie, kept, merged, param in work:
+        spares.pop(name, None)
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-        setattr(module, attr, nn.Parameter(merged, requires_grad=False))
+        setattr(module, attr, param if param is not None else nn.Parameter(merged, requires_grad=False))
         records[name] = _Merged(module, attr, lie, kept)
     model._lie_merged = records
     return model
@@ -114,16 +119,21 @@ def _base_tensor(base, name: str) -> torch.Tensor:
     raise LieError(f"{base}: has no tensor {name}")
 
 
-def unmerge_(model: nn.Module, base: Union[None, str, dict] = None) -> nn.Module:
+def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: bool = False) -> nn.Module:
     """Undo ``merge_``: restore the pristine base tensors bit for bit and re-attach the adapters.
 
     The base comes from the copy ``merge_`` kept or, with ``base=``, from a safetensors file
     (or sharded index) or a state dict. Never computed by division.
+
+    The merged tensors are kept for the next ``merge_``, which folds into the same storage (no new
+    memory to fault in; the merged parameters keep their identity, which suits compiled graphs):
+    unmerged, the model still holds them. ``release=True`` frees them instead.
     """
     records = getattr(model, "_lie_merged", None)
     if not records:
         return model
     restored = {}
+    spares = {} if release else (getattr(model, "_lie_spare", None) or {})
     for name, rec in records.items():
         merged = getattr(rec.module, rec.attr)
         if rec.kept is not None:
@@ -142,7 +152,10 @@ def unmerge_(model: nn.Module, base: Union[None, str, dict] = None) -> nn.Module
             W = src
         else:
             W = nn.Parameter(src.detach().to(device=merged.device, dtype=merged.dtype, copy=True), requires_grad=False)
+        if not release and merged.data_ptr() != W.data_ptr():
+            spares[name] = merged
         setattr(rec.module, rec.attr, W)
         parametrize.register_parametrization(rec.module, rec.attr, rec.lie, unsafe=True)
     model._lie_merged = {}
+    model._lie_spare = spares
     return model

@@ -111,3 +111,16 @@ def test_forward_keeps_no_full_size_tensor(expmap):
     full_size_new = [t for t in saved if t.numel() >= W.numel() and t.data_ptr() != W.data_ptr()]
     assert full_size_new == []
     assert out.shape == W.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fold_in_place_into_w(dtype, monkeypatch):
+    import liedeploy.algebra as alg
+
+    monkeypatch.setattr(alg, "_CHUNK_BYTES", 100)  # several blocks
+    W, B, A = _factors((13, 4, 3), 2, seed=4)
+    W = W.to(dtype)
+    ref = _reference(W, B, A, 0.9, "exact")
+    out = alg.fold_sum(W, [(B, A, 0.9)], "exact", out=W)
+    assert out.data_ptr() == W.data_ptr()
+    assert ((W.double() - ref).abs() / ref.abs()).max() <= RTOL[dtype]

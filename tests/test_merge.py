@@ -120,3 +120,20 @@ def test_in_place_merge_never_overwrites_a_tied_tensor():
         ref = model(x)
         merge_(model, keep_base=False)
         torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_remerge_reuses_the_merged_storage_unless_released():
+    model, x = make_case("linear")
+    apply_adapters_(model, LieConfig(targets=["0"]))
+    randomize_factors(model)
+    merge_(model)
+    first = model[0].weight
+    ptr, values = first.data_ptr(), first.detach().clone()
+    unmerge_(model)
+    randomize_factors(model, seed=9)  # another task's factors
+    merge_(model)
+    assert model[0].weight is first and first.data_ptr() == ptr  # same parameter, same storage
+    assert not torch.equal(first, values)  # holding the new task's values
+    unmerge_(model, release=True)
+    merge_(model)
+    assert model[0].weight.data_ptr() != ptr
