@@ -127,9 +127,27 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
     blob += b" " * (-len(blob) % 8)
     biggest_in = max([header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order] + [1])
     biggest_out = max([v["data_offsets"][1] - v["data_offsets"][0] for v in new_header.values()] + [1])
-    inbuf = torch.empty(biggest_in, dtype=torch.uint8)
+    # two input buffers: a tensor's bytes are hashed in a thread while the next one is read and
+    # folded; a mismatch found later still aborts before anything is renamed onto OUT
+    inbufs = [torch.empty(biggest_in, dtype=torch.uint8) for _ in range(2 if hashes else 1)]
+    busy: list = [None] * len(inbufs)  # (future, tensor name) hashing each buffer
     outbuf = torch.empty(biggest_out, dtype=torch.uint8)
     n_merged = 0
+    turn = 0
+
+    def settle(job) -> None:
+        if job is None:
+            return
+        future, name = job
+        got = future.result()
+        for a in hashes:
+            want = a.base_sha256.get(name)
+            if want is not None and got != want:
+                raise AdapterFileError(
+                    f"{a.path}: base tensor {name} differs from the one this adapter was trained on "
+                    f"(sha256 {got[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
+                )
+
     with open(src_path, "rb", buffering=0) as src, open(dst_path, "wb", buffering=0) as dst:
         dst.write(len(blob).to_bytes(8, "little") + blob)
         pending = None  # a run of untouched tensors copied as one byte range
@@ -149,7 +167,9 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
             if pending:
                 _copy_range(src, dst, data_start + pending[0], pending[1] - pending[0])
                 pending = None
-            view = inbuf[: b1 - b0]
+            settle(busy[turn])  # the buffer is free once its last hash is checked
+            busy[turn] = None
+            view = inbufs[turn][: b1 - b0]
             src.seek(data_start + b0)
             got = src.readinto(view.numpy())
             if got != b1 - b0:
@@ -159,16 +179,10 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
             o0, o1 = new["data_offsets"]
             O = outbuf[: o1 - o0].view(ST_DTYPES[new["dtype"]]).reshape(shape)
             if k in plan.targets:
-                digest = pool.submit(lambda v=view: hashlib.sha256(v.numpy()).hexdigest()) if hashes else None
+                if hashes:
+                    busy[turn] = (pool.submit(lambda v=view: hashlib.sha256(v.numpy()).hexdigest()), k)
+                    turn = (turn + 1) % len(inbufs)
                 finite = plan.fold(k, W, O)
-                if digest is not None:
-                    for a in hashes:
-                        want = a.base_sha256.get(k)
-                        if want is not None and digest.result() != want:
-                            raise AdapterFileError(
-                                f"{a.path}: base tensor {k} differs from the one this adapter was trained on "
-                                f"(sha256 {digest.result()[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
-                            )
                 plan.check(k, O, finite)
                 n_merged += 1
             else:
@@ -179,6 +193,8 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
             bar.update(b1 - b0)
         if pending:
             _copy_range(src, dst, data_start + pending[0], pending[1] - pending[0])
+        for job in busy:
+            settle(job)
     return n_merged, len(blob) + 8 + offset
 
 
