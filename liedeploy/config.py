@@ -13,6 +13,16 @@ EXPMAPS = ("exact", "first_order")
 CONFIG_VERSION = 1
 
 FilterFn = Callable[[Any, str], bool]
+_REGEX_CHARS = re.compile(r"[*+?\[\]()|^$\\]")
+
+
+def _regex_hit(pattern: str, param_name: str, module_name: str, attr: str) -> bool:
+    """A list item that looks like a regex also matches the whole parameter name, or a module's weight."""
+    try:
+        rx = re.compile(pattern)
+    except re.error:
+        return False
+    return rx.fullmatch(param_name) is not None or (attr == "weight" and rx.fullmatch(module_name) is not None)
 
 
 def _check_pattern_dict(field_name: str, value: Any, kind: type) -> dict:
@@ -49,8 +59,9 @@ class LieConfig:
         targets: which parameters to adapt. A list of names: each matches a parameter whose
             fully qualified name (as in ``model.state_dict()``) equals it or ends with ``"." + name``,
             or a module with that name or suffix (its ``weight`` is adapted), like PEFT's
-            ``target_modules``. A single string is a regex that must match the whole parameter
-            name (``r"encoder\\..*\\.(query|value)\\.weight"``).
+            ``target_modules``; an item with regex characters also matches as a regex over the
+            whole parameter (or module) name. A single string is a regex that must match the whole
+            parameter name (``r"encoder\\..*\\.(query|value)\\.weight"``).
         filter_fn: optional ``(module, parameter_name) -> bool``; with ``targets`` both must hold,
             alone it picks the parameters itself.
         rank_pattern / alpha_pattern: per-target overrides ``{pattern: value}``; a pattern matches a
@@ -140,6 +151,7 @@ class LieConfig:
                     param_name == t
                     or param_name.endswith("." + t)
                     or (attr == "weight" and (module_name == t or module_name.endswith("." + t)))
+                    or (_REGEX_CHARS.search(t) is not None and _regex_hit(t, param_name, module_name, attr))
                     for t in self.targets
                 )
             if not hit:

@@ -103,3 +103,11 @@ def test_factor_dtype_for_half_bases():
     apply_adapters_(model, LieConfig(targets=["0"]))
     lie = model[0].parametrizations.weight[0]
     assert lie.lie_A.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
+
+
+def test_list_items_may_be_regexes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1)))
+    m = apply_adapters_(copy.deepcopy(model), LieConfig(targets=[r"1\.\d", "0"]))
+    assert adapted_names(m) == ["0.weight", "1.0.weight", "1.1.weight"]
+    m = apply_adapters_(copy.deepcopy(model), LieConfig(targets=[r".*1\.weight"]))
+    assert adapted_names(m) == ["1.1.weight"]
