@@ -31,7 +31,10 @@ def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
         factory = getattr(factory, part)
     if not callable(factory):
         raise LieError(f"{spec} is not callable")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise LieError(f"{spec}(**{kwargs}) failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise LieError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     load_weights_strict(model, weights)

@@ -38,12 +38,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("liedeploy: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is one line unless LIEDEPLOY_DEBUG=1
         if os.environ.get("LIEDEPLOY_DEBUG") == "1":
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, FileNotFoundError) and exc.filename:
             msg = f"{exc.filename}: no such file"
+        elif not isinstance(exc, (ValueError, OSError, ImportError, RuntimeError)):
+            msg = f"{type(exc).__name__}: {msg} (set LIEDEPLOY_DEBUG=1 for the traceback)"
         print(f"liedeploy {args.command}: error: {msg}", file=sys.stderr)
         return 1
 

@@ -59,3 +59,21 @@ def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    import liedeploy.cli.inspect_cmd as cmd
+
+    def boom(path):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cmd, "describe_file", boom)
+    monkeypatch.delenv("LIEDEPLOY_DEBUG", raising=False)
+    assert main(["inspect", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KeyError: 'surprise' (set LIEDEPLOY_DEBUG=1 for the traceback)" in err
+    monkeypatch.setenv("LIEDEPLOY_DEBUG", "1")
+    import pytest
+
+    with pytest.raises(KeyError):
+        main(["inspect", "x"])
