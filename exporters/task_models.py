@@ -127,8 +127,10 @@ def export_task_models(
             if own == 0 and name != "base":
                 os.unlink(os.path.join(tmp, f"{name}.onnx.data"))
             b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
+            with open(p + ".report.json") as f:
+                first = json.load(f)
             check = verify_onnx(final, m, example_inputs, batches=(None, b + 2) if dynamic_batch else (None,),
-                                atol=json.load(open(p + ".report.json"))["atol"], rtol=json.load(open(p + ".report.json"))["rtol"])
+                                atol=first["atol"], rtol=first["rtol"])
             if not check["ok"]:
                 raise LieError(f"{name}.onnx with shared weights disagrees with torch; nothing was written")
             report["files"][name] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -57,12 +58,6 @@ class AdapterFile:
     @property
     def num_parameters(self) -> int:
         return sum(B.numel() + A.numel() for B, A in self.factors.values())
-
-    def delta(self, target: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """dW for ``target`` = scale * reshape(B @ A, shape), in ``dtype``."""
-        B, A = self.factors[target]
-        d = torch.mm(B.to(dtype), A.to(dtype)) * self.targets[target]["scale"]
-        return d.reshape(self.targets[target]["shape"])
 
 
 def pristine_base_tensors(model: nn.Module) -> dict:
@@ -267,6 +262,21 @@ def _base_view(model: nn.Module) -> dict:
     return out
 
 
+_SHA256: dict = {}  # id(base tensor) -> (weakref, (data_ptr, version), hex)
+
+
+def _cached_sha256(t: torch.Tensor) -> str:
+    """sha256 of a base tensor, remembered while the tensor lives and is not modified in place."""
+    key = (t.data_ptr(), t._version)
+    hit = _SHA256.get(id(t))
+    if hit is None or hit[0]() is not t or hit[1] != key:
+        ident = id(t)
+        ref = weakref.ref(t, lambda _, ident=ident: _SHA256.pop(ident, None))
+        hit = (ref, key, tensor_sha256(t))
+        _SHA256[ident] = hit
+    return hit[2]
+
+
 def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
@@ -290,7 +300,7 @@ def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn
     check_against_base(
         af,
         {k: tuple(v.shape) for k, v in base.items()},
-        (lambda P: tensor_sha256(base[P])) if verify_base else None,
+        (lambda P: _cached_sha256(base[P])) if verify_base else None,
     )
     live = {P: lie for P, _, _, lie in iter_adapters(model)}
     same = set(live) == set(af.targets) and all(

@@ -9,36 +9,18 @@ exp(dW) instead, so the exact map costs about what the first-order map costs.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 
 from .errors import LieError
 
-__all__ = ["check_finite", "compute_dtype", "delta", "fold", "fold_sum", "lie_fold", "LieFold"]
+__all__ = ["check_finite", "compute_dtype", "fold", "fold_sum", "lie_fold", "LieFold"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the fold is computed in: at least float32 (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def delta(B: torch.Tensor, A: torch.Tensor, scale: float, shape: Sequence[int], dtype: Optional[torch.dtype] = None):
-    """dW = scale * reshape(B @ A, shape), computed in ``dtype`` (default: B's dtype)."""
-    dtype = dtype or B.dtype
-    d = torch.mm(B.to(dtype), A.to(dtype))
-    if scale != 1.0:
-        d.mul_(scale)
-    return d.reshape(shape)
-
-
-def _apply_map_(d: torch.Tensor, expmap: str) -> torch.Tensor:
-    """In place: d -> exp(d) or 1 + d."""
-    if expmap == "exact":
-        return d.exp_()
-    if expmap == "first_order":
-        return d.add_(1.0)
-    raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
 
 
 def fold(

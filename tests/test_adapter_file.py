@@ -247,3 +247,23 @@ def test_saved_file_gets_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_base_hash_is_recomputed_after_in_place_change(adapter, monkeypatch):
+    _, path = adapter
+    import liedeploy.adapter_file as af_mod
+
+    calls = []
+    real = af_mod.tensor_sha256
+    monkeypatch.setattr(af_mod, "tensor_sha256", lambda t: calls.append(1) or real(t))
+    torch.manual_seed(0)
+    model = Net()
+    load_adapter(model, path)  # attaching the parametrization bumps the base tensors' version once
+    load_adapter(model, path)
+    n = len(calls)
+    load_adapter(model, path)  # the same untouched base: no rehash
+    assert len(calls) == n
+    with torch.no_grad():
+        model.fc.parametrizations.weight.original.add_(1.0)  # the base changed in place
+    with pytest.raises(AdapterFileError, match="base tensor fc.weight differs"):
+        load_adapter(model, path)
