@@ -15,8 +15,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,11 +22,12 @@ import torch
 from torch import nn
 
 from liedeploy.adapter_file import AdapterFile, check_against_base, load_adapter, read_adapter
-from liedeploy.errors import LieError
+from liedeploy.atomic import Staging, safe_file_name
+from liedeploy.errors import ConfigError, ExportError, LieError
 from liedeploy.merge import merge_
-from liedeploy.sfile import atomic_path, tensor_sha256
+from liedeploy.safetensors_io import atomic_path, tensor_sha256
 
-from .onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, publish_files, verify_onnx
+from .onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, verify_onnx
 
 __all__ = ["export_bank_graph", "write_onnx_adapter", "BankSession", "bank_manifest"]
 
@@ -153,11 +152,15 @@ def export_bank_graph(
         dyn += [{1: r}, {0: r}]
     dynamic_shapes = ({0: batch} if batch is not None else None, tuple(dyn))  # forward(x, *factors)
     input_names = ["input"] + [f"{P}.lie_{x}" for P in names for x in "BA"]
-    out_dir = os.path.dirname(os.path.abspath(path))
-    fname = os.path.basename(path)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{fname}.", dir=out_dir)
-    try:
-        tmp_path = os.path.join(tmp_dir, fname)
+    stems = [safe_file_name(os.path.splitext(os.path.basename(a))[0], "adapter file name") for a in adapters]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"adapter file names must be unique (each gets its own .onnx_adapter), got {stems}")
+    if len({af.name for af in afs}) != len(afs):
+        raise ConfigError(f"task names must be unique, got {[af.name for af in afs]}")
+    with Staging(path, inputs=list(adapters)) as stage:
+        fname = stage.name
+        tmp_dir = stage.dir
+        tmp_path = stage.path(fname)
         wrapper = _BankModule(base, names).eval()
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(
@@ -193,8 +196,7 @@ def export_bank_graph(
         report = {"ok": True, "atol": atol, "rtol": rtol, "tasks": {}}
         report["tasks"]["<base>"] = verify_onnx(tmp_path, base, example_inputs, batches=batches, atol=atol, rtol=rtol,
                                                 session=session.session)
-        for af, a_path in zip(afs, adapters):
-            stem = os.path.splitext(os.path.basename(a_path))[0]
+        for af, a_path, stem in zip(afs, adapters, stems):
             ad_path = os.path.join(tmp_dir, stem + ".onnx_adapter")
             write_onnx_adapter(af, manifest, ad_path)
             manifest["adapters"][af.name] = stem + ".onnx_adapter"
@@ -207,16 +209,14 @@ def export_bank_graph(
         if not report["ok"]:
             bad = next(k for k, t in report["tasks"].items() if not t["ok"])
             worst = max(o.get("max_abs", float("inf")) for c in report["tasks"][bad]["checks"] for o in c["outputs"])
-            raise LieError(f"the bank graph {fname} disagrees with torch for {bad}: max abs error {worst:.3g}; nothing was written")
+            raise ExportError(f"the bank graph {fname} disagrees with torch for {bad}: max abs error {worst:.3g}; nothing was written")
         with open(tmp_path + MANIFEST_SUFFIX, "w") as f:
             json.dump(manifest, f, indent=2)
         report["onnx_bytes"] = os.path.getsize(tmp_path)
         with open(tmp_path + ".report.json", "w") as f:
             json.dump(report, f, indent=2)
-        publish_files(tmp_dir, out_dir)
+        stage.publish_all(last=fname)
         return report
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 class BankSession:

@@ -8,18 +8,27 @@ import sys
 
 from torch import nn
 
-from liedeploy.errors import LieError
+from liedeploy.errors import ConfigError, LieError
 
-__all__ = ["build_model", "load_weights_strict"]
+__all__ = ["build_model", "load_weights_strict", "parse_model_spec"]
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``"pkg.mod:factory"`` -> ``("pkg.mod", "factory")``, or ConfigError (a usage error)."""
+    mod_name, sep, attr = str(spec).partition(":")
+    ident = lambda s: bool(s) and all(p.isidentifier() for p in s.split("."))  # noqa: E731
+    if not sep or not ident(mod_name) or not ident(attr):
+        raise ConfigError(f"--model must look like PKG.MOD:FACTORY (dotted Python names), got {spec!r}")
+    return mod_name, attr
 
 
 def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
     """``build_model("mypkg.models:resnet", {}, "w.safetensors")`` -> model in eval mode."""
-    if ":" not in spec:
-        raise LieError(f"--model must look like PKG.MOD:FACTORY, got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    mod_name, attr = parse_model_spec(spec)
+    # the current folder is searched last: a planted onnx.py (or torch.py) never shadows the
+    # installed package. Importing FACTORY's module runs its code: that is what --model asks for.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -33,8 +42,9 @@ def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
         raise LieError(f"{spec} is not callable")
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
-        raise LieError(f"{spec}(**{kwargs}) failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user code: its failure reduced to one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise LieError(f"{spec}(**{kwargs}) failed: {type(exc).__name__}: {first[:300]}") from None
     if not isinstance(model, nn.Module):
         raise LieError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     load_weights_strict(model, weights)
@@ -45,13 +55,13 @@ def load_weights_strict(model: nn.Module, weights: str) -> None:
     """Load every tensor of ``weights`` into ``model``; a missing or unexpected key is an error."""
     from safetensors.torch import load_file
 
-    from liedeploy.sfile import read_header, resolve_shards
+    from liedeploy.safetensors_io import SafetensorsFile, resolve_shards
 
     shards = resolve_shards(weights) if weights.endswith(".index.json") else {weights: None}
     sd = {}
     for shard in shards:
-        read_header(shard)  # refuses non-safetensors files in one line, never unpickles
-        sd.update(load_file(shard))
+        with SafetensorsFile(shard) as f:  # refuses non-safetensors and special files, never unpickles
+            sd.update(load_file(f.fd_path))
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

@@ -15,8 +15,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -24,10 +22,11 @@ import torch
 from torch import nn
 
 from liedeploy.adapt import adapted_names
-from liedeploy.errors import LieError
+from liedeploy.atomic import Staging
+from liedeploy.errors import ConfigError, ExportError, require
 from liedeploy.merge import merge_
 
-__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "flatten_outputs", "publish_files"]
+__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "flatten_outputs", "check_export_inputs"]
 
 DEFAULT_OPSET = 18
 # (atol, rtol) per export dtype
@@ -36,10 +35,7 @@ _TWO_GB = 2 * 1024**3
 
 
 def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ImportError(f"ONNX export needs {module}: pip install 'liedeploy[onnx]'") from None
+    return require(module, "onnx", "ONNX export")
 
 
 def flatten_outputs(out: Any) -> list:
@@ -114,14 +110,46 @@ def verify_onnx(
     return report
 
 
-def publish_files(tmp_dir: str, out_dir: str) -> list:
-    """Move every file of ``tmp_dir`` into ``out_dir`` (renames on one file system); ``.onnx`` last."""
-    names = sorted(os.listdir(tmp_dir), key=lambda n: n.endswith(".onnx"))
-    moved = []
-    for n in names:
-        os.replace(os.path.join(tmp_dir, n), os.path.join(out_dir, n))
-        moved.append(os.path.join(out_dir, n))
-    return moved
+def check_export_inputs(model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse, in one sentence, a model the exporter cannot take or an example input that does not fit.
+
+    Runs the model once on the example inputs (as the exporter would) and looks at its output.
+    """
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reduced to one line
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in example_inputs)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"the model does not accept the example input {shapes}: {type(exc).__name__}: {first[:300]} "
+            "(check --input-shape and --input-dtype)"
+        ) from None
+    cache = _find_cache(out)
+    if cache is not None:
+        raise ExportError(
+            f"the model returns a transformers cache ({cache}), which ONNX export cannot take: build it with "
+            "use_cache=False (for example --model-kwargs '{\"use_cache\": false}' or config.use_cache = False)"
+        )
+    if not flatten_outputs(out):
+        raise ExportError(f"the model returned {type(out).__name__}, which holds no tensor to export")
+
+
+def _find_cache(out: Any) -> Optional[str]:
+    """Name of a transformers Cache object inside a model output, if any."""
+    if out is None or isinstance(out, torch.Tensor):
+        return None
+    kind = type(out).__name__
+    if kind.endswith("Cache") and hasattr(out, "get_seq_length"):
+        return kind
+    values = out.values() if isinstance(out, dict) else (out if isinstance(out, (list, tuple)) else ())
+    if hasattr(out, "to_tuple") and not isinstance(out, (list, tuple)):
+        values = list(out.values()) if hasattr(out, "values") else out.to_tuple()
+    for v in values:
+        hit = _find_cache(v)
+        if hit:
+            return hit
+    return None
 
 
 @contextlib.contextmanager
@@ -195,7 +223,7 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     if not 7 <= int(opset) <= 23:
-        raise LieError(f"opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {opset}")
+        raise ConfigError(f"opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {opset}")
     kind = "fp16" if fp16 else "fp32"
     d_atol, d_rtol = DEFAULT_TOLERANCE[kind]
     atol = d_atol if atol is None else atol
@@ -207,13 +235,11 @@ def export_onnx(
     n_bytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
     if external_data is None:
         external_data = n_bytes >= _TWO_GB
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise LieError(f"{path}: the output folder {out_dir} does not exist")
-    base = os.path.basename(path)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", dir=out_dir)
-    try:
-        tmp_path = os.path.join(tmp_dir, base)
+    check_export_inputs(prepared, example_inputs)
+    with Staging(path) as stage:
+        base = stage.name
+        tmp_dir = stage.dir
+        tmp_path = stage.path(base)
         dynamic_shapes = None
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -244,13 +270,11 @@ def export_onnx(
                 (o for c in report["checks"] for o in c["outputs"] if "max_abs" in o),
                 key=lambda o: o["max_abs"], default={"max_abs": float("nan"), "max_rel": float("nan")},
             )
-            raise LieError(
+            raise ExportError(
                 f"the ONNX export of {base} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
                 f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
             )
         with open(os.path.join(tmp_dir, base + ".report.json"), "w") as f:
             json.dump(report, f, indent=2)
-        publish_files(tmp_dir, out_dir)
+        stage.publish_all(last=base)
         return report
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from liedeploy.atomic import safe_file_name
 from liedeploy.errors import LieError
 
 from .onnx import _require
@@ -70,7 +71,8 @@ class OrtAdapterBank:
             self.bank = BankSession(bank_graph, self._options())
             folder = os.path.dirname(os.path.abspath(bank_graph))
             for task, fname in self.bank.manifest.get("adapters", {}).items():
-                self._adapters[task] = os.path.join(folder, fname)
+                # a manifest is a file: its names are reduced to plain file names beside it
+                self._adapters[task] = os.path.join(folder, safe_file_name(str(fname), "adapter file name"))
 
     def _options(self):
         so = self._ort.SessionOptions()

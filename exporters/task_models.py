@@ -14,18 +14,19 @@ import copy
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from liedeploy.adapter_file import load_adapter, read_adapter
-from liedeploy.errors import LieError
+from liedeploy.atomic import Staging, kill_point, safe_file_name
+from liedeploy.errors import ConfigError, ExportError, OutputPathError
 from liedeploy.merge import merge_
 
-from .onnx import DEFAULT_OPSET, _require, export_onnx, publish_files, verify_onnx
+from .onnx import DEFAULT_OPSET, _require, export_onnx, verify_onnx
 
 __all__ = ["export_task_models", "shared_initializers"]
 
@@ -102,37 +103,42 @@ def export_task_models(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not os.path.isdir(out_dir):
-        raise LieError(f"{out_dir}: the output folder does not exist")
+        raise OutputPathError(f"{out_dir}: the output folder does not exist")
     afs = [read_adapter(a) for a in adapters]
-    names = [af.name for af in afs]
+    # task names come from the files' metadata: reduced to plain file names, never used as paths
+    names = [safe_file_name(af.name, "task name") for af in afs]
     if len(set(names)) != len(names) or "base" in names:
-        raise LieError(f"task names must be unique and not 'base', got {names}")
-    tmp = tempfile.mkdtemp(prefix=".tasks.", dir=out_dir)
-    try:
+        raise ConfigError(f"task names must be unique and not 'base' (as file names), got {names}")
+    token = secrets.token_hex(4)
+    taken = lambda n: os.path.lexists(os.path.join(out_dir, n))  # noqa: E731
+    data_name = {n: (f"{n}.onnx.{token}.data" if taken(f"{n}.onnx.data") else f"{n}.onnx.data") for n in ["base"] + names}
+    obsolete = _data_files([os.path.join(out_dir, f"{n}.onnx") for n in ["base"] + names])
+    with Staging(os.path.join(out_dir, "tasks.report.json"), inputs=list(adapters)) as stage:
+        tmp = stage.dir
         work = os.path.join(tmp, "work")
         os.makedirs(work)
         base = copy.deepcopy(model).eval()
         models = {"base": base}
-        for af, path in zip(afs, adapters):
-            models[af.name] = merge_(load_adapter(copy.deepcopy(model).eval(), path, verify_base=verify_base), keep_base=False)
+        for name, path in zip(names, adapters):
+            models[name] = merge_(load_adapter(copy.deepcopy(model).eval(), path, verify_base=verify_base), keep_base=False)
         report = {"ok": True, "files": {}}
         shared: dict = {}
         for name, m in models.items():
             p = os.path.join(work, f"{name}.onnx")
             export_onnx(m, example_inputs, p, opset=opset, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol)
             proto = onnx.load(p, load_external_data=True)
-            own = _externalize(proto, tmp, f"{name}.onnx.data", shared, "base.onnx.data")
+            own = _externalize(proto, tmp, data_name[name], shared, data_name["base"])
             final = os.path.join(tmp, f"{name}.onnx")
             onnx.save(proto, final)
             if own == 0 and name != "base":
-                os.unlink(os.path.join(tmp, f"{name}.onnx.data"))
+                os.unlink(os.path.join(tmp, data_name[name]))
             b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
             with open(p + ".report.json") as f:
                 first = json.load(f)
             check = verify_onnx(final, m, example_inputs, batches=(None, b + 2) if dynamic_batch else (None,),
                                 atol=first["atol"], rtol=first["rtol"])
             if not check["ok"]:
-                raise LieError(f"{name}.onnx with shared weights disagrees with torch; nothing was written")
+                raise ExportError(f"{name}.onnx with shared weights disagrees with torch; nothing was written")
             report["files"][name] = {
                 "check": check,
                 "graph_bytes": os.path.getsize(final),
@@ -141,7 +147,30 @@ def export_task_models(
         shutil.rmtree(work)
         with open(os.path.join(tmp, "tasks.report.json"), "w") as f:
             json.dump(report, f, indent=2)
-        publish_files(tmp, out_dir)
+        # data files first, then the graphs that point at them, the report last; data files of the
+        # graphs replaced here are removed after (a reader of any .onnx sees old or new, whole)
+        files = stage.staged_files()
+        order = [f for f in files if not f.endswith((".onnx", ".json"))] + [f for f in files if f.endswith(".onnx")]
+        new = set(files)
+        stage.publish(order + ["tasks.report.json"], last="tasks.report.json",
+                      obsolete=[o for o in obsolete if o not in new], hook=kill_point)
         return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _data_files(graphs: Sequence[str]) -> list:
+    """External data file names that the existing ONNX graphs ``graphs`` point at."""
+    import onnx
+
+    out = set()
+    for g in graphs:
+        if not os.path.isfile(g):
+            continue
+        try:
+            proto = onnx.load(g, load_external_data=False)
+        except Exception:  # noqa: BLE001 - an unreadable old graph is simply replaced
+            continue
+        for t in proto.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    out.add(os.path.basename(e.value))
+    return sorted(out)

@@ -26,7 +26,7 @@ from torch import nn
 from liedeploy.adapter_file import read_adapter
 from liedeploy.algebra import fold
 from liedeploy.errors import LieError
-from liedeploy.sfile import atomic_path, read_header, resolve_shards
+from liedeploy.safetensors_io import atomic_path, read_header, resolve_shards
 
 from .onnx import DEFAULT_OPSET, _require, export_onnx
 

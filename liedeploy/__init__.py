@@ -5,30 +5,61 @@ Example:
     >>> model = apply_adapters_(model, LieConfig(r=8, alpha=16, targets=["query", "value"]))
     >>> ...  # train: only the factors require grad
     >>> save_adapter(model, "task.safetensors", name="task")
+
+Names are imported on first use (PEP 562), so ``import liedeploy`` and the CLI's ``--version``,
+``--help`` and ``inspect`` do not pay for importing torch.
 """
 
+from __future__ import annotations
+
+import importlib
+
 from ._version import __version__
-from .adapt import apply_adapters_, remove_adapters_, trainable_parameter_count
-from .adapter_file import load_adapter, read_adapter, save_adapter
-from .bank import AdapterBank
-from .config import LieConfig
-from .errors import AdapterFileError, LieError
-from .merge import merge_, unmerge_
-from .merge import merge_files
+from .errors import (
+    AdapterFileError,
+    ConfigError,
+    ExportError,
+    LieError,
+    MissingDependencyError,
+    OutputPathError,
+    ServingError,
+)
+
+_LAZY = {
+    "LieConfig": ".config",
+    "apply_adapters_": ".adapt",
+    "remove_adapters_": ".adapt",
+    "trainable_parameter_count": ".adapt",
+    "save_adapter": ".adapter_file",
+    "load_adapter": ".adapter_file",
+    "read_adapter": ".adapter_file",
+    "merge_": ".merge",
+    "unmerge_": ".merge",
+    "merge_files": ".merge",
+    "AdapterBank": ".bank",
+}
 
 __all__ = [
     "__version__",
-    "LieConfig",
-    "apply_adapters_",
-    "remove_adapters_",
-    "trainable_parameter_count",
-    "save_adapter",
-    "load_adapter",
-    "read_adapter",
-    "merge_",
-    "unmerge_",
-    "merge_files",
-    "AdapterBank",
+    *_LAZY,
     "LieError",
+    "ConfigError",
     "AdapterFileError",
+    "OutputPathError",
+    "ExportError",
+    "MissingDependencyError",
+    "ServingError",
 ]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'liedeploy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from .algebra import lie_fold
 from .config import LieConfig
-from .errors import LieError
+from .errors import ConfigError, LieError
 
 __all__ = [
     "LieParametrization",
@@ -112,7 +112,7 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
         >>> model = apply_adapters_(model, LieConfig(r=4, targets=["conv1", "fc"]))
     """
     if not isinstance(config, LieConfig):
-        raise TypeError(f"apply_adapters_ expects a LieConfig, got {type(config).__name__}")
+        raise ConfigError(f"apply_adapters_ expects a LieConfig, got {type(config).__name__}")
     existing = adapted_names(model)
     if existing:
         raise LieError(

@@ -7,22 +7,24 @@ One ``.safetensors`` file per task. For each adapted parameter ``P`` (its ``stat
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
 from .adapt import apply_adapters_, iter_adapters, remove_adapters_
-from .config import EXPMAPS, LieConfig
+from .adapter_header import FORMAT, parse_adapter_header
+from .config import LieConfig
 from .errors import AdapterFileError, LieError
-from .sfile import atomic_path, read_header, tensor_sha256
+from .safetensors_io import SafetensorsFile, atomic_path, tensor_sha256
 
 __all__ = [
     "FORMAT",
@@ -35,8 +37,7 @@ __all__ = [
     "pristine_base_tensors",
 ]
 
-FORMAT = "liedeploy.adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # what save_adapter writes when a task has no full tensors
 
 
 @dataclass
@@ -51,6 +52,9 @@ class AdapterFile:
     base_sha256: dict  # {P: hex}
     config: dict
     metadata: dict = field(default_factory=dict)
+    full: dict = field(default_factory=dict)  # {P: tensor} replaced whole (format_version "2")
+    format_version: str = "1"
+    file_sha256: str = ""
 
     def rank(self, target: str) -> int:
         return int(self.factors[target][0].shape[1])
@@ -131,91 +135,41 @@ def save_adapter(
     return path
 
 
-def _json_meta(path: str, metadata: dict, key: str) -> object:
-    if key not in metadata:
-        raise AdapterFileError(f"{path}: adapter metadata {key!r} is missing")
-    try:
-        return json.loads(metadata[key])
-    except ValueError:
-        raise AdapterFileError(f"{path}: adapter metadata {key!r} is not valid JSON") from None
-
-
 def read_adapter(path: str, device: str | torch.device = "cpu") -> AdapterFile:
-    """Read and validate an adapter file without any model.
+    """Read and validate an adapter file (format_version "1" or "2") without any model.
 
-    Refuses (:class:`AdapterFileError`, one sentence naming the file): a pickle or other
-    non-safetensors file, truncated data, a missing or unknown format/version/expmap, factors whose
-    shapes disagree with ``targets``, missing or extra tensors, non-finite factors.
+    The file is read once, through one descriptor. Refuses (:class:`AdapterFileError`, one
+    sentence naming the file): a pickle or other non-safetensors file, a special file, a
+    malformed or truncated header, a missing or unknown format/version/expmap, factors whose
+    shapes disagree with ``targets``, full tensors that disagree with ``full``, missing or extra
+    tensors, non-finite values.
     """
     path = os.fspath(path)
-    header, meta, _ = read_header(path)
-    fmt = meta.get("format")
-    if fmt is None:
-        raise AdapterFileError(f"{path}: not a liedeploy adapter (metadata 'format' is missing)")
-    if fmt != FORMAT:
-        raise AdapterFileError(f"{path}: not a liedeploy adapter (format is {fmt!r}, expected {FORMAT!r})")
-    ver = meta.get("format_version")
-    if ver != FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{path}: unsupported adapter format_version {ver!r} (this liedeploy reads {FORMAT_VERSION!r})"
-        )
-    expmap = meta.get("expmap")
-    if expmap not in EXPMAPS:
-        raise AdapterFileError(f"{path}: unknown expmap {expmap!r} (expected 'exact' or 'first_order')")
-    targets_raw = _json_meta(path, meta, "targets")
-    hashes = _json_meta(path, meta, "base_sha256")
-    config = _json_meta(path, meta, "config") if "config" in meta else {}
-    if not isinstance(targets_raw, dict) or not targets_raw:
-        raise AdapterFileError(f"{path}: adapter metadata 'targets' must be a non-empty JSON object")
-    if not isinstance(hashes, dict):
-        raise AdapterFileError(f"{path}: adapter metadata 'base_sha256' must be a JSON object")
-    targets = {}
-    for P, info in targets_raw.items():
-        try:
-            shape = tuple(int(s) for s in info["shape"])
-            scale = float(info["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number") from None
-        if len(shape) < 2 or not math.isfinite(scale):
-            raise AdapterFileError(f"{path}: target {P} has shape {list(shape)} and scale {scale}: need rank >= 2 and a finite scale")
-        targets[P] = {"shape": shape, "scale": scale}
-    expected = {f"{P}.lie_{x}" for P in targets for x in "AB"}
-    extra = sorted(set(header) - expected)
-    if extra:
-        raise AdapterFileError(f"{path}: tensor {extra[0]} does not belong to any target listed in 'targets'")
-    missing = sorted(expected - set(header))
-    if missing:
-        raise AdapterFileError(f"{path}: tensor {missing[0]} is missing")
-    for P, info in targets.items():
-        m, n = info["shape"][0], math.prod(info["shape"][1:])
-        bs, as_ = header[f"{P}.lie_B"]["shape"], header[f"{P}.lie_A"]["shape"]
-        if len(bs) != 2 or len(as_) != 2 or bs[0] != m or as_[1] != n or bs[1] != as_[0]:
-            raise AdapterFileError(
-                f"{path}: factors of {P} have shapes B {list(bs)} and A {list(as_)}, which disagree with its "
-                f"target shape {list(info['shape'])} (expected B [{m}, r] and A [r, {n}])"
-            )
-        if P not in hashes:
-            raise AdapterFileError(f"{path}: 'base_sha256' has no entry for target {P}")
+    with SafetensorsFile(path) as f:
+        info = parse_adapter_header(path, f.header, f.metadata)
+        data = f.read_all()
     try:
-        tensors = load_file(path, device=str(device))
-    except Exception as exc:  # safetensors' own parser; header already checked above
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors' own parser; the header was checked above
         raise AdapterFileError(f"{path}: unreadable safetensors data ({str(exc).splitlines()[0]})") from None
     for key in sorted(tensors):
-        t = tensors[key]
-        if not t.is_floating_point():
-            raise AdapterFileError(f"{path}: factor {key} has dtype {t.dtype}, expected a floating-point type")
-        if not torch.isfinite(t).all():
-            raise AdapterFileError(f"{path}: factor {key} holds non-finite values (NaN or inf)")
-    factors = {P: (tensors[f"{P}.lie_B"], tensors[f"{P}.lie_A"]) for P in targets}
+        if not torch.isfinite(tensors[key]).all():
+            kind = "full tensor" if key in info.full else "factor"
+            raise AdapterFileError(f"{path}: {kind} {key} holds non-finite values (NaN or inf)")
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return AdapterFile(
         path=path,
-        name=meta.get("name", os.path.splitext(os.path.basename(path))[0]),
-        expmap=expmap,
-        targets=targets,
-        factors=factors,
-        base_sha256={k: str(v) for k, v in hashes.items()},
-        config=config if isinstance(config, dict) else {},
-        metadata=dict(meta),
+        name=info.name,
+        expmap=info.expmap,
+        targets=info.targets,
+        factors={P: (tensors[f"{P}.lie_B"], tensors[f"{P}.lie_A"]) for P in info.targets},
+        base_sha256=info.base_sha256,
+        config=info.config,
+        metadata=info.metadata,
+        full={P: tensors[P] for P in info.full},
+        format_version=info.format_version,
+        file_sha256=hashlib.sha256(data).hexdigest(),
     )
 
 

@@ -9,11 +9,12 @@ exp(dW) instead, so the exact map costs about what the first-order map costs.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
 
-from .errors import LieError
+from .errors import ConfigError, LieError
 
 __all__ = ["check_finite", "compute_dtype", "fold", "fold_sum", "lie_fold", "LieFold"]
 
@@ -61,7 +62,7 @@ def fold_sum(
     sum itself, which is then settled by an exact test), else ``False``.
     """
     if expmap not in ("exact", "first_order"):
-        raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
+        raise ConfigError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
     cdt = compute_dtype(W.dtype)
     out_dtype = out.dtype if out is not None else (out_dtype or W.dtype)
     m = W.shape[0]
@@ -190,20 +191,26 @@ class LieFold(torch.autograd.Function):
 def lie_fold(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, expmap: str = "exact") -> torch.Tensor:
     """Differentiable W * map(scale * reshape(B @ A, W.shape)) (see :class:`LieFold`)."""
     if expmap not in ("exact", "first_order"):
-        raise ValueError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
+        raise ConfigError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
     return LieFold.apply(W, B, A, float(scale), expmap)
 
 
-def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, ok=None) -> None:
-    """Refuse a merged tensor with inf/NaN, naming the tensor and its largest |dW|.
+def check_finite(name: str, merged: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, ok=None,
+                 W: Optional[torch.Tensor] = None) -> None:
+    """Refuse a merged tensor with inf/NaN, naming the tensor and the cause.
 
+    A base tensor ``W`` that already holds NaN/inf is blamed on the base; otherwise the message
+    gives the largest |dW| (the Lie-algebra perturbation) and the factor exp(|dW|) it scales by.
     ``ok``: the result of ``fold_sum(..., check=...)`` when already known.
     """
     if ok if ok is not None else bool(torch.isfinite(merged).all()):
         return
+    if W is not None and not bool(torch.isfinite(W).all()):
+        raise LieError(f"base tensor {name} already holds NaN or inf values: the base is broken, not the adapter")
     with torch.no_grad():
         d = torch.mm(B.float() * scale, A.float()).abs().max().item()
+    factor = f"e^{d:.4g}" if d > 700 else f"{math.exp(d):.4g}"
     raise LieError(
-        f"merging {name} overflows {merged.dtype} (largest |dW| = {d:.4g}, exp = {min(d, 1e300):.4g}): "
-        "the adapter is unusable with this base dtype"
+        f"merging {name} overflows {merged.dtype}: the largest |dW| is {d:.4g}, so exp(dW) scales a weight by up to "
+        f"{factor}; the adapter is unusable with this base dtype"
     )

@@ -24,7 +24,7 @@ from .adapt import adapted_names
 from .adapter_file import AdapterFile, check_against_base, read_adapter
 from .algebra import check_finite, fold_sum
 from .errors import LieError
-from .sfile import tensor_sha256
+from .safetensors_io import tensor_sha256
 
 __all__ = ["AdapterBank"]
 
@@ -206,7 +206,7 @@ class AdapterBank:
             B, A = af.factors[n]
             ok: list = []
             f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok)
-            check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0])
+            check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
             folded[n] = f
             nbytes += f.numel() * f.element_size()
         return folded, nbytes

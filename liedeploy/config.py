@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
+from .errors import ConfigError
+
 __all__ = ["LieConfig", "EXPMAPS", "CONFIG_VERSION"]
 
 EXPMAPS = ("exact", "first_order")
@@ -29,21 +31,21 @@ def _check_pattern_dict(field_name: str, value: Any, kind: type) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"LieConfig.{field_name} must be a dict of pattern -> {kind.__name__}, got {value!r}")
+        raise ConfigError(f"LieConfig.{field_name} must be a dict of pattern -> {kind.__name__}, got {value!r}")
     out = {}
     for key, v in value.items():
         if not isinstance(key, str) or not key:
-            raise ValueError(f"LieConfig.{field_name} keys must be non-empty strings, got {key!r}")
+            raise ConfigError(f"LieConfig.{field_name} keys must be non-empty strings, got {key!r}")
         try:
             re.compile(key)
         except re.error as exc:
-            raise ValueError(f"LieConfig.{field_name} key {key!r} is not a valid regex: {exc}") from None
+            raise ConfigError(f"LieConfig.{field_name} key {key!r} is not a valid regex: {exc}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"LieConfig.{field_name}[{key!r}] must be a number, got {v!r}")
+            raise ConfigError(f"LieConfig.{field_name}[{key!r}] must be a number, got {v!r}")
         if kind is int and (int(v) != v or v < 1):
-            raise ValueError(f"LieConfig.{field_name}[{key!r}] must be a positive integer rank, got {v!r}")
+            raise ConfigError(f"LieConfig.{field_name}[{key!r}] must be a positive integer rank, got {v!r}")
         if kind is float and not (v == v and abs(v) != float("inf")):
-            raise ValueError(f"LieConfig.{field_name}[{key!r}] must be finite, got {v!r}")
+            raise ConfigError(f"LieConfig.{field_name}[{key!r}] must be finite, got {v!r}")
         out[key] = kind(v)
     return out
 
@@ -83,35 +85,35 @@ class LieConfig:
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"LieConfig.version must be {CONFIG_VERSION}, got {self.version!r}")
+            raise ConfigError(f"LieConfig.version must be {CONFIG_VERSION}, got {self.version!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LieConfig.r must be a positive integer, got {self.r!r}")
+            raise ConfigError(f"LieConfig.r must be a positive integer, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
             self.alpha == self.alpha and abs(self.alpha) != float("inf")
         ):
-            raise ValueError(f"LieConfig.alpha must be a finite number, got {self.alpha!r}")
+            raise ConfigError(f"LieConfig.alpha must be a finite number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if self.expmap not in EXPMAPS:
-            raise ValueError(f"LieConfig.expmap must be one of {', '.join(EXPMAPS)}, got {self.expmap!r}")
+            raise ConfigError(f"LieConfig.expmap must be one of {', '.join(EXPMAPS)}, got {self.expmap!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
-            raise ValueError(f"LieConfig.filter_fn must be callable (module, name) -> bool, got {self.filter_fn!r}")
+            raise ConfigError(f"LieConfig.filter_fn must be callable (module, name) -> bool, got {self.filter_fn!r}")
         if isinstance(self.targets, str):
             if not self.targets:
-                raise ValueError("LieConfig.targets must not be an empty string")
+                raise ConfigError("LieConfig.targets must not be an empty string")
             try:
                 re.compile(self.targets)
             except re.error as exc:
-                raise ValueError(f"LieConfig.targets {self.targets!r} is not a valid regex: {exc}") from None
+                raise ConfigError(f"LieConfig.targets {self.targets!r} is not a valid regex: {exc}") from None
         elif self.targets is not None:
             targets = list(self.targets)
             bad = [t for t in targets if not isinstance(t, str) or not t]
             if bad or not targets:
-                raise ValueError(
+                raise ConfigError(
                     f"LieConfig.targets must be a regex string or a non-empty list of names, got {self.targets!r}"
                 )
             self.targets = targets
         if self.targets is None and self.filter_fn is None:
-            raise ValueError("LieConfig.targets is None and no filter_fn given: say which parameters to adapt")
+            raise ConfigError("LieConfig.targets is None and no filter_fn given: say which parameters to adapt")
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
 

@@ -23,6 +23,7 @@ from .adapter_file import save_adapter
 from .bank import AdapterBank
 from .config import LieConfig
 from .merge import merge_files
+from .errors import ConfigError, MissingDependencyError
 from .train import evaluate, train_adapters
 
 __all__ = ["DigitsNet", "load_digits_tensors", "TASKS", "run_demo"]
@@ -54,7 +55,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             "liedeploy demo needs scikit-learn for its embedded digits data: pip install 'liedeploy[demo]'"
         ) from None
     d = load_digits()
@@ -131,7 +132,7 @@ def run_demo(
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown demo task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown demo task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
     os.makedirs(out_dir, exist_ok=True)
     x, y = load_digits_tensors()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

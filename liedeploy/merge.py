@@ -1,5 +1,5 @@
 """Merging: ``merge_`` folds adapters into live modules, ``unmerge_`` restores the pristine base,
-``merge_files`` (implemented in :mod:`liedeploy.streaming`) merges safetensors files offline.
+``merge_files`` (implemented in :mod:`liedeploy.file_merge`) merges safetensors files offline.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 from .adapt import LieParametrization, iter_adapters
 from .algebra import check_finite, fold_sum
 from .errors import LieError
-from .sfile import read_header, resolve_shards
-from .streaming import merge_files
+from .safetensors_io import read_header, resolve_shards
+from .file_merge import merge_files
 
 __all__ = ["merge_", "unmerge_", "merge_files", "is_merged"]
 
@@ -90,7 +90,7 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
         merged = fold_sum(W.detach(), [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, out=out, check=ok)
         if not ok[0] and out is not None and out.data_ptr() == W.data_ptr():
             raise LieError(f"merging {name} overflowed and keep_base=False already overwrote it: reload the base")
-        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0])
+        check_finite(name, merged, lie.lie_B, lie.lie_A, lie.scale, ok=ok[0], W=W)
         work.append((name, module, attr, lie, W if keep_base is True else kept, merged, param))
     # all checks passed: now switch every parameter (never half-merged)
     for name, module, attr, lie, kept, merged, param in work:

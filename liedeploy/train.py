@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_file import save_adapter
+from .errors import ConfigError
 from .progress import progress_bar
 
 __all__ = ["resolve_device", "train_adapters", "evaluate"]
@@ -22,7 +23,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but no CUDA device is visible")
+    return dev
 
 
 def _autocast(device: torch.device, bf16: bool | str):
@@ -66,12 +73,12 @@ def train_adapters(
         >>> losses = train_adapters(model, loader, epochs=3, checkpoint="task.safetensors")
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     dev = resolve_device(device)
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; call apply_adapters_ first")
+        raise ConfigError("the model has no trainable parameters; call apply_adapters_ first")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     history = []
     model.train()

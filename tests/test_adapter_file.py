@@ -11,7 +11,7 @@ from torch import nn
 
 from liedeploy import AdapterFileError, LieConfig, apply_adapters_, load_adapter, read_adapter, save_adapter
 from liedeploy.adapt import iter_adapters
-from liedeploy.sfile import tensor_sha256
+from liedeploy.safetensors_io import tensor_sha256
 
 
 class Net(nn.Module):
@@ -150,8 +150,8 @@ def test_refuses_format_and_version(tmp_path, adapter):
         "not a liedeploy adapter (format is 'peft.lora', expected 'liedeploy.adapter')",
     )
     _refused(
-        _rewrite(path, tmp_path / "c.safetensors", meta_update={"format_version": "2"}),
-        "unsupported adapter format_version '2' (this liedeploy reads '1')",
+        _rewrite(path, tmp_path / "c.safetensors", meta_update={"format_version": "3"}),
+        "unsupported adapter format_version '3' (this liedeploy reads '1' and '2')",
     )
     _refused(_rewrite(path, tmp_path / "d.safetensors", drop=["format_version"]), "unsupported adapter format_version None")
     _refused(

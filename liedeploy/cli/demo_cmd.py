@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from ..demo import TASKS, run_demo
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "TASK_NAMES"]
+
+# the demo's tasks (liedeploy.demo.TASKS; a test keeps the two equal), listed here so that
+# `liedeploy --help` does not import torch
+TASK_NAMES = ("rotated", "inverted", "mirrored", "blurred")
 
 
 def add_parser(sub) -> None:
@@ -20,7 +23,7 @@ def add_parser(sub) -> None:
         epilog="example: liedeploy demo --out /tmp/demo --json",
     )
     p.add_argument("--out", default="liedeploy-demo", help="output folder (default: ./liedeploy-demo)")
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="tasks to run (default: all)")
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASK_NAMES), help="tasks to run (default: all)")
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--adapter-epochs", type=int, default=25)
     p.add_argument("-r", "--rank", type=int, default=4)
@@ -31,6 +34,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..demo import run_demo
+
     summary = run_demo(
         args.out,
         tasks=args.tasks,

@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
         "--input-shape 1,3,224,224 -o bank.onnx --bank a.safetensors b.safetensors\n"
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
-        "--input-shape 1,3,224,224 -o tasks/ --task-models a.safetensors b.safetensors",
+        "--input-shape 1,3,224,224 -o tasks/ --task-models a.safetensors b.safetensors\n\n"
+        "--model runs code: PKG.MOD is imported and FACTORY called, as `python -c` would. Only name modules you trust.\n"
+        "The current folder is searched after installed packages.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fmt = p.add_mutually_exclusive_group(required=True)
@@ -48,81 +50,114 @@ def add_parser(sub) -> None:
                    help="write base.onnx and one merged <task>.onnx per adapter into the folder OUT, sharing unchanged weights on disk")
     p.add_argument("--for-trt", action="store_true",
                    help="with --onnx: keep initializers named as in state_dict and write OUT.refit.json (for trtexec --refit)")
+    p.add_argument("--strip", action="store_true",
+                   help="with --trt: a weight-stripped plan, refitted at load from the base file (and an adapter)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
 
 
-def _shape(text: str) -> tuple:
+def parse_shape(text: str, flag: str = "--input-shape") -> tuple:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; a malformed value is a usage error (exit 2)."""
+    from . import UsageError
+
     try:
-        shape = tuple(int(s) for s in text.split(","))
+        shape = tuple(int(s) for s in str(text).split(","))
         if not shape or any(s < 1 for s in shape):
             raise ValueError
         return shape
     except ValueError:
-        raise ValueError(f"--input-shape must be positive integers separated by commas, got {text!r}") from None
+        raise UsageError(f"{flag} must be positive integers separated by commas, got {text!r}") from None
+
+
+def exporter_name(args) -> str:
+    """Which registered exporter the flags ask for."""
+    if args.trt:
+        return "trt"
+    if args.bank:
+        return "onnx-bank"
+    if args.task_models:
+        return "onnx-tasks"
+    if args.for_trt:
+        return "onnx-refit"
+    return "onnx"
+
+
+def _request(args):
+    from exporters.registry import ExportRequest
+
+    return ExportRequest(out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
+                         atol=args.atol, rtol=args.rtol, adapters=list(args.bank or args.task_models or []),
+                         options={"strip": args.strip})
+
+
+def check(args) -> None:
+    """Usage errors, found before any model is built (exit 2)."""
+    from exporters.model_loading import parse_model_spec
+    from exporters.registry import get_exporter
+
+    from ..errors import ConfigError
+    from . import UsageError
+
+    if args.bank and args.task_models:
+        raise UsageError("--bank and --task-models are two ways to export tasks: choose one")
+    if args.trt and (args.bank or args.task_models):
+        raise UsageError("--trt builds one engine; tasks are switched into it by refit, so --bank/--task-models do not apply")
+    if args.for_trt and (args.bank or args.task_models):
+        raise UsageError("--for-trt writes one refit-ready graph; it cannot be combined with --bank or --task-models")
+    if args.for_trt and args.trt:
+        raise UsageError("--for-trt goes with --onnx (the graph for trtexec); --trt builds the engine itself")
+    if args.strip and not args.trt:
+        raise UsageError("--strip applies to --trt engines only")
+    if not 7 <= args.opset <= 23:
+        raise UsageError(f"--opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {args.opset}")
+    for flag, v in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if v is not None and not (v >= 0 and v != float("inf")):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
+    parse_shape(args.input_shape)
+    try:
+        parse_model_spec(args.model)
+        kwargs = json.loads(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError:
+        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
+    try:
+        get_exporter(exporter_name(args)).check(_request(args))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run(args) -> int:
     import torch
 
     from exporters.model_loading import build_model
+    from exporters.registry import get_exporter
 
-    try:
-        kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
-    shape = _shape(args.input_shape)
+    exporter = get_exporter(exporter_name(args))
     if args.trt:
         from exporters.tensorrt import require_tensorrt
 
         require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
-    model = build_model(args.model, kwargs, args.weights)
+    shape = parse_shape(args.input_shape)
+    model = build_model(args.model, json.loads(args.model_kwargs), args.weights)
     if args.input_dtype == "int64":
         example = torch.zeros(shape, dtype=torch.int64)
     else:
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    common = dict(opset=args.opset, dynamic_batch=args.dynamic_batch, atol=args.atol, rtol=args.rtol)
-    if args.bank and args.task_models:
-        raise ValueError("--bank and --task-models are two ways to export tasks: choose one")
-    if args.bank or args.task_models:
-        if args.fp16:
-            raise ValueError("--fp16 applies to a single merged export only")
-        if args.bank:
-            from exporters.bank_graph import export_bank_graph
-
-            report = export_bank_graph(model, example, args.out, args.bank, **common)
-        else:
-            from exporters.task_models import export_task_models
-
-            report = export_task_models(model, example, args.out, args.task_models, **common)
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            where = os.path.dirname(os.path.abspath(args.out)) if args.bank else args.out
-            print(f"{args.out}: exported and checked in ONNX Runtime, base and {len(args.bank or args.task_models)} "
-                  f"task(s); files in {where}")
-        return 0
-    if args.trt or args.for_trt:
-        from exporters.tensorrt import export_refit_onnx, export_tensorrt
-
-        if args.trt:
-            report = export_tensorrt(model, example, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                                     fp16=args.fp16)
-        else:
-            report = export_refit_onnx(model, example, args.out, fp16=args.fp16, **common)
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            print(f"{args.out}: exported; refit manifest in {report['refit_manifest']}")
-        return 0
-    from exporters.onnx import export_onnx
-
-    report = export_onnx(model, example, args.out, fp16=args.fp16, **common)
+    req = _request(args)
+    req.model, req.example_inputs = model, (example,)
+    report = exporter.export(req)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    if exporter.name in ("onnx-bank", "onnx-tasks"):
+        where = os.path.dirname(os.path.abspath(args.out)) if args.bank else args.out
+        print(f"{args.out}: exported and checked in ONNX Runtime, base and {len(req.adapters)} task(s); files in {where}")
+    elif exporter.name in ("onnx-refit", "trt"):
+        print(f"{args.out}: exported; refit manifest in {report.details['refit_manifest']}")
     else:
-        worst = max((o.get("max_abs", 0.0) for c in report.get("checks", []) for o in c["outputs"]), default=0.0)
-        print(f"{args.out}: exported and checked in ONNX Runtime (max abs error {worst:.3g}); report in {args.out}.report.json")
+        print(f"{args.out}: exported and checked in ONNX Runtime (max abs error {report.max_abs_error:.3g}); "
+              f"report in {args.out}.report.json")
     return 0

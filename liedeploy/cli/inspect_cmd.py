@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..inspect import describe_file
-
 __all__ = ["add_parser", "run"]
 
 
@@ -23,6 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..describe import describe_file
+
     info = describe_file(args.file)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -55,6 +55,10 @@ def render(info: dict) -> str:
             for t in info["targets"]
         ]
         out.append(_table(rows, ["target", "shape", "rank", "scale", "params"]))
+        if info.get("full"):
+            out.append("full tensors (replaced whole, format_version 2):")
+            out.append(_table([(t["name"], "x".join(map(str, t["shape"])), t["dtype"], f"{t['parameters']:,}")
+                               for t in info["full"]], ["tensor", "shape", "dtype", "params"]))
     else:
         out.append(
             f"tensors: {info['num_tensors']:,}   elements: {info['num_elements']:,}   "
@@ -65,6 +69,14 @@ def render(info: dict) -> str:
             rows = [(m.get("name"), f"{m.get('scale', 1):g}", str(m.get("sha256", ""))[:16]) for m in info["merged_from"]]
             out.append("merged from:")
             out.append(_table(rows, ["adapter", "scale", "sha256"]))
+        sp = info.get("sparsity")
+        if sp and sp["weights"]:
+            out.append(f"sparsity of weights (rank >= 2): {100 * sp['total']:.1f}% zeros in all; "
+                       f"2:4 on every weight: {'yes' if sp['all_2:4'] else 'no'}")
+            rows = [(n, f"{100 * w['sparsity']:.1f}%", "yes" if w["2:4"] else "no") for n, w in sorted(sp["weights"].items())
+                    if w["sparsity"] > 0]
+            if rows:
+                out.append(_table(rows, ["weight", "zeros", "2:4"]))
         other = {k: v for k, v in info.get("metadata", {}).items() if k != "liedeploy.merged_from"}
         if other:
             out.append("metadata: " + ", ".join(f"{k}={v[:60]}" for k, v in sorted(other.items())))

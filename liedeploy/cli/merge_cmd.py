@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..merge import merge_files
-
 __all__ = ["add_parser", "run"]
 
 
@@ -29,10 +27,19 @@ def add_parser(sub) -> None:
     p.add_argument("--no-verify-base", action="store_true", help="skip the base sha256 check")
     p.add_argument("--allow-mixed-maps", action="store_true", help="allow exact and first_order adapters together")
     p.add_argument("--json", action="store_true", help="print a JSON summary (tensors merged, bytes, seconds)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args) -> None:
+    from . import UsageError
+
+    if args.scale is not None and len(args.scale) != len(args.adapters):
+        raise UsageError(f"got {len(args.scale)} --scale values for {len(args.adapters)} adapters: give one per adapter")
 
 
 def run(args) -> int:
+    from ..file_merge import merge_files
+
     summary = merge_files(
         args.base,
         args.adapters,

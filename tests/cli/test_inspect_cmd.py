@@ -62,12 +62,12 @@ def test_bad_usage_exits_2(capsys):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
-    import liedeploy.cli.inspect_cmd as cmd
+    import liedeploy.describe as describe
 
     def boom(path):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(cmd, "describe_file", boom)
+    monkeypatch.setattr(describe, "describe_file", boom)
     monkeypatch.delenv("LIEDEPLOY_DEBUG", raising=False)
     assert main(["inspect", "x"]) == 1
     err = capsys.readouterr().err

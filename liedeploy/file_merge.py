@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import time
 from typing import Optional, Sequence, Union
 
@@ -28,8 +29,9 @@ import torch
 from .adapter_file import AdapterFile, check_against_base, read_adapter
 from .algebra import check_finite, fold_sum
 from .errors import AdapterFileError, LieError
+from .atomic import Staging, kill_point, safe_file_name, terminate_on_signals
 from .progress import progress_bar
-from .sfile import DTYPE_NAMES, ST_DTYPES, atomic_path, read_header, resolve_shards
+from .safetensors_io import DTYPE_NAMES, ST_DTYPES, SafetensorsFile, read_index, resolve_shards
 
 __all__ = ["merge_files", "DTYPE_ALIASES"]
 
@@ -41,24 +43,16 @@ DTYPE_ALIASES = {
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` (a file object) to the end of ``dst``."""
     while count > 0:
         try:
             n = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
         except (AttributeError, OSError):
             n = 0
         if n <= 0:  # fallback: plain read/write
-            src.seek(offset)
             while count > 0:
-                chunk = src.read(min(count, 1 << 22))
+                chunk = os.pread(src.fileno(), min(count, 1 << 22), offset)
                 if not chunk:
                     raise AdapterFileError(f"{src.name}: truncated while copying")
                 dst.write(chunk)
@@ -101,16 +95,17 @@ class _Plan:
             fold_sum(W, groups["first_order"], "first_order", out=out, check=ok)
         return ok[0]
 
-    def check(self, name: str, merged: torch.Tensor, ok: bool) -> None:
+    def check(self, name: str, merged: torch.Tensor, ok: bool, W: Optional[torch.Tensor] = None) -> None:
         if ok:
             return
         factors = self.targets[name]["exact"] + self.targets[name]["first_order"]
         B = torch.cat([b * s for b, _, s in factors], 1)
         A = torch.cat([a for _, a, _ in factors], 0)
-        check_finite(name, merged, B, A, 1.0)
+        check_finite(name, merged, B, A, 1.0, W=W)
 
 
-def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out_dtype, merged_from, bar, pool):
+def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged_from, bar, pool, counter):
+    header, meta, data_start = src.header, src.metadata, src.data_start
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     new_header, offset = {}, 0
     for k in order:
@@ -128,7 +123,7 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
     biggest_in = max([header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order] + [1])
     biggest_out = max([v["data_offsets"][1] - v["data_offsets"][0] for v in new_header.values()] + [1])
     # two input buffers: a tensor's bytes are hashed in a thread while the next one is read and
-    # folded; a mismatch found later still aborts before anything is renamed onto OUT
+    # folded; a mismatch found later still aborts before anything is published
     inbufs = [torch.empty(biggest_in, dtype=torch.uint8) for _ in range(2 if hashes else 1)]
     busy: list = [None] * len(inbufs)  # (future, tensor name) hashing each buffer
     outbuf = torch.empty(biggest_out, dtype=torch.uint8)
@@ -148,7 +143,8 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
                     f"(sha256 {got[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
                 )
 
-    with open(src_path, "rb", buffering=0) as src, open(dst_path, "wb", buffering=0) as dst:
+    fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
+    with open(fd, "wb", buffering=0) as dst:
         dst.write(len(blob).to_bytes(8, "little") + blob)
         pending = None  # a run of untouched tensors copied as one byte range
         for k in order:
@@ -160,20 +156,17 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
                     pending = (pending[0], b1)
                 else:
                     if pending:
-                        _copy_range(src, dst, data_start + pending[0], pending[1] - pending[0])
+                        _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
                     pending = (b0, b1)
                 bar.update(b1 - b0)
                 continue
             if pending:
-                _copy_range(src, dst, data_start + pending[0], pending[1] - pending[0])
+                _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
                 pending = None
             settle(busy[turn])  # the buffer is free once its last hash is checked
             busy[turn] = None
             view = inbufs[turn][: b1 - b0]
-            src.seek(data_start + b0)
-            got = src.readinto(view.numpy())
-            if got != b1 - b0:
-                raise AdapterFileError(f"{src_path}: truncated: tensor {k} is short of bytes")
+            src.read_into(b0, view.numpy())
             shape = info["shape"]
             W = view.view(ST_DTYPES[info["dtype"]]).reshape(shape)
             o0, o1 = new["data_offsets"]
@@ -183,7 +176,7 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
                     busy[turn] = (pool.submit(lambda v=view: hashlib.sha256(v.numpy()).hexdigest()), k)
                     turn = (turn + 1) % len(inbufs)
                 finite = plan.fold(k, W, O)
-                plan.check(k, O, finite)
+                plan.check(k, O, finite, W)
                 n_merged += 1
             else:
                 O.copy_(W)
@@ -191,11 +184,35 @@ def _merge_shard(src_path, header, meta, data_start, dst_path, plan, hashes, out
                     raise LieError(f"tensor {k} overflows {new['dtype']} when converted")
             dst.write(outbuf[: o1 - o0].numpy())
             bar.update(b1 - b0)
+            counter[0] += 1
+            kill_point(f"tensor:{counter[0]}")
         if pending:
-            _copy_range(src, dst, data_start + pending[0], pending[1] - pending[0])
+            _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
         for job in busy:
             settle(job)
     return n_merged, len(blob) + 8 + offset
+
+
+def _old_outputs(out_index: str) -> list:
+    """File names an existing OUT index uses (the old output, removed after the new one is in place)."""
+    if not os.path.isfile(out_index):
+        return []
+    try:
+        return sorted(os.path.basename(p) for p in resolve_shards(out_index))
+    except LieError:
+        return []
+
+
+def _shard_names(shards: dict, out_dir: str, token: str) -> dict:
+    """Output file names: the base's shard names, or fresh ones where a file of that name exists."""
+    names = {}
+    for s in shards:
+        name = safe_file_name(os.path.basename(s), "shard file name")
+        if os.path.lexists(os.path.join(out_dir, name)):
+            stem, ext = os.path.splitext(name)
+            name = f"{stem}.{token}{ext}"
+        names[s] = name
+    return names
 
 
 def merge_files(
@@ -215,7 +232,8 @@ def merge_files(
         base: a ``.safetensors`` file or a sharded ``*.safetensors.index.json``.
         adapters: adapter files (paths or :class:`AdapterFile`).
         out: output ``.safetensors`` path; for a sharded base, an ``*.safetensors.index.json`` path
-            (shards are written beside it with the base's shard file names).
+            (shards are written beside it, named as the base's shards, or with a fresh suffix
+            where such a file already exists).
         scales: one factor per adapter (default 1.0 each; a negative scale removes a task).
         dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` (or a torch dtype) for every floating tensor;
             default: each tensor keeps the base's dtype.
@@ -227,8 +245,10 @@ def merge_files(
         A summary: ``{"out", "tensors", "tensors_merged", "bytes_written", "seconds", "merged_from"}``.
 
     Raises:
-        AdapterFileError / LieError: bad adapter or base, hash or shape mismatch, non-finite result.
-        Nothing exists at ``out`` afterwards unless the call succeeded; ``base`` is never modified.
+        AdapterFileError / LieError: bad adapter or base, hash or shape mismatch, non-finite result,
+        an OUT that is an input or a special file, a full disk.
+        All or nothing: a reader of ``out`` sees the complete old output or the complete new
+        one, whatever happens (see :mod:`liedeploy.atomic`); ``base`` is never modified.
 
     Example:
         >>> merge_files("vit.safetensors", ["cats.safetensors"], "vit-cats.safetensors")
@@ -253,59 +273,65 @@ def merge_files(
     if sharded:
         if not out.endswith(".safetensors.index.json"):
             raise LieError(f"{base} is sharded: OUT must be a *.safetensors.index.json path, got {out}")
-        shards = resolve_shards(base)
-        out_dir = os.path.dirname(os.path.abspath(out))
-        outputs = {s: os.path.join(out_dir, os.path.basename(s)) for s in shards}
+        index, shards = read_index(base)
     else:
         shards = {base: None}
-        outputs = {base: out}
-    for s, o in outputs.items():
-        if os.path.exists(o) and os.path.exists(s) and os.path.samefile(s, o):
-            raise LieError(f"{o} is the base file itself: write the merged weights elsewhere (the base is never modified)")
-    if sharded and os.path.exists(out) and os.path.samefile(out, base):
-        raise LieError(f"{out} is the base index itself: write the merged weights elsewhere")
-    headers = {s: read_header(s) for s in shards}
-    shapes = {k: tuple(v["shape"]) for h, _, _ in headers.values() for k, v in h.items()}
-    dtypes = {k: v["dtype"] for h, _, _ in headers.values() for k, v in h.items()}
-    for a in loaded:
-        check_against_base(a, shapes, None)
-        for P in a.targets:
-            if dtypes[P] not in _FLOAT:
-                raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
-    plan = _Plan(loaded, scales, allow_mixed_maps)
-    merged_from = [
-        {"name": a.name, "sha256": _file_sha256(a.path), "scale": s, "expmap": a.expmap}
-        for a, s in zip(loaded, scales)
-    ]
-    total = sum(os.path.getsize(s) for s in shards)
-    n_merged = n_tensors = written = 0
+    inputs = [base] + list(shards) + [a.path for a in loaded]
     with contextlib.ExitStack() as stack:
+        stack.enter_context(terminate_on_signals())
+        stage = stack.enter_context(Staging(out, inputs=inputs))
+        files = {s: stack.enter_context(SafetensorsFile(s)) for s in shards}  # one descriptor per input
+        shapes, dtypes = {}, {}
+        for s, f in files.items():
+            if sharded:
+                lacking = sorted(set(shards[s]) - set(f.header))
+                if lacking:
+                    raise AdapterFileError(f"{base}: names tensor {lacking[0]} in shard {os.path.basename(s)}, which lacks it")
+            for k, v in f.header.items():
+                if k in shapes:
+                    raise AdapterFileError(f"{base}: tensor {k} is stored in more than one shard")
+                shapes[k], dtypes[k] = tuple(v["shape"]), v["dtype"]
+        for a in loaded:
+            check_against_base(a, shapes, None)
+            for P in a.targets:
+                if dtypes[P] not in _FLOAT:
+                    raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
+        plan = _Plan(loaded, scales, allow_mixed_maps)
+        merged_from = [
+            {"name": a.name, "sha256": a.file_sha256, "scale": s, "expmap": a.expmap}
+            for a, s in zip(loaded, scales)
+        ]
+        total = sum(f.size for f in files.values())
+        n_merged = n_tensors = written = 0
         pool = stack.enter_context(cf.ThreadPoolExecutor(1))
         bar = stack.enter_context(progress_bar(desc="merge", total=total, enabled=progress, unit="B"))
-        # every shard goes to a temporary file that is renamed only if all shards succeed;
-        # a sharded index is written last, after its shards exist
-        tmps = {s: stack.enter_context(atomic_path(outputs[s])) for s in shards}
-        for s in shards:
-            header, meta, data_start = headers[s]
-            m, w = _merge_shard(
-                s, header, meta, data_start, tmps[s], plan, loaded if verify_base else [], dtype, merged_from, bar, pool
-            )
+        names = _shard_names(shards, stage.folder, secrets.token_hex(4)) if sharded else {base: stage.name}
+        counter = [0]
+        for s, f in files.items():
+            m, w = _merge_shard(f, stage.path(names[s]), plan, loaded if verify_base else [], dtype, merged_from,
+                                bar, pool, counter)
             n_merged += m
-            n_tensors += len(header)
+            n_tensors += len(f.header)
             written += w
-    if sharded:
-        with open(base) as f:
-            index = json.load(f)
-        index.setdefault("metadata", {})
-        index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
-        if dtype is not None:
-            index["metadata"]["total_size"] = sum(
-                math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in _FLOAT else ST_DTYPES[dtypes[k]].itemsize)
-                for k in shapes
-            )
-        with atomic_path(out) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(index, f, indent=2)
+        if sharded:
+            if not isinstance(index.get("metadata", {}), dict):
+                index["metadata"] = {}
+            index.setdefault("metadata", {})
+            index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
+            index["weight_map"] = {k: names[s] for s, ks in shards.items() for k in ks}
+            if dtype is not None:
+                index["metadata"]["total_size"] = sum(
+                    math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in _FLOAT else ST_DTYPES[dtypes[k]].itemsize)
+                    for k in shapes
+                )
+            with open(stage.path(stage.name), "w") as fh:
+                json.dump(index, fh, indent=2)
+            old = [n for n in _old_outputs(stage.out) if n not in names.values()]
+            protected = {os.path.abspath(p) for p in inputs}
+            old = [n for n in old if os.path.abspath(os.path.join(stage.folder, n)) not in protected]
+            stage.publish(list(names.values()), last=stage.name, obsolete=old, hook=kill_point)
+        else:
+            stage.publish([stage.name], last=stage.name, hook=kill_point)
     return {
         "out": out,
         "tensors": n_tensors,

@@ -1,0 +1,52 @@
+"""safetensors helpers that need torch: dtype tables, tensor hashing, sharded indexes.
+
+Header parsing lives in :mod:`liedeploy.safetensors_header` (no torch) and atomic outputs in
+:mod:`liedeploy.atomic`; both are re-exported here for the modules that use all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .atomic import atomic_path
+from .safetensors_header import DTYPE_SIZES, SafetensorsFile, read_header, read_index, resolve_shards
+
+__all__ = [
+    "read_header",
+    "SafetensorsFile",
+    "tensor_sha256",
+    "atomic_path",
+    "ST_DTYPES",
+    "DTYPE_NAMES",
+    "DTYPE_SIZES",
+    "resolve_shards",
+    "read_index",
+]
+
+# safetensors dtype strings <-> torch dtypes (the ones a weight file may hold).
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw little-endian bytes as stored (row-major, its own dtype)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
