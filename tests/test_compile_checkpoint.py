@@ -52,13 +52,17 @@ def test_compile_matches_eager_and_does_not_recompile_on_adapter_load(expmap, tm
         torch.testing.assert_close(gc[k], ge[k], rtol=1e-5, atol=1e-6)
     frames = counter.frame_count
     assert frames >= 1
+    before = compiled(x).detach()
+    torch.testing.assert_close(before, eager(x), rtol=1e-5, atol=1e-6)
     # another task's factors copied in place: same graph, new numbers, no recompilation
     other = _adapted(expmap)  # same base, other factors
     randomize_factors(other, std=0.1, seed=7)
     path = str(tmp_path / "other.safetensors")
     save_adapter(other, path)
     load_adapter(compiled_model, path)
-    torch.testing.assert_close(compiled(x), other(x), rtol=1e-5, atol=1e-6)  # same grad mode: same guards
+    after = compiled(x)
+    torch.testing.assert_close(after, other(x), rtol=1e-5, atol=1e-6)  # same grad mode: same guards
+    assert (after.detach() - before).abs().max() > 1e-3  # the new factors are really in use
     assert counter.frame_count == frames
 
 

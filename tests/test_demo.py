@@ -1,3 +1,4 @@
+import pytest
 import json
 import os
 
@@ -5,6 +6,7 @@ from liedeploy.cli import main
 from liedeploy.adapter_file import read_adapter
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--tasks", "rotated", "inverted", "--pretrain-epochs", "8",

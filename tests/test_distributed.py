@@ -27,6 +27,7 @@ def _reference(path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.slow
 def test_two_process_training_equals_one_process(strategy, tmp_path):
     if strategy == "fsdp2" and not fsdp2_available():
         pytest.skip("this torch has no FSDP2")

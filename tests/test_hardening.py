@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from liedeploy import AdapterFileError, LieConfig, LieError, OutputPathError, apply_adapters_, merge_files, save_adapter
-from liedeploy.adapt import iter_adapters
+from liedeploy import AdapterFileError, LieError, OutputPathError, merge_files
 from liedeploy.cli import main
 from liedeploy.safetensors_header import read_header
 
@@ -31,13 +30,9 @@ class Net(nn.Module):
 
 
 def _adapter(model, path, seed=1, name=None):
-    m = apply_adapters_(__import__("copy").deepcopy(model), LieConfig(r=2, targets=["a", "b", "c"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(m):
-            lie.lie_B.copy_(torch.randn(lie.lie_B.shape, generator=g) * 0.1)
-    save_adapter(m, path, name=name)
-    return path
+    from tests.conftest import _write_adapter
+
+    return _write_adapter(model, path, ["a", "b", "c"], seed=seed, name=name)
 
 
 def _sharded(folder, model, layout=None):
@@ -130,6 +125,7 @@ def test_out_index_never_points_at_base_shards(setup):
 STEPS = ["tensor:1", "tensor:3", "publish:1", "publish:2", "publish:3", "publish:4", "committed"]
 
 
+@pytest.mark.slow
 def test_sharded_output_is_old_or_new_whatever_the_kill_point(setup):
     model, base, a, b, out = setup
     merge_files(base, [a], out)
@@ -204,12 +200,9 @@ def test_full_disk_at_any_step_leaves_out_as_it_was(tmp_path, tiny_disk):
 
 
 def _adapter_seq(model, path):
-    m = apply_adapters_(__import__("copy").deepcopy(model), LieConfig(r=2, targets=r".*weight"))
-    with torch.no_grad():
-        for _, _, _, lie in iter_adapters(m):
-            lie.lie_B.normal_(0, 0.1)
-    save_adapter(m, path)
-    return path
+    from tests.conftest import _write_adapter
+
+    return _write_adapter(model, path, r".*weight")
 
 
 def test_full_disk_message_is_one_line(tmp_path, tiny_disk, capsys):
@@ -378,6 +371,7 @@ def test_task_models_never_write_outside_out(tmp_path, name):
 
 
 # -- 8. --model never shadows installed packages ---------------------------------------------------
+@pytest.mark.slow
 def test_planted_module_in_cwd_does_not_shadow_installed_packages(tmp_path):
     pytest.importorskip("onnx")
     (tmp_path / "onnx.py").write_text("raise SystemExit('planted onnx.py was imported')\n")

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from liedeploy import read_adapter
 from liedeploy import AdapterFileError, LieConfig, LieError, apply_adapters_, merge_, merge_files, save_adapter
 from liedeploy.adapt import iter_adapters
 from liedeploy.cli import main
@@ -150,6 +151,18 @@ def test_first_order_composes_additively_and_mixing_is_refused(tmp_path):
         merge_files(base, [e, a], str(tmp_path / "mixed.safetensors"))
     assert not os.path.exists(tmp_path / "mixed.safetensors")
     merge_files(base, [e, a], str(tmp_path / "mixed.safetensors"), allow_mixed_maps=True)
+    got = load_file(str(tmp_path / "mixed.safetensors"))
+    ex, fo = read_adapter(e), read_adapter(a)
+    for k, W in model.state_dict().items():  # W * exp(dW_exact) * (1 + dW_first_order), float64 here
+        if k not in ex.factors:
+            assert torch.equal(got[k], W)
+            continue
+        d = {}
+        for af in (ex, fo):
+            B, A = af.factors[k]
+            d[af.expmap] = (B.double() @ A.double()).reshape(W.shape) * af.targets[k]["scale"]
+        want = W.double() * torch.exp(d["exact"]) * (1 + d["first_order"])
+        torch.testing.assert_close(got[k].double(), want, rtol=2e-6, atol=1e-7)
 
 
 def test_dtype_conversion(tmp_path):
@@ -209,7 +222,11 @@ def test_refusals_leave_nothing_and_never_touch_the_base(tmp_path):
     with pytest.raises(AdapterFileError, match=r"base tensor (conv|emb|fc)\.weight differs from the one this adapter was trained on"):
         merge_files(base, [b], out)
     assert not os.path.exists(out)
-    merge_files(base, [b], out, verify_base=False)  # the escape hatch
+    merge_files(base, [b], out, verify_base=False)  # the escape hatch: folded into the base given
+    got, ref = load_file(out), _ref(model.state_dict(), [(b, 1.0)])
+    for k, r in ref.items():
+        if r is not None:
+            torch.testing.assert_close(got[k].double(), r, rtol=1e-6, atol=1e-7)
     os.unlink(out)
     with pytest.raises(LieError, match="is the input .*; write the output elsewhere"):
         merge_files(base, [a], base)

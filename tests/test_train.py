@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from liedeploy import LieConfig, apply_adapters_, read_adapter
+from liedeploy.errors import ConfigError
 from liedeploy.train import evaluate, resolve_device, train_adapters
 
 
@@ -35,4 +36,14 @@ def test_train_refuses_bad_settings():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="the model has no trainable parameters; call apply_adapters_ first"):
         train_adapters(model, _data(), epochs=1, device="cpu")
-    assert resolve_device("cpu").type == "cpu"
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    with pytest.raises(ConfigError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu9'"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda' was asked for but no CUDA device is visible"):
+            resolve_device("cuda")

@@ -65,3 +65,21 @@ ARCHS = {
     "conv3d": (conv3d, r".*weight", lambda: torch.randn(1, 2, 4, 8, 8)),
     "convtranspose2d": (convtranspose2d, r"\d\.weight", lambda: torch.randn(2, 3, 8, 8)),
 }
+
+
+def llama(use_cache=True):
+    """A tiny LlamaForCausalLM; its default ``use_cache=True`` returns a cache object."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, use_cache=use_cache)
+    return LlamaForCausalLM(cfg)
+
+
+_BUILT = []
+
+
+def marker(path):
+    """A factory that records that it ran (tests of usage errors check it never did)."""
+    open(path, "w").write("built")
+    return nn.Linear(4, 2)
