@@ -111,7 +111,7 @@ def bench(name, model, rx, shape, reps, tmp):
     res["peft_hotswap_s"] = median_time(hot, reps)[0]
     # memory
     bank.prefetch("t1")
-    per_task = bank._tasks["t1"].nbytes
+    per_task = bank.cached_bytes // max(len(bank.resident), 1)
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     res["bytes_per_task"], res["bytes_full_model"] = per_task, full
     # mixed-task throughput: 8 tasks, s samples each

@@ -208,8 +208,11 @@ def _base_view(model: nn.Module) -> dict:
     """``{P: pristine tensor}`` for all parameters and buffers of ``model`` under base names."""
     out = {}
     live = pristine_base_tensors(model)
+    # keys of the Lie parametrizations themselves (originals, factors); other parametrizations
+    # (weight_norm's original0/original1...) are base tensors under their own names
+    internal = tuple(f"{P[: len(P) - len(P.rpartition('.')[2])]}parametrizations.{P.rpartition('.')[2]}." for P in live)
     for k, v in model.state_dict(keep_vars=True).items():
-        if ".parametrizations." in k:
+        if internal and k.startswith(internal):
             continue
         out[k] = v
     out.update(live)

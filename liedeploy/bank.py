@@ -1,70 +1,52 @@
 """``AdapterBank``: one base model in memory, many tasks, folded on demand, race-free by construction.
 
 A Lie update is dense, so a task's weights are folded once (W * exp(dW), from the pristine base) and
-cached. Each cached task is a shallow replica of the module tree that shares every unadapted tensor
-with the base and holds only its own folded tensors: memory per task = the adapted tensors, and
-concurrent calls for different tasks never see each other's weights (there is no global switch).
-The cache is an LRU bounded in bytes. The storage of an evicted task is recycled for the next
-fold (no fresh pages to fault in) once no running call uses it; tensors of a replica handed out
-by ``model_for`` are never recycled, and nothing is ever written into a tensor in use.
+cached. Each cached task is a replica of the module tree (:mod:`liedeploy.replica`) that shares
+every unadapted tensor with the base and holds only its own folded tensors (and full tensors of
+format "2", such as its own classifier head): memory per task = those tensors, and concurrent
+calls for different tasks never see each other's weights (there is no global switch).
+
+The bank composes four parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
+(which tasks exist; lazy: headers only until a task is used), a byte-bounded
+:class:`~liedeploy.byte_lru.ByteLRU` (which folded tasks stay), a
+:class:`~liedeploy.storage_pool.StoragePool` (evicted storage reused for the next fold once no
+running call uses it; tensors of a replica handed out by ``model_for`` are never recycled) and the
+replica builder.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
-from collections import OrderedDict
+import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .adapt import adapted_names
-from .adapter_file import AdapterFile, check_against_base, read_adapter
+from .adapter_file import AdapterFile
 from .algebra import check_finite, fold_sum
+from .byte_lru import ByteLRU
 from .errors import LieError
+from .replica import build_replica
 from .safetensors_io import tensor_sha256
+from .storage_pool import StoragePool
+from .task_registry import TaskEntry, TaskRegistry
 
 __all__ = ["AdapterBank"]
-
-
-def _clone_tree(module: nn.Module, memo: dict) -> nn.Module:
-    """A new module tree whose modules are shallow copies: every tensor is shared, not copied."""
-    if id(module) in memo:
-        return memo[id(module)]
-    clone = copy.copy(module)  # a new object with a shallow copy of __dict__
-    memo[id(module)] = clone
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = {k: (None if m is None else _clone_tree(m, memo)) for k, m in module._modules.items()}
-    return clone
-
-
-def _split(name: str) -> tuple[str, str]:
-    mod, _, attr = name.rpartition(".")
-    return mod, attr
 
 
 class _Folded:
     """One build of a task: its replica and folded tensors, and who is using them."""
 
-    __slots__ = ("replica", "tensors", "users", "leaked", "retired")
+    __slots__ = ("replica", "tensors", "recyclable", "users", "leaked", "retired", "nbytes")
 
-    def __init__(self, replica: nn.Module, tensors: dict):
-        self.replica, self.tensors = replica, tensors
+    def __init__(self, replica: nn.Module, tensors: dict, recyclable: list, nbytes: int):
+        self.replica, self.tensors, self.recyclable, self.nbytes = replica, tensors, recyclable, nbytes
         self.users = 0
         self.leaked = False  # handed out by model_for(): never recycled
         self.retired = False  # evicted or removed: recycled once no call uses it
-
-
-class _Task:
-    __slots__ = ("adapter", "folded", "nbytes")
-
-    def __init__(self, adapter: AdapterFile):
-        self.adapter = adapter
-        self.folded: Optional[_Folded] = None
-        self.nbytes = 0
 
 
 class AdapterBank:
@@ -76,6 +58,7 @@ class AdapterBank:
         cache_bytes: bound of the folded-weights cache (default: unbounded).
         device: where the base and the folded weights live (default: the model's device).
         verify_base: refuse adapters whose ``base_sha256`` does not match the model.
+        lazy: register tasks from their headers only; factors are read at the first fold.
 
     Example:
         >>> bank = AdapterBank(model, adapters={"cats": "cats.safetensors", "dogs": "dogs.safetensors"})
@@ -91,6 +74,7 @@ class AdapterBank:
         cache_bytes: Optional[int] = None,
         device: Union[None, str, torch.device] = None,
         verify_base: bool = True,
+        lazy: bool = False,
     ):
         if adapted_names(model) or getattr(model, "_lie_merged", None):
             raise LieError("AdapterBank needs the plain base model: call remove_adapters_ or unmerge_ first")
@@ -99,165 +83,152 @@ class AdapterBank:
         if device is not None:
             model = model.to(device)
         self.base = model.eval()
-        self.cache_bytes = cache_bytes
         self.verify_base = verify_base
+        self.lazy = lazy
         self._tensors = dict(self.base.state_dict(keep_vars=True))
         self._hashes: dict = {}
-        self._tasks: dict[str, _Task] = {}
-        self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
-        self._pool: dict = {}  # (shape, dtype, device) -> free folded tensors for reuse
-        self._pool_bytes = 0
-        self._pool_limit = 0
+        self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
+                                     self._hash if verify_base else None)
+        self.cache = ByteLRU(cache_bytes)
+        self.pool = StoragePool()
+        self._folded: dict[str, _Folded] = {}
         self._build_locks: dict[str, threading.Lock] = {}
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0, "folds": 0, "fold_seconds": 0.0}
         for name, path in (adapters or {}).items():
             self.add(name, path)
 
-    # -- adapters ---------------------------------------------------------------------------
+    # -- tasks ------------------------------------------------------------------------------
+    @property
+    def cache_bytes(self) -> Optional[int]:
+        return self.cache.limit
+
     @property
     def tasks(self) -> list[str]:
-        return list(self._tasks)
+        return self.registry.names
 
     def _hash(self, name: str) -> str:
-        if name not in self._hashes:
-            self._hashes[name] = tensor_sha256(self._tensors[name])
-        return self._hashes[name]
+        h = self._hashes.get(name)
+        if h is None:
+            h = self._hashes[name] = tensor_sha256(self._tensors[name])
+        return h
 
-    def add(self, name: str, adapter: Union[str, AdapterFile], *, replace: bool = False) -> None:
+    def add(self, name: str, adapter: Union[str, AdapterFile], *, replace: bool = False,
+            lazy: Optional[bool] = None) -> None:
         """Add (or with ``replace=True`` reload) a task; refused if made for another base."""
-        af = adapter if isinstance(adapter, AdapterFile) else read_adapter(os.fspath(adapter))
-        check_against_base(
-            af, {k: tuple(v.shape) for k, v in self._tensors.items()}, self._hash if self.verify_base else None
-        )
+        if not isinstance(adapter, AdapterFile):
+            adapter = os.fspath(adapter)
+        entry = self.registry.read(name, adapter, lazy=self.lazy if lazy is None else lazy)
         with self._lock:
-            if name in self._tasks and not replace:
-                raise LieError(f"task {name!r} is already in the bank; pass replace=True to reload it")
+            self.registry.put(entry, replace=replace)
             self._drop(name)
-            self._tasks[name] = _Task(af)
             self._build_locks.setdefault(name, threading.Lock())
 
     def remove(self, name: str) -> None:
         """Remove a task and free its cached weights."""
         with self._lock:
-            self._check(name)
+            self.registry.pop(name)
             self._drop(name)
-            del self._tasks[name]
+
+    def is_resident(self, name: str) -> bool:
+        """Whether ``name`` is folded and cached (a call for it will not fold)."""
+        return name in self._folded
+
+    @property
+    def resident(self) -> list:
+        """Folded tasks, least recently used first."""
+        with self._lock:
+            return self.cache.keys()
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.cache.total
 
     def _drop(self, name: str) -> None:
-        task = self._tasks.get(name)
-        if task is not None and task.folded is not None:
-            self._lru.pop(name, None)
-            self._retire(task.folded)
-            task.folded, task.nbytes = None, 0
+        folded = self._folded.pop(name, None)
+        if folded is not None:
+            self.cache.pop(name)
+            self._retire(folded)
 
-    def _retire(self, folded: "_Folded") -> None:
+    def _retire(self, folded: _Folded) -> None:
         folded.retired = True
         if folded.users == 0 and not folded.leaked:
             self._recycle(folded)
 
-    def _recycle(self, folded: "_Folded") -> None:
-        """Keep the storage of a build nobody uses for the next fold (bounded: one task's bytes)."""
-        for t in folded.tensors.values():
-            nbytes = t.numel() * t.element_size()
-            if self._pool_bytes + nbytes > self._pool_limit:
-                break
-            self._pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
-            self._pool_bytes += nbytes
-        folded.tensors = {}
-        folded.replica = None
+    def _recycle(self, folded: _Folded) -> None:
+        self.pool.give(folded.recyclable)
+        self.stats["recycled"] = self.pool.reused
+        folded.tensors, folded.recyclable, folded.replica = {}, [], None
 
-    def _check(self, name: str) -> _Task:
-        task = self._tasks.get(name)
-        if task is None:
-            known = ", ".join(sorted(self._tasks)) or "none"
-            raise LieError(f"unknown task {name!r}; known tasks: {known}")
-        return task
-
-    # -- cache ------------------------------------------------------------------------------
-    @property
-    def cached_bytes(self) -> int:
-        return sum(self._tasks[n].nbytes for n in self._lru)
-
-    def _evict_for(self, need: int) -> None:
-        if self.cache_bytes is None:
-            return
-        while self._lru and self.cached_bytes + need > self.cache_bytes:
-            old, _ = self._lru.popitem(last=False)
-            task = self._tasks[old]
-            self._retire(task.folded)
-            task.folded, task.nbytes = None, 0
-            self.stats["evictions"] += 1
-
+    # -- folding ----------------------------------------------------------------------------
     def _take(self, W: torch.Tensor) -> Optional[torch.Tensor]:
         with self._lock:
-            free = self._pool.get((tuple(W.shape), W.dtype, W.device))
-            if free:
-                t = free.pop()
-                self._pool_bytes -= t.numel() * t.element_size()
-                self.stats["recycled"] += 1
-                return t
-        return None
+            t = self.pool.take(W)
+            self.stats["recycled"] = self.pool.reused
+            return t
 
-    def _fold(self, af: AdapterFile) -> tuple[dict, int]:
-        folded, nbytes = {}, 0
+    def _fold(self, entry: TaskEntry) -> _Folded:
+        af = entry.adapter()
+        tensors, recyclable, nbytes = {}, [], 0
         for n in af.targets:
             W = self._tensors[n].detach()
             B, A = af.factors[n]
             ok: list = []
             f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok)
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
-            folded[n] = f
-            nbytes += f.numel() * f.element_size()
-        return folded, nbytes
+            tensors[n] = f
+            recyclable.append(f)
+        device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
+        for n, t in af.full.items():
+            like = self._tensors.get(n)
+            t = t.to(device=like.device if like is not None else device,
+                     dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
+            tensors[n] = t
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return _Folded(build_replica(self.base, tensors), tensors, recyclable, nbytes)
 
-    def _replica(self, folded: dict) -> nn.Module:
-        replica = _clone_tree(self.base, {})  # new module objects, the very same tensors
-        for n, f in folded.items():
-            mod, attr = _split(n)
-            owner = replica.get_submodule(mod) if mod else replica
-            if attr in owner._parameters:
-                owner._parameters[attr] = nn.Parameter(f, requires_grad=False)
-            else:
-                owner._buffers[attr] = f
-        return replica
-
-    def _acquire(self, task: str) -> "_Folded":
+    def _acquire(self, task: str) -> _Folded:
         """The task's build with one more user (folded and cached on first use)."""
         with self._lock:
-            t = self._check(task)
-            if t.folded is not None:
-                self._lru.move_to_end(task)
+            entry = self.registry.get(task)
+            folded = self._folded.get(task)
+            if folded is not None:
+                self.cache.touch(task)
                 self.stats["hits"] += 1
-                t.folded.users += 1
-                return t.folded
+                folded.users += 1
+                return folded
             lock = self._build_locks[task]
         with lock:  # one build per task; other tasks proceed
             with self._lock:
-                t = self._check(task)
-                if t.folded is not None:
+                entry = self.registry.get(task)
+                folded = self._folded.get(task)
+                if folded is not None:
                     self.stats["hits"] += 1
-                    t.folded.users += 1
-                    return t.folded
-            tensors, nbytes = self._fold(t.adapter)
-            folded = _Folded(self._replica(tensors), tensors)
+                    folded.users += 1
+                    return folded
+            t0 = time.perf_counter()
+            folded = self._fold(entry)
+            seconds = time.perf_counter() - t0
             with self._lock:
-                self._pool_limit = max(self._pool_limit, nbytes)
+                self.stats["folds"] += 1
+                self.stats["fold_seconds"] += seconds
+                self.pool.allow(folded.nbytes)
                 folded.users += 1
-                if self._tasks.get(task) is not t:  # removed or reloaded meanwhile: use once
+                if task not in self.registry or self.registry.get(task) is not entry:  # removed meanwhile: use once
                     folded.retired = True
                     return folded
-                self._evict_for(nbytes)
                 self.stats["misses"] += 1
-                if self.cache_bytes is None or nbytes <= self.cache_bytes:
-                    t.folded, t.nbytes = folded, nbytes
-                    self._lru[task] = None
-                    self._lru.move_to_end(task)
-                else:
+                if not self.cache.fits(folded.nbytes):
                     folded.retired = True  # larger than the whole cache: use once
+                    return folded
+                for old in self.cache.make_room(folded.nbytes):
+                    self._retire(self._folded.pop(old))
+                    self.stats["evictions"] += 1
+                self.cache.put(task, folded.nbytes)
+                self._folded[task] = folded
             return folded
 
-    def _release(self, folded: "_Folded") -> None:
+    def _release(self, folded: _Folded) -> None:
         with self._lock:
             folded.users -= 1
             if folded.retired and folded.users == 0 and not folded.leaked:
@@ -296,7 +267,7 @@ class AdapterBank:
         """One task name per sample: groups samples by task, runs each group, returns input order.
 
         Works for any output made of tensors with the batch as first axis (a tensor, tuples, dicts,
-        transformers ModelOutputs).
+        transformers ModelOutputs) whose shapes agree between the tasks in the batch.
         """
         if len(tasks) != len(x):
             raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
@@ -305,7 +276,7 @@ class AdapterBank:
             groups.setdefault(t, []).append(i)
         for t in groups:
             if t is not None:
-                self._check(t)
+                self.registry.get(t)
         from torch.utils import _pytree as pytree
 
         leaves_out, spec = None, None
@@ -317,5 +288,8 @@ class AdapterBank:
             if leaves_out is None:
                 leaves_out = [v.new_empty((len(x),) + tuple(v.shape[1:])) for v in leaves]
             for o, v in zip(leaves_out, leaves):
+                if o.shape[1:] != v.shape[1:]:
+                    raise LieError(f"task {t!r} gives outputs of shape {list(v.shape[1:])} per sample and another task "
+                                   f"in the batch {list(o.shape[1:])}: tasks with other heads cannot share a mixed batch")
                 o.index_copy_(0, index, v)
         return pytree.tree_unflatten(leaves_out, spec)

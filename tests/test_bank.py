@@ -178,3 +178,54 @@ def test_evicted_storage_is_recycled_but_never_under_a_holder(bank_setup):
     assert bank.stats["recycled"] > 0  # evicted tasks' storage was reused for later folds
     with torch.no_grad():
         torch.testing.assert_close(held(x), refs["t0"](x), rtol=0, atol=0)
+
+
+def test_bank_takes_parametrized_bases(tmp_path, write_adapter):
+    """weight_norm (as in Wav2Vec2, HuBERT, EnCodec, vocoders) refuses copy.copy; replicas still work."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    base = nn.Sequential(weight_norm(nn.Conv1d(3, 6, 3, padding=1)), nn.ReLU(), nn.Conv1d(6, 4, 1)).eval()
+    # the adapted tensor may itself be a parametrization's original (v of weight_norm) or a plain one
+    p = write_adapter(base, tmp_path / "a.safetensors", ["0.parametrizations.weight.original1", "2.weight"], std=0.3)
+    bank = AdapterBank(copy.deepcopy(base), adapters={"a": p})
+    ref = merge_(load_adapter(copy.deepcopy(base), p)).eval()
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(bank(x, task="a"), ref(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bank(x), base(x), rtol=0, atol=0)
+
+
+def test_bank_on_a_wav2vec2_base(tmp_path, write_adapter):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    base = transformers.Wav2Vec2Model(cfg).eval()
+    p = write_adapter(base, tmp_path / "a.safetensors", r".*(q_proj|v_proj)\.weight", std=0.3)
+    bank = AdapterBank(copy.deepcopy(base), adapters={"a": p})
+    ref = merge_(load_adapter(copy.deepcopy(base), p)).eval()
+    x = torch.randn(2, 400)
+    with torch.no_grad():
+        want = ref(x).last_hidden_state
+    torch.testing.assert_close(bank(x, task="a").last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lazy_registration_reads_factors_only_when_folded(bank_setup, monkeypatch):
+    import liedeploy.task_registry as reg
+
+    base, refs, paths = bank_setup
+    reads = []
+    real = reg.read_adapter
+    monkeypatch.setattr(reg, "read_adapter", lambda p: reads.append(p) or real(p))
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, lazy=True)
+    assert reads == [] and bank.tasks == list(paths)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(bank(x, task="t2"), refs["t2"](x), rtol=0, atol=0)
+    assert reads == [paths["t2"]]
+    bank(x, task="t2")
+    assert reads == [paths["t2"]] and bank.stats["folds"] == 1 and bank.is_resident("t2")
+    # a header made for another base is refused at registration, without reading the factors
+    with pytest.raises(AdapterFileError, match="differs from the one this adapter was trained on"):
+        AdapterBank(_base(seed=5), adapters={"t0": paths["t0"]}, lazy=True)
+    assert reads == [paths["t2"]]
