@@ -1,0 +1,129 @@
+"""``liedeploy serve``: the Open Inference Protocol v2 over HTTP for many tasks on one base model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+__all__ = ["add_parser", "run", "check", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes; a malformed size is a usage error."""
+    from . import UsageError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"{flag} must be a size such as 512MiB, 2GB or 1000000, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve many tasks over HTTP (KServe Open Inference Protocol v2, tritonclient works as is)",
+        description="Serve the base model and one model per adapter file in --adapters DIR (task = file stem) over "
+        "HTTP with the Open Inference Protocol v2, dynamic batching grouped by task and a byte-bounded cache of "
+        "folded tasks. Binds 127.0.0.1 unless --host says otherwise. SIGTERM drains: readiness 503, queued "
+        "requests finish, exit 0. Needs: pip install 'liedeploy[serve]'.",
+        epilog="examples:\n"
+        "  liedeploy serve --model mypkg.models:resnet18 --weights base.safetensors --adapters tasks/ "
+        "--input-shape 1,3,224,224 --cache-bytes 2GB\n"
+        "  liedeploy serve --model mypkg.models:bert --weights base.safetensors --adapters tasks/ "
+        "--input input_ids:INT64:-1,128 --input attention_mask:INT64:-1,128\n"
+        "  liedeploy serve --backend ort --adapters exported_tasks/ --port 9000\n\n"
+        "--model runs code: PKG.MOD is imported and FACTORY called. Only name modules you trust.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="callable that builds the base nn.Module (torch, trt)")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
+    p.add_argument("--weights", metavar="BASE.safetensors", help="base weights (a file or *.safetensors.index.json)")
+    p.add_argument("--adapters", metavar="DIR", help="folder of task files: DIR/{task}.safetensors (ort: the export folder)")
+    p.add_argument("--input-shape", metavar="1,3,224,224", help="one FP32 input of this shape (batch axis free)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
+                   help="a named input, e.g. input_ids:INT64:-1,128 (repeat for each; passed by name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    p.add_argument("--backend", choices=["torch", "ort", "trt"], default="torch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch backend)")
+    p.add_argument("--max-batch", type=int, default=8, help="most samples coalesced into one batch of a task")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-wait-ms", type=float, default=200.0,
+                   help="a request older than this is served first, folded task or not (the fairness bound)")
+    p.add_argument("--cache-bytes", metavar="SIZE", help="memory for folded tasks, e.g. 2GB (default: unbounded)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before new ones get 503")
+    p.add_argument("--max-body", default="64MiB", metavar="SIZE", help="largest request body (413 beyond)")
+    p.add_argument("--admin-token-file", metavar="FILE", help="bearer token for the model repository (load/unload)")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is answered 503")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads")
+    p.add_argument("--trt-slots", type=int, default=2, help="--backend trt: engines on the GPU, each refitted to one task")
+    p.set_defaults(run=run, check=check)
+
+
+def check(args) -> None:
+    from ..errors import ConfigError
+    from . import UsageError
+    from .export_cmd import parse_shape
+
+    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
+                        ("--trt-slots", args.trt_slots, 1)):
+        if v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if args.port > 65535:
+        raise UsageError(f"--port must be <= 65535, got {args.port}")
+    for flag, v in (("--max-delay-ms", args.max_delay_ms), ("--max-wait-ms", args.max_wait_ms),
+                    ("--request-timeout", args.request_timeout)):
+        if not v >= 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}")
+    if args.input_shape and args.input:
+        raise UsageError("give either --input-shape (one FP32 input) or --input NAME:DATATYPE:SHAPE, not both")
+    if args.backend in ("torch", "trt"):
+        if not args.model or not args.weights:
+            raise UsageError(f"--backend {args.backend} needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
+        if not args.input_shape and not args.input:
+            raise UsageError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE")
+    if args.backend == "ort" and not args.adapters:
+        raise UsageError("--backend ort needs --adapters DIR (the folder 'liedeploy export --onnx --task-models/--bank' wrote)")
+    if args.input_shape:
+        parse_shape(args.input_shape)
+    try:
+        from ..serving.specs import parse_input_flag
+
+        [parse_input_flag(i) for i in args.input]
+        if args.model:
+            from exporters.model_loading import parse_model_spec
+
+            parse_model_spec(args.model)
+        kwargs = json.loads(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError:
+        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
+    if args.cache_bytes is not None:
+        parse_size(args.cache_bytes, "--cache-bytes")
+    parse_size(args.max_body, "--max-body")
+
+
+def run(args) -> int:
+    from ..serving.server import ServeConfig, serve
+    from ..serving.specs import parse_input_flag
+    from .export_cmd import parse_shape
+
+    cfg = ServeConfig(
+        model=args.model, weights=args.weights, adapters=args.adapters,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        inputs=[parse_input_flag(i) for i in args.input], model_kwargs=json.loads(args.model_kwargs),
+        backend=args.backend, device=args.device, host=args.host, port=args.port, max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms, max_wait_ms=args.max_wait_ms,
+        cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
+        max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
+        admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
+        trt_slots=args.trt_slots,
+    )
+    return serve(cfg, log=lambda s: print(s, flush=True))

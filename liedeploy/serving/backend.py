@@ -1,0 +1,169 @@
+"""One backend protocol for serving: the torch bank, the ONNX Runtime bank and TensorRT implement it.
+
+The serving layer (batcher, HTTP app, Ray replicas) talks to a backend only through
+:class:`Backend`; it never reaches into a backend's private state. Inputs and outputs are
+``{name: numpy array}`` with the batch as first axis. ``task=None`` is the base model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..errors import ServingError
+from .specs import TensorSpec, flatten_named
+
+__all__ = ["Backend", "TorchBackend", "STATS_KEYS"]
+
+# what stats() returns (every backend, same keys; counters are totals since start)
+STATS_KEYS = ("registered", "resident", "resident_bytes", "hits", "misses", "evictions", "folds", "fold_seconds")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the serving layer needs from an inference engine holding one base and many tasks."""
+
+    kind: str  # "torch", "ort", "trt"
+
+    def tasks(self) -> list: ...
+
+    def add(self, task: str, path: str) -> None:
+        """Register (or re-register) ``task`` from an adapter file; LieError if unusable."""
+
+    def remove(self, task: str) -> None: ...
+
+    def prefetch(self, task: str) -> None:
+        """Fold / load ``task`` now, so that its first request does not wait for it."""
+
+    def is_resident(self, task: Optional[str]) -> bool:
+        """Whether a call for ``task`` runs without a fold (the scheduler prefers these)."""
+
+    def inputs(self) -> list: ...
+
+    def outputs(self, task: Optional[str]) -> list: ...
+
+    def run(self, task: Optional[str], inputs: dict) -> dict:
+        """Outputs for a batch of one task (``None``: the base)."""
+
+    def run_mixed(self, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
+        """Outputs for a batch whose samples each name their task."""
+
+    def stats(self) -> dict:
+        """Counters and gauges with the keys of :data:`STATS_KEYS`."""
+
+
+class TorchBackend:
+    """:class:`Backend` over :class:`liedeploy.AdapterBank` (CPU or CUDA).
+
+    Args:
+        model: the base architecture with its base weights loaded.
+        input_specs: the model's inputs; one spec: called positionally, several: as keyword
+            arguments by name (``input_ids``, ``attention_mask``).
+        cache_bytes: the bank's byte budget for folded tasks.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    kind = "torch"
+
+    def __init__(self, model, input_specs: Sequence[TensorSpec], *, cache_bytes: Optional[int] = None,
+                 device: str = "cpu", threads: Optional[int] = None):
+        import torch
+
+        from ..bank import AdapterBank
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device)
+        self.bank = AdapterBank(model, cache_bytes=cache_bytes, device=self.device, lazy=True)
+        self._inputs = list(input_specs)
+        self._out_specs: dict = {}
+        self._out_specs[None] = self._probe(None)
+
+    # -- registry -------------------------------------------------------------------------
+    def tasks(self) -> list:
+        return self.bank.tasks
+
+    def add(self, task: str, path: str) -> None:
+        self.bank.add(task, path, replace=True)
+        self._out_specs.pop(task, None)
+
+    def remove(self, task: str) -> None:
+        self.bank.remove(task)
+        self._out_specs.pop(task, None)
+
+    def prefetch(self, task: str) -> None:
+        self.bank.prefetch(task)
+
+    def is_resident(self, task: Optional[str]) -> bool:
+        return task is None or self.bank.is_resident(task)
+
+    # -- specs ------------------------------------------------------------------------------
+    def inputs(self) -> list:
+        return list(self._inputs)
+
+    def _example(self) -> dict:
+        return {s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=s.dtype) for s in self._inputs}
+
+    def _probe(self, task: Optional[str]) -> list:
+        out = self.run(task, self._example())
+        return [TensorSpec(n, _datatype(a), (-1,) + tuple(a.shape[1:])) for n, a in out.items()]
+
+    def outputs(self, task: Optional[str]) -> list:
+        if task not in self._out_specs:
+            entry = self.bank.registry.get(task)
+            # a task that replaces no tensor whole has the base's outputs; otherwise run it once
+            self._out_specs[task] = self._out_specs[None] if not entry.full else self._probe(task)
+        return self._out_specs[task]
+
+    # -- inference --------------------------------------------------------------------------
+    def _call(self, task, inputs: dict) -> dict:
+        import torch
+
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in inputs.items()}
+        with torch.inference_mode():
+            if len(self._inputs) == 1:
+                out = self.bank(tensors[self._inputs[0].name], task=task)
+            else:
+                out = self.bank(task=task, **tensors)
+        return out
+
+    def run(self, task: Optional[str], inputs: dict) -> dict:
+        return {n: _to_numpy(t) for n, t in flatten_named(self._call(task, inputs))}
+
+    def run_mixed(self, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
+        groups: dict = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(t, []).append(i)
+        out: dict = {}
+        n = len(tasks)
+        for t, idx in groups.items():
+            part = self.run(t, {k: v[idx] for k, v in inputs.items()})
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = np.empty((n,) + v.shape[1:], dtype=v.dtype)
+                elif out[k].shape[1:] != v.shape[1:]:
+                    raise ServingError(f"task {t!r} gives output {k} of another shape than the other tasks of the batch")
+                out[k][idx] = v
+        return out
+
+    def stats(self) -> dict:
+        s = self.bank.stats
+        return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
+                "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
+                "evictions": s["evictions"], "folds": s["folds"], "fold_seconds": s["fold_seconds"]}
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: served as FP32
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _datatype(a: np.ndarray) -> str:
+    from .specs import NUMPY_TO_DATATYPE
+
+    return NUMPY_TO_DATATYPE.get(a.dtype, "FP32")

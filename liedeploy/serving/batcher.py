@@ -1,0 +1,213 @@
+"""Dynamic batching with a fold-aware scheduler, off the event loop.
+
+Requests queue per task. A batch of one task is formed when it holds ``max_batch`` samples or its
+oldest request has waited ``max_delay``; among the tasks that have a batch ready the scheduler
+takes, in order:
+
+1. any task whose oldest request has waited ``max_wait`` (the bound: nothing waits past it);
+2. else a task that is already folded (resident), oldest request first: no refold thrash;
+3. else the cold task with the most queued samples (one fold serves all its queued requests).
+
+Batches run on worker threads (never on the event loop); results go back to each request's
+asyncio future with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import LieError
+from .protocol import ProtocolError
+
+__all__ = ["Batcher", "Pending", "QueueFull"]
+
+_NOTHING = object()  # no batch is due (None is a task: the base model)
+
+
+class QueueFull(ProtocolError):
+    def __init__(self, limit: int):
+        super().__init__(503, f"the request queue is full ({limit} requests waiting); retry later", retry_after=1)
+
+
+@dataclass
+class Pending:
+    task: Optional[str]
+    inputs: dict
+    n: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.monotonic)
+    shape_key: tuple = ()
+
+    def __post_init__(self):
+        self.shape_key = tuple((k, v.shape[1:]) for k, v in sorted(self.inputs.items()))
+
+
+class Batcher:
+    """Queues, scheduler and worker threads in front of one :class:`~liedeploy.serving.backend.Backend`.
+
+    Args:
+        backend: the engine.
+        max_batch: most samples per batch.
+        max_delay: seconds a request may wait for others to join its batch.
+        max_queue: most requests waiting (beyond: :class:`QueueFull`, HTTP 503).
+        max_wait: seconds after which a request is served first, folded task or not.
+        workers: threads running batches (1 suits a CPU backend that uses all cores per call).
+        on_batch: ``(task, samples, queue_seconds_list, run_seconds)`` after each batch (metrics).
+        on_task_error: ``(task, exception)`` when a batch failed because the task cannot be used.
+    """
+
+    def __init__(self, backend, *, max_batch: int = 8, max_delay: float = 0.005, max_queue: int = 1024,
+                 max_wait: float = 0.2, workers: int = 1, on_batch: Optional[Callable] = None,
+                 on_task_error: Optional[Callable] = None):
+        self.backend = backend
+        self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
+        self.on_batch, self.on_task_error = on_batch, on_task_error
+        self._queues: dict = {}
+        self._count = 0
+        self._running = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._work, name=f"liedeploy-batcher-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    # -- producer side (event loop) -----------------------------------------------------------
+    def submit(self, task: Optional[str], inputs: dict, n: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if self._count >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._queues.setdefault(task, deque()).append(Pending(task, inputs, n, fut, loop))
+            self._count += 1
+            self._cv.notify()
+        return fut
+
+    @property
+    def depth(self) -> int:
+        return self._count
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return self._count == 0 and self._running == 0
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- scheduler ------------------------------------------------------------------------------
+    def _pick(self, now: float):
+        """``(task, wait seconds)``: the task to run now (``None`` is the base), or ``_NOTHING`` and how long to wait."""
+        ready, next_due = [], None
+        for task, q in self._queues.items():
+            if not q:
+                continue
+            oldest = q[0].arrived
+            rows = sum(p.n for p in q)
+            due = oldest + self.max_delay
+            if rows >= self.max_batch or now >= due:
+                ready.append((task, oldest, rows))
+            else:
+                next_due = due if next_due is None else min(next_due, due)
+        if not ready:
+            return _NOTHING, (None if next_due is None else max(0.0, next_due - now))
+        starving = [r for r in ready if now - r[1] >= self.max_wait]
+        if starving:
+            return min(starving, key=lambda r: r[1])[0], 0.0
+        resident = [r for r in ready if self.backend.is_resident(r[0])]
+        if resident:
+            return min(resident, key=lambda r: r[1])[0], 0.0
+        return max(ready, key=lambda r: (r[2], -r[1]))[0], 0.0
+
+    def _take(self, task) -> list:
+        q = self._queues[task]
+        first = q.popleft()
+        batch, rows = [first], first.n
+        keep = deque()
+        while q and rows < self.max_batch:
+            p = q.popleft()
+            if p.shape_key == first.shape_key and rows + p.n <= self.max_batch:
+                batch.append(p)
+                rows += p.n
+            else:
+                keep.append(p)
+        keep.extend(q)
+        self._queues[task] = keep
+        if not keep:
+            del self._queues[task]
+        self._count -= len(batch)
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._stop:
+                        return
+                    task, wait = self._pick(time.monotonic())
+                    if task is not _NOTHING:
+                        batch = self._take(task)
+                        self._running += 1
+                        break
+                    self._cv.wait(timeout=wait)
+            try:
+                self._run(task, batch)
+            finally:
+                with self._cv:
+                    self._running -= 1
+                    self._cv.notify_all()
+
+    def _run(self, task, batch: list) -> None:
+        started = time.monotonic()
+        batch = [p for p in batch if not p.future.cancelled()]
+        if not batch:
+            return
+        try:
+            inputs = {k: (batch[0].inputs[k] if len(batch) == 1 else np.concatenate([p.inputs[k] for p in batch]))
+                      for k in batch[0].inputs}
+            out = self.backend.run(task, inputs)
+        except LieError as exc:
+            if self.on_task_error:
+                self.on_task_error(task, exc)
+            for p in batch:
+                _resolve(p, exc=exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - delivered to the request, the worker keeps going
+            for p in batch:
+                _resolve(p, exc=exc)
+            return
+        ran = time.monotonic() - started
+        start = 0
+        for p in batch:
+            _resolve(p, result={k: v[start: start + p.n] for k, v in out.items()})
+            start += p.n
+        if self.on_batch:
+            self.on_batch(task, start, [started - p.arrived for p in batch], ran)
+
+
+def _resolve(p: Pending, result=None, exc=None) -> None:
+    def set_():
+        if p.future.done():
+            return
+        if exc is not None:
+            p.future.set_exception(exc)
+        else:
+            p.future.set_result(result)
+
+    try:
+        p.loop.call_soon_threadsafe(set_)
+    except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+        pass

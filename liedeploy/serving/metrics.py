@@ -1,0 +1,57 @@
+"""Prometheus metrics of the server (prometheus_client), names prefixed ``liedeploy_``.
+
+Label cardinality stays bounded whatever the number of tasks: no metric is labelled by task;
+per-task facts are in the model repository index and model metadata instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+__all__ = ["ServerMetrics", "OUTCOMES"]
+
+OUTCOMES = ("ok", "bad_request", "not_found", "too_large", "queue_full", "unavailable", "draining", "error")
+
+
+class ServerMetrics:
+    """Counters and histograms the app updates, plus a collector reading the backend's stats at scrape."""
+
+    def __init__(self, stats: Callable[[], dict], queue_depth: Callable[[], int]):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("liedeploy_requests", "Infer requests by outcome", ["outcome"], registry=self.registry)
+        for o in OUTCOMES:
+            self.requests.labels(o)
+        lat = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.request_seconds = Histogram("liedeploy_request_seconds", "Infer request latency, end to end",
+                                         buckets=lat, registry=self.registry)
+        self.queue_seconds = Histogram("liedeploy_queue_seconds", "Time a request waited for its batch",
+                                       buckets=lat, registry=self.registry)
+        self.batch_size = Histogram("liedeploy_batch_size", "Samples per batch run",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+
+        class _Backend:
+            def collect(self_inner):
+                s = stats()
+                yield CounterMetricFamily("liedeploy_folds", "Task folds (cold tasks made resident)", value=s["folds"])
+                yield CounterMetricFamily("liedeploy_fold_seconds", "Seconds spent folding", value=s["fold_seconds"])
+                for k in ("hits", "misses", "evictions"):
+                    yield CounterMetricFamily(f"liedeploy_cache_{k}", f"Folded-task cache {k}", value=s[k])
+                yield GaugeMetricFamily("liedeploy_resident_tasks", "Tasks folded and cached", value=s["resident"])
+                yield GaugeMetricFamily("liedeploy_resident_bytes", "Bytes of folded tasks", value=s["resident_bytes"])
+                yield GaugeMetricFamily("liedeploy_registered_tasks", "Tasks registered", value=s["registered"])
+                yield GaugeMetricFamily("liedeploy_queue_depth", "Requests waiting for a batch", value=queue_depth())
+
+        self.registry.register(_Backend())
+
+    def on_batch(self, task, samples: int, waits: list, run_seconds: float) -> None:
+        self.batch_size.observe(samples)
+        for w in waits:
+            self.queue_seconds.observe(w)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

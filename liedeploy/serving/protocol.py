@@ -1,0 +1,190 @@
+"""Open Inference Protocol v2 infer requests and responses, JSON and Triton's binary tensor extension.
+
+Decoding checks everything against the task's input specs (names, datatypes, shapes, sizes), so
+the batcher only ever sees well-formed numpy arrays; every refusal is a :class:`ProtocolError`
+with an HTTP status and one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import ServingError
+from .specs import DATATYPES, NUMPY_TO_DATATYPE, TensorSpec
+
+__all__ = ["ProtocolError", "InferRequest", "decode_infer_request", "encode_infer_response", "HEADER_LENGTH"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ProtocolError(ServingError):
+    """A request refused with ``status`` (400, 404, 413, 503...) and a one-sentence message."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass
+class InferRequest:
+    id: Optional[str]
+    inputs: dict  # name -> np.ndarray (batch first)
+    batch: int
+    outputs: Optional[list] = None  # requested output names, or None for all
+    binary: dict = field(default_factory=dict)  # output name -> bool (binary_data)
+    binary_default: bool = False
+
+
+def _bad(msg: str) -> ProtocolError:
+    return ProtocolError(400, msg)
+
+
+def _shape(raw, name: str) -> tuple:
+    if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+        raise _bad(f"input {name!r} has shape {raw!r}: a shape is a list of non-negative integers")
+    return tuple(raw)
+
+
+def decode_infer_request(body: bytes, header_length: Optional[str], specs: Sequence[TensorSpec]) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON + binary tensors) into checked numpy inputs."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+            if not 0 <= n <= len(body):
+                raise ValueError
+        except ValueError:
+            raise _bad(f"{HEADER_LENGTH} {header_length!r} is not a length within the body of {len(body)} bytes") from None
+        head, rest = body[:n], memoryview(body)[n:]
+    else:
+        head, rest = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except RecursionError:
+        raise _bad("the request JSON nests too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("the request body is not valid JSON") from None
+    if not isinstance(req, dict):
+        raise _bad("the request must be a JSON object with 'inputs'")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _bad("the request needs a non-empty 'inputs' list")
+    by_name = {s.name: s for s in specs}
+    inputs, offset, batch = {}, 0, None
+    for item in raw_inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad("each input must be an object with a 'name', 'datatype', 'shape' and 'data'")
+        name = item["name"]
+        spec = by_name.get(name)
+        if spec is None:
+            raise _bad(f"unknown input {name!r}; this model takes {', '.join(by_name)}")
+        if name in inputs:
+            raise _bad(f"input {name!r} is given twice")
+        dt = item.get("datatype")
+        if dt != spec.datatype:
+            raise _bad(f"input {name!r} has datatype {dt!r}, the model takes {spec.datatype}")
+        shape = _shape(item.get("shape"), name)
+        if len(shape) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(shape, spec.shape)):
+            raise _bad(f"input {name!r} has shape {list(shape)}, the model takes {list(spec.shape)} (-1: any size)")
+        if not shape or shape[0] < 1:
+            raise _bad(f"input {name!r} has an empty batch")
+        if batch is not None and shape[0] != batch:
+            raise _bad(f"inputs disagree on the batch size ({batch} and {shape[0]})")
+        batch = shape[0]
+        dtype = np.dtype(DATATYPES[dt])
+        count = math.prod(shape)
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _bad(f"input {name!r} has 'parameters' that are not an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise _bad(f"input {name!r} has binary_data_size {size!r}, not a byte count")
+            if size != count * dtype.itemsize:
+                raise _bad(f"input {name!r} has {size} bytes of binary data, its shape {list(shape)} of {dt} needs "
+                           f"{count * dtype.itemsize}")
+            if offset + size > len(rest):
+                raise _bad(f"input {name!r} needs {size} bytes of binary data, the body holds {len(rest) - offset}")
+            arr = np.frombuffer(rest[offset: offset + size], dtype=dtype.newbyteorder("<")).astype(dtype, copy=True)
+            offset += size
+        else:
+            data = item.get("data")
+            if data is None:
+                raise _bad(f"input {name!r} has neither 'data' nor binary data")
+            try:
+                arr = np.asarray(data, dtype=dtype)
+            except (ValueError, TypeError, OverflowError):
+                raise _bad(f"input {name!r}: its data are not {dt} values") from None
+            if arr.dtype == np.object_ or arr.size != count:
+                raise _bad(f"input {name!r} holds {arr.size} values, its shape {list(shape)} needs {count}")
+            if dtype.kind == "f" and isinstance(data, list) and _has_bool(data):
+                raise _bad(f"input {name!r}: its data are not {dt} values")
+        inputs[name] = arr.reshape(shape)
+    missing = [s.name for s in specs if s.name not in inputs]
+    if missing:
+        raise _bad(f"input {missing[0]!r} is missing")
+    if offset != len(rest):
+        raise _bad(f"the body holds {len(rest) - offset} bytes of binary data that no input claims")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("the request 'parameters' must be an object")
+    outs, binary = None, {}
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise _bad("'outputs' must be a list of objects with a 'name'")
+        outs = []
+        for o in req["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise _bad("'outputs' must be a list of objects with a 'name'")
+            outs.append(o["name"])
+            p = o.get("parameters") or {}
+            binary[o["name"]] = bool(p.get("binary_data", params.get("binary_data_output", False))) if isinstance(p, dict) else False
+    rid = req.get("id")
+    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, batch=int(batch), outputs=outs,
+                        binary=binary, binary_default=bool(params.get("binary_data_output", False)))
+
+
+def _has_bool(data) -> bool:
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, list):
+            stack.extend(v[:64])  # a sample is enough to tell JSON booleans from numbers
+    return False
+
+
+def encode_infer_response(model: str, request: InferRequest, outputs: dict) -> tuple[bytes, dict]:
+    """``(body, headers)`` of an infer response; binary outputs follow the JSON header."""
+    names = request.outputs if request.outputs is not None else list(outputs)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise _bad(f"unknown output {unknown[0]!r}; this model returns {', '.join(outputs)}")
+    items, blobs = [], []
+    for n in names:
+        arr = np.ascontiguousarray(outputs[n])
+        dt = NUMPY_TO_DATATYPE.get(arr.dtype)
+        if dt is None:
+            arr = arr.astype(np.float32)
+            dt = "FP32"
+        entry = {"name": n, "datatype": dt, "shape": list(arr.shape)}
+        if request.binary.get(n, request.binary_default):
+            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        items.append(entry)
+    resp = {"model_name": model, "model_version": "1", "outputs": items}
+    if request.id is not None:
+        resp["id"] = request.id
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH.lower(): str(len(head))}

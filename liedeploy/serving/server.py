@@ -1,0 +1,172 @@
+"""Running the app: build the backend, bind the socket, serve with uvicorn, drain on SIGTERM.
+
+SIGTERM (or SIGINT): readiness turns 503 at once, queued and running requests finish (bounded
+by ``drain_timeout``), then uvicorn closes and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ConfigError, LieError, require
+
+__all__ = ["ServeConfig", "build_backend", "build_state", "serve"]
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``liedeploy serve`` (and the Ray application) needs; all plain values."""
+
+    model: Optional[str] = None  # PKG.MOD:FACTORY
+    weights: Optional[str] = None
+    adapters: Optional[str] = None
+    input_shape: Optional[tuple] = None
+    inputs: list = field(default_factory=list)  # TensorSpec
+    model_kwargs: dict = field(default_factory=dict)
+    backend: str = "torch"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_wait_ms: float = 200.0
+    cache_bytes: Optional[int] = None
+    max_queue: int = 1024
+    max_body: int = 64 << 20
+    admin_token_file: Optional[str] = None
+    request_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    threads: Optional[int] = None
+    trt_slots: int = 2
+
+    def input_specs(self) -> list:
+        from .specs import default_input
+
+        if self.inputs:
+            return list(self.inputs)
+        if self.input_shape:
+            return [default_input(self.input_shape)]
+        raise ConfigError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE")
+
+
+def build_backend(cfg: ServeConfig):
+    """The backend ``cfg.backend`` names, loaded and ready (refuses in one sentence)."""
+    if cfg.backend == "torch":
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {cfg.device} was asked for but no CUDA device is visible")
+        if not cfg.model or not cfg.weights:
+            raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
+        from exporters.model_loading import build_model
+
+        from .backend import TorchBackend
+
+        model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
+        return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
+    if cfg.backend == "ort":
+        from exporters.ort_serving import OrtBackend
+
+        if not cfg.adapters:
+            raise ConfigError("--backend ort needs --adapters DIR: the folder 'liedeploy export --onnx --task-models/--bank' wrote")
+        return OrtBackend(cfg.adapters, threads=cfg.threads or 0)
+    if cfg.backend == "trt":
+        from exporters.trt_serving import TrtBackend
+
+        return TrtBackend.from_config(cfg)
+    raise ConfigError(f"--backend must be torch, ort or trt, got {cfg.backend!r}")
+
+
+def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None):
+    from .app import ServingState
+
+    token = None
+    if cfg.admin_token_file:
+        try:
+            with open(cfg.admin_token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{cfg.admin_token_file}: cannot read the admin token ({exc.strerror})") from None
+        if not token:
+            raise ConfigError(f"{cfg.admin_token_file}: the admin token file is empty")
+    if cfg.adapters and not os.path.isdir(cfg.adapters):
+        raise ConfigError(f"--adapters {cfg.adapters}: not a folder")
+    backend = backend or build_backend(cfg)
+    state = ServingState(backend, cfg.adapters if cfg.backend != "ort" else None, admin_token=token,
+                         max_body=cfg.max_body, request_timeout=cfg.request_timeout, replica_id=replica_id,
+                         batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
+                                       max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0))
+    state.scan()
+    return state
+
+
+def serve(cfg: ServeConfig, log=print) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+    uvicorn = require("uvicorn", "serve", "liedeploy serve")
+    require("starlette", "serve", "liedeploy serve")
+    require("prometheus_client", "serve", "liedeploy serve")
+    from .app import create_app
+
+    import signal
+
+    early: list = []  # a SIGTERM before uvicorn listens still drains (once it does)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as exc:
+        sock.close()
+        raise LieError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
+    t0 = time.monotonic()
+    state = build_state(cfg)
+    app = create_app(state)
+    sock.listen(2048)  # connections queue from now on, even before the loop accepts them
+    port = sock.getsockname()[1]
+
+    class Server(uvicorn.Server):
+        # uvicorn routes SIGTERM/SIGINT here; ours drains first and, unlike uvicorn's, does not
+        # re-raise the signal after shutdown, so a drained server exits 0
+        def handle_exit(self, signum, frame):
+            if state.draining:
+                self.should_exit = True
+                return
+            state.draining = True
+
+            def wait():
+                deadline = time.monotonic() + cfg.drain_timeout
+                while time.monotonic() < deadline and (state.inflight > 0 or not state.batcher.idle):
+                    time.sleep(0.01)
+                self.should_exit = True
+
+            threading.Thread(target=wait, daemon=True).start()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if early:
+                self.handle_exit(early[0], None)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)))
+    server = Server(config)
+    refused = ", ".join(f"{t} ({r})" for t, r in state.unavailable.items())
+    log(f"liedeploy serve: {len(state.backend.tasks())} task(s) registered"
+        + (f", unavailable: {refused}" if refused else "")
+        + f"; backend {state.backend.kind}; ready in {time.monotonic() - t0:.1f} s")
+    log(f"liedeploy serve: listening on http://{cfg.host}:{port}")
+    sys.stdout.flush()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        state.batcher.close()
+        sock.close()
+    log("liedeploy serve: drained and stopped")
+    return 0

@@ -1,0 +1,50 @@
+"""Factories the serving tests start servers with (imported by the server process)."""
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        h = self.conv(x).relu().mean((2, 3))
+        return self.fc(h)
+
+
+def net():
+    return Net()
+
+
+class TwoInputs(nn.Module):
+    """Like a text model: input_ids and attention_mask by name, a ModelOutput-like dict out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids)) * attention_mask.unsqueeze(-1).float()
+        pooled = h.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1).float()
+        return {"logits": self.head(pooled), "hidden": (h, pooled)}
+
+
+def two_inputs():
+    return TwoInputs()
+
+
+def slow(delay="0.05"):
+    """A Net whose forward sleeps (for queue and drain tests)."""
+    import time
+
+    class Slow(Net):
+        def forward(self, x):
+            time.sleep(float(delay))
+            return super().forward(x)
+
+    return Slow()
