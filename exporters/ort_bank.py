@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -56,7 +57,7 @@ class OrtAdapterBank:
         self._task_files: dict = {}
         self._adapters: dict = {}
         self._shared_values: dict = {}
-        self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0}
+        self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0, "evictions": 0, "build_seconds": 0.0}
         if task_models is not None:
             if not os.path.exists(os.path.join(task_models, "base.onnx")):
                 raise LieError(f"{task_models}: no base.onnx (write it with export_task_models / --task-models)")
@@ -125,13 +126,58 @@ class OrtAdapterBank:
         so = self._options()
         for name, value in self._shared_values.items():
             so.add_initializer(name, value)
+        t0 = time.perf_counter()
         sess = self._ort.InferenceSession(self._task_files[task], so, providers=["CPUExecutionProvider"])
         with self._lock:
             self.stats["sessions_built"] += 1
+            self.stats["build_seconds"] += time.perf_counter() - t0
             self._sessions[task] = sess
             while len(self._sessions) > max(self.max_sessions, 1 if task == "base" else 0):
                 self._sessions.popitem(last=False)
+                self.stats["evictions"] += 1
         return sess
+
+    @property
+    def hot_tasks(self) -> list:
+        """Tasks with a live ONNX Runtime session, least recently used first."""
+        with self._lock:
+            return list(self._sessions)
+
+    def add_task_model(self, name: str, path: str) -> None:
+        """Add (or replace) a hot task served by its merged model (a ``<task>.onnx`` of the task-models folder)."""
+        if not os.path.isfile(path):
+            raise LieError(f"{path}: no such file")
+        with self._lock:
+            self._task_files[name] = path
+            self._sessions.pop(name, None)
+
+    def is_hot(self, task: Optional[str]) -> bool:
+        """Whether ``task`` runs without building a session (a live session, or the bank graph)."""
+        key = "base" if task is None else task
+        if key in self._sessions:
+            return True
+        return key not in self._task_files and self.bank is not None
+
+    def _route(self, task: Optional[str]):
+        """``(session, run_options)`` that compute ``task``."""
+        key = "base" if task is None else task
+        if key in self._task_files and (self.max_sessions > 0 or key == "base"):
+            return self._session(key), None
+        if self.bank is not None and (task is None or task in self._adapters):
+            self.stats["bank_graph_calls"] += 1
+            return self.bank.session, self.bank.run_options(None if task is None else self._adapters[task])
+        raise LieError(f"unknown task {task!r}; known tasks: {', '.join(self.tasks) or 'none'}")
+
+    def session_for(self, task: Optional[str]):
+        """The ONNX Runtime session that computes ``task`` (for its input and output names)."""
+        return self._route(task)[0]
+
+    def run_feeds(self, task: Optional[str], feeds: dict) -> dict:
+        """``{output name: array}`` for ``feeds`` ``{input name: array}`` with ``task`` (None: the base)."""
+        sess, ro = self._route(task)
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, feeds, run_options=ro) if ro is not None else sess.run(names, feeds)
+        return dict(zip(names, outs))
 
     def __call__(self, x, task: Optional[str] = None):
         """Outputs (first output) for ``x`` with ``task`` (None: the base)."""

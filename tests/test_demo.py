@@ -25,3 +25,7 @@ def test_demo_smoke(tmp_path, capsys):
         assert t["bank_accuracy"] == t["merged_accuracy"]
         assert t["onnx_accuracy"] == t["merged_accuracy"]
         assert abs(t["onnx_bank_accuracy"] - t["merged_accuracy"]) <= 1 / 400
+    # the serving step: every task answered over HTTP, equal to the in-process bank
+    assert summary["serve"]["ok"]
+    assert [r["task"] for r in summary["serve"]["tasks"]] == ["rotated", "inverted"]
+    assert all(r["max_abs_vs_in_process"] <= 1e-5 for r in summary["serve"]["tasks"])

@@ -57,6 +57,17 @@ def run(args) -> int:
         run_demo_onnx(summary, args.out, seed=args.seed, log=log)
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    try:
+        import tritonclient.http  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        log("(serving step skipped: pip install 'liedeploy[demo]' to serve the tasks over HTTP and query them)")
+    else:
+        from ..serving.demo_step import run_demo_serve
+
+        summary["serve"] = run_demo_serve(summary, args.out, seed=args.seed, log=log)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0

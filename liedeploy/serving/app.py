@@ -62,6 +62,11 @@ class ServingState:
         """Register every task file of ``adapters_dir`` (headers only); returns ``{task: reason}`` refused."""
         if not self.adapters_dir:
             return {}
+        discover = getattr(self.backend, "discover", None)
+        if discover is not None:  # a backend whose folder holds more than task files (ONNX exports)
+            for task in discover(self.adapters_dir):
+                self.load(task, prefetch=False)
+            return dict(self.unavailable)
         for f in sorted(os.listdir(self.adapters_dir)):
             if f.endswith(self.suffix) and not f.startswith("."):
                 self.load(f[: -len(self.suffix)], prefetch=False)

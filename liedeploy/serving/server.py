@@ -99,7 +99,7 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
     if cfg.adapters and not os.path.isdir(cfg.adapters):
         raise ConfigError(f"--adapters {cfg.adapters}: not a folder")
     backend = backend or build_backend(cfg)
-    state = ServingState(backend, cfg.adapters if cfg.backend != "ort" else None, admin_token=token,
+    state = ServingState(backend, cfg.adapters, admin_token=token,
                          max_body=cfg.max_body, request_timeout=cfg.request_timeout, replica_id=replica_id,
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0))

@@ -378,3 +378,44 @@ def test_a_thousand_tasks_register_lazily(farm, tmp_path):
         assert _infer_json(srv.url, "t0999", x)[0] == 200
         assert _metric(_http(f"{srv.url}/metrics")[2].decode(), "liedeploy_folds_total") == 1
     assert started < 30
+
+
+def test_ort_backend_serves_the_task_models_export(farm, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from exporters.task_models import export_task_models
+
+    torch.manual_seed(0)
+    base = farm["refs"]["base"]
+    out = tmp_path / "export"
+    out.mkdir()
+    paths = [os.path.join(farm["tasks"], f"task{i}.safetensors") for i in (1, 4)]
+    export_task_models(copy.deepcopy(base), torch.randn(2, 3, 8, 8), str(out), paths, dynamic_batch=True)
+    with ServerProcess(["--backend", "ort", "--adapters", str(out)]) as srv:
+        c = httpclient.InferenceServerClient(srv.hostport)
+        meta = c.get_model_metadata("task4")
+        assert meta["platform"] == "liedeploy_ort" and meta["inputs"][0]["shape"] == [-1, 3, 8, 8]
+        out_name = meta["outputs"][0]["name"]
+        x = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
+        for task in ("base", "task1", "task4"):
+            got = c.infer(task, [_inp(x)]).as_numpy(out_name)
+            np.testing.assert_allclose(got, _ref(farm, task, x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(InferenceServerException, match="unknown task 'task2'"):
+            c.infer("task2", [_inp(x)])
+
+
+def test_trt_backend_is_refused_in_one_line_without_tensorrt(farm):
+    import subprocess
+    import sys
+
+    try:
+        import tensorrt  # noqa: F401
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and CUDA are here: the refusal does not apply")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "liedeploy.cli", "serve", "--backend", "trt", "--model",
+                           "tests.serving.models:net", "--weights", farm["base"], "--adapters", farm["tasks"],
+                           "--input-shape", "1,3,8,8", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "TensorRT" in proc.stderr and "listening" not in proc.stdout
