@@ -24,6 +24,7 @@ from .protocol import HEADER_LENGTH, ProtocolError, decode_infer_request, encode
 __all__ = ["ServingState", "create_app", "BASE_TASK"]
 
 BASE_TASK = "base"
+REPLICA_KEY = "__liedeploy_replica__"  # an output a backend may add: the replica that ran it (a header)
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -240,9 +241,10 @@ def create_app(state: ServingState):
                 out = await asyncio.wait_for(fut, state.request_timeout)
             except asyncio.TimeoutError:
                 raise ProtocolError(503, f"the request took more than {state.request_timeout:g} s", retry_after=1) from None
+            replica = out.pop(REPLICA_KEY, None) or state.replica_id
             payload, headers = encode_infer_response(name, req, out)
-            if state.replica_id:
-                headers["liedeploy-replica"] = state.replica_id
+            if replica:
+                headers["liedeploy-replica"] = str(replica)
             outcome = "ok"
             return Response(payload, headers=headers)
         except ProtocolError as exc:

@@ -192,7 +192,7 @@ class Batcher:
         ran = time.monotonic() - started
         start = 0
         for p in batch:
-            _resolve(p, result={k: v[start: start + p.n] for k, v in out.items()})
+            _resolve(p, result={k: (v[start: start + p.n] if isinstance(v, np.ndarray) else v) for k, v in out.items()})
             start += p.n
         if self.on_batch:
             self.on_batch(task, start, [started - p.arrived for p in batch], ran)

@@ -1,0 +1,298 @@
+"""``liedeploy serve`` as a Ray Serve application: the same HTTP app, tasks multiplexed over replicas.
+
+    serve run liedeploy.serving.ray:build_app model=PKG.MOD:FACTORY weights=BASE adapters=DIR \\
+        input_shape=1,3,224,224 num_replicas=2 max_tasks_per_replica=8
+
+Two deployments:
+
+- ``Ingress`` (the HTTP route): the very app of ``liedeploy serve`` (:func:`~.app.create_app`,
+  same paths, codes, batcher, metrics, repository extension), whose backend
+  (:class:`RayRoutedBackend`) sends each batch of one task to the replica deployment with
+  ``multiplexed_model_id=task``;
+- ``TaskReplica``: a torch backend per replica; ``@serve.multiplexed`` keeps up to
+  ``max_tasks_per_replica`` tasks folded (LRU, on top of the bank's own byte budget), and Ray
+  routes a task's requests to a replica that already holds it.
+
+A replica that dies mid-request is restarted by Ray; the ingress retries the batch (another
+replica, or the restarted one) and, if that fails too, answers 503 with Retry-After: never a
+wrong answer, never a hang past ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Optional
+
+from ..errors import ConfigError, LieError, require
+
+__all__ = ["build_app", "RayRoutedBackend", "parse_args", "REPLICA_KEY"]
+
+from .app import REPLICA_KEY  # noqa: E402  (a backend output that names the replica, sent as a header)
+_STATS_KEY = "__liedeploy_stats__"
+
+_INT = ("num_replicas", "max_tasks_per_replica", "max_batch", "max_queue", "min_replicas", "max_replicas", "threads",
+        "max_ongoing_requests")
+_FLOAT = ("max_delay_ms", "max_wait_ms", "request_timeout", "target_ongoing_requests", "replica_num_cpus")
+
+
+def parse_args(args: dict) -> dict:
+    """Builder arguments (strings, as ``serve run`` passes them) -> typed settings; ConfigError if malformed."""
+    from ..cli.serve_cmd import parse_size
+    from .specs import parse_input_flag
+
+    known = {"model", "weights", "adapters", "input_shape", "input", "model_kwargs", "device", "cache_bytes",
+             "max_body", "admin_token_file", *_INT, *_FLOAT}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"unknown build_app argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    for k in ("model", "weights", "adapters"):
+        if not args.get(k):
+            raise ConfigError(f"build_app needs {k}=...")
+    out = {k: str(args[k]) for k in ("model", "weights", "adapters")}
+    try:
+        for k in _INT:
+            if k in args:
+                out[k] = int(args[k])
+        for k in _FLOAT:
+            if k in args:
+                out[k] = float(args[k])
+        if "input_shape" in args:
+            out["input_shape"] = tuple(int(s) for s in str(args["input_shape"]).split(","))
+    except ValueError as exc:
+        raise ConfigError(f"build_app argument is not a number: {exc}") from None
+    inputs = args.get("input")
+    if inputs:
+        out["inputs"] = [parse_input_flag(i) for i in (inputs if isinstance(inputs, list) else str(inputs).split(";"))]
+    if "model_kwargs" in args:
+        import json
+
+        kw = args["model_kwargs"]
+        out["model_kwargs"] = kw if isinstance(kw, dict) else json.loads(kw)
+    for k in ("device", "admin_token_file"):
+        if k in args:
+            out[k] = str(args[k])
+    for k in ("cache_bytes", "max_body"):
+        if k in args:
+            out[k] = parse_size(str(args[k]), k)
+    if "input_shape" not in out and "inputs" not in out:
+        raise ConfigError("build_app needs input_shape=1,3,224,224 or input=NAME:DATATYPE:SHAPE[;...]")
+    return out
+
+
+def _serve_config(settings: dict):
+    from .server import ServeConfig
+
+    fields = {k: v for k, v in settings.items() if k in ServeConfig.__dataclass_fields__}
+    return ServeConfig(**fields)
+
+
+class RayRoutedBackend:
+    """The ingress's backend: tasks registered from headers here, batches run on the replicas."""
+
+    kind = "torch"
+
+    def __init__(self, replicas, settings: dict):
+        from ..safetensors_io import SafetensorsFile, read_index, tensor_sha256
+        from ..task_registry import TaskRegistry
+
+        cfg = _serve_config(settings)
+        self.replicas = replicas
+        self._inputs = cfg.input_specs()
+        self.request_timeout = cfg.request_timeout
+        weights = cfg.weights
+        shards = read_index(weights)[1] if weights.endswith(".index.json") else {weights: None}
+        where, shapes = {}, {}
+        for shard in shards:
+            with SafetensorsFile(shard) as f:
+                for k, v in f.header.items():
+                    where[k], shapes[k] = shard, tuple(v["shape"])
+        hashes: dict = {}
+
+        def sha256(name: str) -> str:  # the base's bytes, hashed once per tensor name
+            if name not in hashes:
+                from safetensors import safe_open
+
+                with safe_open(where[name], framework="pt") as f:
+                    hashes[name] = tensor_sha256(f.get_tensor(name))
+            return hashes[name]
+
+        self.registry = TaskRegistry(shapes, sha256)
+        self._outputs: Optional[list] = None
+        self._replica_stats: dict = {}
+
+    def tasks(self) -> list:
+        return self.registry.names
+
+    def add(self, task: str, path: str) -> None:
+        self.registry.put(self.registry.read(task, path, lazy=True), replace=True)
+
+    def remove(self, task: str) -> None:
+        self.registry.pop(task)
+
+    def prefetch(self, task: str) -> None:
+        self._call(task, "prefetch")
+
+    def is_resident(self, task) -> bool:
+        return True  # Ray's multiplexed routing prefers the replicas that hold the task
+
+    def inputs(self) -> list:
+        return list(self._inputs)
+
+    def outputs(self, task) -> list:
+        from .specs import TensorSpec
+
+        if self._outputs is None:
+            self._outputs = [TensorSpec(**s) for s in self._call(None, "outputs")]
+        return self._outputs
+
+    def _call(self, task, method: str, *args):
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from .protocol import ProtocolError
+
+        handle = getattr(self.replicas.options(multiplexed_model_id=task or "base"), method)
+        last = None
+        for attempt in range(3):  # a replica that died: Ray routes the retry to a live one
+            try:
+                return handle.remote(*args).result(timeout_s=self.request_timeout)
+            except RayTaskError as exc:
+                cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+                if isinstance(cause, LieError):
+                    raise LieError(str(cause).split("\n")[-1].strip() or str(cause)) from None
+                last = exc
+            except (RayActorError, TimeoutError) as exc:
+                last = exc
+            except Exception as exc:  # noqa: BLE001 - Ray's own errors (replica unavailable, ...)
+                last = exc
+            time.sleep(0.2 * (attempt + 1))
+        why = str(last).strip().splitlines()[-1][:200] if str(last).strip() else type(last).__name__
+        raise ProtocolError(503, f"no replica could run the request ({why}); retry", retry_after=1)
+
+    def run(self, task, inputs: dict) -> dict:
+        out = self._call(task, "infer", inputs)
+        stats = out.pop(_STATS_KEY, None)
+        if stats is not None:
+            self._replica_stats[out.get(REPLICA_KEY)] = stats
+        return out
+
+    def run_mixed(self, tasks, inputs):  # pragma: no cover - the batcher sends one task per batch
+        raise LieError("the Ray backend runs one task per batch")
+
+    def stats(self) -> dict:
+        keys = ("resident", "resident_bytes", "hits", "misses", "evictions", "folds", "fold_seconds")
+        total = {k: sum(s.get(k, 0) for s in self._replica_stats.values()) for k in keys}
+        total["registered"] = len(self.registry)
+        return total
+
+
+class _Resident:
+    """A task folded in one replica's bank; Ray's multiplexed LRU drops it with ``__del__``."""
+
+    def __init__(self, backend, task: str):
+        self.backend, self.task = backend, task
+
+    def __del__(self):
+        try:
+            self.backend.remove(self.task)
+        except Exception:  # noqa: BLE001 - already removed
+            pass
+
+
+def _deployments():
+    serve = require("ray.serve", "ray", "the Ray Serve application")
+
+    class TaskReplica:
+        def __init__(self, settings: dict, max_tasks: int):
+            from .server import build_backend
+
+            cfg = _serve_config(settings)
+            self.backend = build_backend(cfg)
+            self.adapters = cfg.adapters
+            try:
+                self.replica_id = serve.get_replica_context().replica_id.unique_id
+            except Exception:  # noqa: BLE001
+                self.replica_id = f"pid{os.getpid()}"
+            backend, adapters = self.backend, self.adapters
+
+            async def load(task: str) -> _Resident:  # a plain function: the LRU lives on it, per replica
+                path = os.path.join(adapters, f"{task}.safetensors")
+                await asyncio.to_thread(backend.add, task, path)
+                await asyncio.to_thread(backend.prefetch, task)
+                return _Resident(backend, task)
+
+            self.get_task = serve.multiplexed(max_num_models_per_replica=max_tasks)(load)
+
+        async def _task(self) -> Optional[str]:
+            task = serve.get_multiplexed_model_id()
+            if task in ("", "base"):
+                return None
+            await self.get_task(task)
+            return task
+
+        async def infer(self, inputs: dict) -> dict:
+            task = await self._task()
+            out = await asyncio.to_thread(self.backend.run, task, inputs)
+            out[REPLICA_KEY] = self.replica_id
+            out[_STATS_KEY] = self.backend.stats()
+            return out
+
+        async def prefetch(self) -> None:
+            await self._task()
+
+        async def outputs(self) -> list:
+            return [s.to_json() for s in await asyncio.to_thread(self.backend.outputs, None)]
+
+    class Ingress:
+        def __init__(self, replicas, settings: dict):
+            from .app import ServingState
+
+            cfg = _serve_config(settings)
+            token = None
+            if cfg.admin_token_file:
+                with open(cfg.admin_token_file) as f:
+                    token = f.read().strip() or None
+            workers = max(2, 2 * int(settings.get("num_replicas", settings.get("max_replicas", 1))))
+            self.state = ServingState(
+                RayRoutedBackend(replicas, settings), cfg.adapters, admin_token=token, max_body=cfg.max_body,
+                request_timeout=cfg.request_timeout,
+                batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0, max_queue=cfg.max_queue,
+                              max_wait=cfg.max_wait_ms / 1000.0, workers=workers))
+            self.state.scan()
+
+        def __serve_build_asgi_app__(self):
+            from .app import create_app
+
+            return create_app(self.state)
+
+    return serve, TaskReplica, Ingress
+
+
+def build_app(args: dict):
+    """Ray Serve application builder (``serve run liedeploy.serving.ray:build_app key=value ...``).
+
+    Arguments (strings): ``model``, ``weights``, ``adapters`` (a folder every node sees), ``input_shape``
+    or ``input`` (``NAME:DATATYPE:SHAPE`` joined by ``;``), ``num_replicas`` (default 1) or
+    ``min_replicas``/``max_replicas``/``target_ongoing_requests`` (autoscaling),
+    ``max_tasks_per_replica`` (default 8), ``cache_bytes``, ``max_batch``, ``max_delay_ms``,
+    ``max_wait_ms``, ``max_queue``, ``max_body``, ``request_timeout``, ``admin_token_file``, ``device``,
+    ``threads``, ``replica_num_cpus`` (CPUs Ray reserves per replica, default 1), ``max_ongoing_requests``
+    (per replica; past it Ray routes a task's batch to another replica).
+    """
+    settings = parse_args(dict(args))
+    serve, TaskReplica, Ingress = _deployments()
+    opts: dict = {"ray_actor_options": {"num_cpus": settings.get("replica_num_cpus", 1.0)}}
+    if "max_ongoing_requests" in settings:
+        opts["max_ongoing_requests"] = settings["max_ongoing_requests"]
+    if "min_replicas" in settings or "max_replicas" in settings:
+        opts["autoscaling_config"] = {
+            "min_replicas": settings.get("min_replicas", 1),
+            "max_replicas": settings.get("max_replicas", max(1, settings.get("min_replicas", 1))),
+            "target_ongoing_requests": settings.get("target_ongoing_requests", 2.0),
+        }
+    else:
+        opts["num_replicas"] = settings.get("num_replicas", 1)
+    replica = serve.deployment(TaskReplica, name="TaskReplica").options(**opts)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(replica.bind(settings, settings.get("max_tasks_per_replica", 8)), settings)
