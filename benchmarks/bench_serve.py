@@ -193,12 +193,14 @@ def main(argv=None) -> int:
                     res["folds"] = json.loads(urllib.request.urlopen(proc.url + "/loads").read())["loads"]
                 else:
                     res["folds"] = _metric(proc.url, "liedeploy_folds_total")
+                    res["mean_batch"] = _metric(proc.url, "liedeploy_batch_size_sum") / max(
+                        _metric(proc.url, "liedeploy_batch_size_count"), 1)
             finally:
                 proc.stop()
             results[label] = res
             print(f"{label:40s} {res['rps']:8.1f} req/s  p50 {res.get('p50_ms', 0):7.1f}  p95 {res.get('p95_ms', 0):7.1f}  "
                   f"p99 {res.get('p99_ms', 0):7.1f} ms  err {res['errors']}  wrong {res['wrong']}  folds {res['folds']:.0f}  "
-                  f"rss {res['server_peak_rss'] / 1e6:.0f} MB  cpu srv {res['server_cpu_s']:.1f} s cli {res['client_cpu_s']:.1f} s", flush=True)
+                  f"batch {res.get('mean_batch', 1):.1f}  rss {res['server_peak_rss'] / 1e6:.0f} MB  cpu srv {res['server_cpu_s']:.1f} s cli {res['client_cpu_s']:.1f} s", flush=True)
             return res
 
         s = setup["sizes"]
@@ -231,6 +233,11 @@ def main(argv=None) -> int:
         z = results[f"1000 tasks Zipf(1.1), {bl}"]["rps"]
         ratios[f"1000 tasks Zipf, {bl}: liedeploy / naive"] = z / max(results[f"naive: 1000 tasks Zipf(1.1), {bl}"]["rps"], 1e-9)
         ratios[f"1000 tasks Zipf, {bl}: liedeploy / ceiling"] = z / ceiling
+    if args.ray:
+        single = results["10 tasks uniform, 2 GB"]["rps"]
+        ratios["ray 2 replicas / single process, 10 tasks uniform"] = results["ray 2 replicas: 10 tasks uniform"]["rps"] / single
+        ratios["ray 2 replicas / single process, 1000 tasks Zipf"] = (
+            results["ray 2 replicas: 1000 tasks Zipf(1.1), affinity"]["rps"] / results["1000 tasks Zipf(1.1), 0.5 GB"]["rps"])
     budget_ok = {k: {"peak_rss": v["server_peak_rss"], "rss_after_start": v["server_start_rss"],
                      "limit_base_budget_300MB": setup["base_bytes"] + (GB // 2 if "0.5 GB" in k else 2 * GB) + 300e6,
                      "within": v["server_peak_rss"] <= setup["base_bytes"] + (GB // 2 if "0.5 GB" in k else 2 * GB) + 300e6}

@@ -127,6 +127,11 @@ def export_bank_graph(
     sd = base.state_dict()
     afs = [read_adapter(a) for a in adapters]
     for af in afs:
+        if af.full:
+            raise ConfigError(
+                f"{af.path}: the task replaces {sorted(af.full)[0]} whole (a head of its own), and a bank graph shares "
+                "one set of weights between tasks: export it with --task-models instead"
+            )
         check_against_base(af, {k: tuple(v.shape) for k, v in sd.items()},
                            (lambda P: tensor_sha256(sd[P])) if verify_base else None)
         if af.expmap != "exact":

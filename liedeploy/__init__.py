@@ -37,6 +37,8 @@ _LAZY = {
     "unmerge_": ".merge",
     "merge_files": ".merge",
     "AdapterBank": ".bank",
+    "set_adapter": ".named",
+    "disable_adapters": ".named",
 }
 
 __all__ = [

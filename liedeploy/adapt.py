@@ -26,6 +26,7 @@ __all__ = [
     "adapted_names",
     "remove_adapters_",
     "trainable_parameter_count",
+    "own_class",
 ]
 
 
@@ -46,8 +47,11 @@ class LieParametrization(nn.Module):
         self.lie_A = nn.Parameter(torch.empty(self.r, n, dtype=dtype, device=device))
         self.lie_B = nn.Parameter(torch.zeros(shape[0], self.r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lie_A, a=math.sqrt(5))
+        self.enabled = True  # False inside disable_adapters(): the base weight, untouched
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return W
         return lie_fold(W, self.lie_B, self.lie_A, self.scale, self.expmap)
 
     def extra_repr(self) -> str:
@@ -78,14 +82,49 @@ def adapted_names(model: nn.Module) -> list[str]:
     return [name for name, *_ in iter_adapters(model)]
 
 
-def _select(model: nn.Module, config: LieConfig) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    chosen = []
-    for mod_name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{attr}" if mod_name else attr
-            if config.matches(module, name):
-                chosen.append((name, module, attr, param))
-    return chosen
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
+
+    torch creates one ``Parametrized<Cls>`` class per parametrized module, and ``copy.deepcopy``
+    shares that class between the original and the copy: removing or adding a parametrization on
+    one would then change the other's class (the copy's ``weight`` vanished). Every liedeploy call
+    that changes parametrizations first gives the module its own class, so copies stay independent.
+    """
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, ns)
+
+
+def register(module: nn.Module, attr: str, lie: "LieParametrization") -> None:
+    own_class(module)
+    parametrize.register_parametrization(module, attr, lie, unsafe=True)
+
+
+def unregister(module: nn.Module, attr: str) -> None:
+    own_class(module)
+    parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+
+
+def _select(model: nn.Module, config: LieConfig, saved=None) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    from .targets import select_targets
+
+    return select_targets(model, config, saved)
+
+
+def _refuse_tied(model: nn.Module, chosen: list) -> None:
+    """Refuse adapting a parameter that another name of the model shares (GPT-2's wte / lm_head)."""
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for name, _, _, param in chosen:
+        others = [n for n in names.get(id(param), []) if n != name]
+        if others:
+            raise LieError(
+                f"parameter {name} is tied to {others[0]} (one tensor, two names): an adapter on it would change "
+                "both layers in memory but only one in a saved or merged file; untie them first "
+                "(e.g. config.tie_word_embeddings=False) or leave both out of the targets"
+            )
 
 
 def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optional[dict] = None) -> nn.Module:
@@ -120,6 +159,9 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
             f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
             "call merge_ or remove_adapters_ first"
         )
+    from .targets import select_modules_to_save
+
+    saved = select_modules_to_save(model, config.modules_to_save) if targets_exact is None else {}
     if targets_exact is not None:
         wanted = set(targets_exact)
         chosen = [c for c in _select(model, LieConfig(targets=None, filter_fn=lambda m, n: n in wanted))]
@@ -127,9 +169,10 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
         if missing:
             raise LieError(f"target {sorted(missing)[0]} is not a parameter of this model")
     else:
-        chosen = _select(model, config)
-        if not chosen:
+        chosen = _select(model, config, saved)
+        if not chosen and not saved:
             raise LieError(f"no parameter of the model matches {config.describe_targets()}")
+    _refuse_tied(model, chosen)
     for name, _, _, param in chosen:
         if param.dim() < 2:
             raise LieError(
@@ -138,6 +181,9 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
             )
     for p in model.parameters():
         p.requires_grad_(False)
+    for mod in saved.values():  # modules_to_save: trained and saved whole (a new head...)
+        for p in mod.parameters():
+            p.requires_grad_(True)
     for name, module, attr, param in chosen:
         if targets_exact is not None:
             r, scale = targets_exact[name]
@@ -146,17 +192,23 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
         lie = LieParametrization(
             param.shape, r, scale, config.expmap, dtype=_factor_dtype(param.dtype), device=param.device
         )
-        parametrize.register_parametrization(module, attr, lie, unsafe=True)
+        register(module, attr, lie)
     model.lie_config = config
+    model.lie_modules_to_save = sorted(saved)
     return model
 
 
 def remove_adapters_(model: nn.Module) -> nn.Module:
     """Drop every Lie adapter and give back the pristine base parameters (no fold)."""
+    from .full_tensors import restore_full_tensors
+
     for _, module, attr, _ in list(iter_adapters(model)):
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        unregister(module, attr)
+    restore_full_tensors(model)
     if hasattr(model, "lie_config"):
         del model.lie_config
+    if hasattr(model, "lie_modules_to_save"):
+        del model.lie_modules_to_save
     if hasattr(model, "_lie_spare"):
         del model._lie_spare  # merged buffers kept by unmerge_
     return model

@@ -22,9 +22,10 @@ from torch import nn
 from ._version import __version__
 from .adapt import apply_adapters_, iter_adapters, remove_adapters_
 from .adapter_header import FORMAT, parse_adapter_header
+from .full_tensors import full_tensors, install_full_tensors, restore_full_tensors
 from .config import LieConfig
 from .errors import AdapterFileError, LieError
-from .safetensors_io import SafetensorsFile, atomic_path, tensor_sha256
+from .safetensors_io import DTYPE_NAMES, SafetensorsFile, atomic_path, tensor_sha256
 
 __all__ = [
     "FORMAT",
@@ -35,6 +36,9 @@ __all__ = [
     "load_adapter",
     "check_against_base",
     "pristine_base_tensors",
+    "full_tensors",
+    "install_full_tensors",
+    "restore_full_tensors",
 ]
 
 FORMAT_VERSION = "1"  # what save_adapter writes when a task has no full tensors
@@ -103,11 +107,15 @@ def save_adapter(
         >>> save_adapter(model, "rotated.safetensors", name="rotated")
     """
     live = _live_factors(model)
-    if not live:
+    full = full_tensors(model)
+    if not live and not full:
         raise LieError("the model has no Lie adapters to save; call apply_adapters_ first")
     expmaps = {e for *_, e in live.values()}
-    if len(expmaps) != 1:
+    if len(expmaps) > 1:
         raise LieError(f"the model mixes exp maps {sorted(expmaps)}; one adapter file holds one map")
+    cfg = getattr(model, "lie_config", None)
+    if not expmaps:
+        expmaps = {cfg.expmap if isinstance(cfg, LieConfig) else "exact"}
     base = base if base is not None else pristine_base_tensors(model)
     tensors, targets, hashes = {}, {}, {}
     for P in sorted(live):
@@ -118,11 +126,14 @@ def save_adapter(
         tensors[f"{P}.lie_A"] = A.detach().to("cpu", copy=True).contiguous()
         targets[P] = {"shape": list(base[P].shape), "scale": float(scale)}
         hashes[P] = tensor_sha256(base[P])
-    cfg = getattr(model, "lie_config", None)
+    for P, t in full.items():
+        if P in targets:
+            raise LieError(f"{P} is both a Lie target and a module to save; it can only be one")
+        tensors[P] = t.detach().to("cpu", copy=True).contiguous()
     name = name if name is not None else os.path.splitext(os.path.basename(path))[0]
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": "2" if full else FORMAT_VERSION,
         "expmap": expmaps.pop(),
         "targets": json.dumps(targets, sort_keys=True),
         "base_sha256": json.dumps(hashes, sort_keys=True),
@@ -130,6 +141,12 @@ def save_adapter(
         "name": str(name),
         "created_by": f"liedeploy {__version__}",
     }
+    kinds = {P: type(m).__name__.replace("Parametrized", "") for P, m, _, _ in iter_adapters(model)}
+    kinds.update({P: type(rec.module).__name__.replace("Parametrized", "") for P, rec in getattr(model, "_lie_merged", {}).items()})
+    metadata["layer_types"] = json.dumps({P: k for P, k in kinds.items() if P in targets}, sort_keys=True)
+    if full:
+        metadata["full"] = json.dumps({P: {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]} for P, t in full.items()},
+                                      sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
@@ -234,17 +251,21 @@ def _cached_sha256(t: torch.Tensor) -> str:
     return hit[2]
 
 
-def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, verify_base: bool = True, adapter_name: Optional[str] = None) -> nn.Module:
     """Load an adapter file into ``model`` and return it.
 
     If the model already has Lie adapters on exactly the file's targets and ranks, the factors are
     copied in place (no new tensors: compiled graphs and CUDA graphs keep working). Otherwise any
-    existing adapters are removed and the file's adapters are attached.
+    existing adapters are removed and the file's adapters are attached. Full tensors (format "2":
+    a head of the task's own) are installed, shapes included; the base's are kept to restore.
 
     Args:
         model: the base architecture (with pristine base weights).
-        path: an adapter file.
+        path: an adapter file (or an :class:`AdapterFile` already read).
         verify_base: check every target's base tensor against the file's ``base_sha256``.
+        adapter_name: keep the adapter under this name (PEFT's ``adapter_name``): several named
+            adapters live on one model and :func:`liedeploy.named.set_adapter` switches between them.
+            The first one loaded is active; later ones wait for ``set_adapter``.
 
     Raises:
         AdapterFileError: see :func:`read_adapter`, plus targets absent from the model, other
@@ -252,13 +273,26 @@ def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn
     """
     if getattr(model, "_lie_merged", None):
         raise LieError("the model holds merged adapters; call unmerge_ before loading another adapter")
-    af = read_adapter(path)
+    af = path if isinstance(path, AdapterFile) else read_adapter(path)
     base = _base_view(model)
     check_against_base(
         af,
         {k: tuple(v.shape) for k, v in base.items()},
         (lambda P: _cached_sha256(base[P])) if verify_base else None,
     )
+    if adapter_name is not None:
+        named = getattr(model, "lie_adapters", None)
+        if named is None:
+            named = model.lie_adapters = {}
+        named[adapter_name] = af
+        if getattr(model, "lie_active_adapter", None) is not None:
+            return model  # kept; set_adapter(model, adapter_name) activates it
+        model.lie_active_adapter = adapter_name
+    return _activate(model, af)
+
+
+def _activate(model: nn.Module, af: AdapterFile) -> nn.Module:
+    restore_full_tensors(model)  # the previous task's head, if any, gives way to the base's
     live = {P: lie for P, _, _, lie in iter_adapters(model)}
     same = set(live) == set(af.targets) and all(
         live[P].r == af.rank(P) for P in af.targets
@@ -269,12 +303,17 @@ def load_adapter(model: nn.Module, path: str, *, verify_base: bool = True) -> nn
         try:
             cfg = LieConfig.from_dict(af.config)
         except (TypeError, ValueError):
-            cfg = LieConfig(r=af.rank(next(iter(af.targets))), expmap=af.expmap, targets=sorted(af.targets))
+            cfg = LieConfig(r=af.rank(next(iter(af.targets))) if af.targets else 8, expmap=af.expmap,
+                            targets=sorted(af.targets) or None, filter_fn=lambda m, n: False)
         if cfg.expmap != af.expmap:
-            cfg = LieConfig(r=cfg.r, alpha=cfg.alpha, expmap=af.expmap, targets=sorted(af.targets))
+            cfg = LieConfig(r=cfg.r, alpha=cfg.alpha, expmap=af.expmap, targets=sorted(af.targets) or None,
+                            filter_fn=lambda m, n: False)
         exact = {P: (af.rank(P), af.targets[P]["scale"]) for P in af.targets}
         apply_adapters_(model, cfg, targets_exact=exact)
         live = {P: lie for P, _, _, lie in iter_adapters(model)}
+    if af.full:
+        install_full_tensors(model, af.full, path=af.path)
+        model.lie_modules_to_save = sorted({P.rpartition(".")[0] for P in af.full})
     with torch.no_grad():
         for P, (B, A) in af.factors.items():
             lie = live[P]

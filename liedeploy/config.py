@@ -68,7 +68,17 @@ class LieConfig:
             alone it picks the parameters itself.
         rank_pattern / alpha_pattern: per-target overrides ``{pattern: value}``; a pattern matches a
             parameter or module name by suffix as a regex, as PEFT's ``rank_pattern``.
+        modules_to_save: modules (names or dotted suffixes, as PEFT's) whose parameters train and are
+            saved whole in the adapter file (format_version "2"): a new classifier head with its own
+            number of classes, a task-specific norm. Replace the head before ``apply_adapters_``.
+        exclude_modules: modules (names or dotted suffixes; a string: a regex over module names)
+            never adapted, as PEFT's.
         version: configuration schema version (1).
+
+    ``targets`` details (see :mod:`liedeploy.targets`): naming a module adapts all its rank >= 2
+    parameters (``nn.MultiheadAttention``'s ``in_proj_weight``, a ``weight_norm`` conv's weight);
+    every list item must match something; ``targets="all-linear"`` takes every Linear/Conv1D
+    weight except the output layer.
 
     Example:
         >>> cfg = LieConfig(r=4, alpha=8, targets=["query", "value"])
@@ -81,6 +91,8 @@ class LieConfig:
     filter_fn: Optional[FilterFn] = field(default=None, compare=False, repr=False)
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    modules_to_save: Optional[Sequence[str]] = None
+    exclude_modules: Optional[Union[str, Sequence[str]]] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -114,6 +126,20 @@ class LieConfig:
             self.targets = targets
         if self.targets is None and self.filter_fn is None:
             raise ConfigError("LieConfig.targets is None and no filter_fn given: say which parameters to adapt")
+        for fname in ("modules_to_save", "exclude_modules"):
+            v = getattr(self, fname)
+            if v is None:
+                continue
+            if isinstance(v, str) and fname == "exclude_modules":
+                try:
+                    re.compile(v)
+                except re.error as exc:
+                    raise ConfigError(f"LieConfig.exclude_modules {v!r} is not a valid regex: {exc}") from None
+                continue
+            items = [v] if isinstance(v, str) else list(v)
+            if not items or not all(isinstance(i, str) and i for i in items):
+                raise ConfigError(f"LieConfig.{fname} must be a non-empty list of module names, got {v!r}")
+            setattr(self, fname, items)
         self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
 
@@ -145,7 +171,11 @@ class LieConfig:
     def matches(self, module: Any, param_name: str) -> bool:
         """True when ``param_name`` (owned by ``module``) is selected by targets and filter_fn."""
         if self.targets is not None:
-            if isinstance(self.targets, str):
+            if self.targets == "all-linear":
+                from torch import nn
+
+                hit = param_name.endswith(".weight") and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+            elif isinstance(self.targets, str):
                 hit = re.fullmatch(self.targets, param_name) is not None
             else:
                 module_name, _, attr = param_name.rpartition(".")
@@ -184,5 +214,6 @@ class LieConfig:
     @classmethod
     def from_dict(cls, d: dict, filter_fn: Optional[FilterFn] = None) -> "LieConfig":
         """Rebuild a config from :meth:`to_dict` output (pass ``filter_fn`` again if one was used)."""
-        known = {"r", "alpha", "expmap", "targets", "rank_pattern", "alpha_pattern", "version"}
+        known = {"r", "alpha", "expmap", "targets", "rank_pattern", "alpha_pattern", "modules_to_save",
+                 "exclude_modules", "version"}
         return cls(**{k: v for k, v in d.items() if k in known}, filter_fn=filter_fn)

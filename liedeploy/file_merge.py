@@ -76,6 +76,12 @@ class _Plan:
                 "exactly: pass --allow-mixed-maps (allow_mixed_maps=True) to get W * exp(sum exact) * (1 + sum first_order)"
             )
         self.targets: dict = {}
+        self.full: dict = {}  # P -> (tensor, adapter path): tensors written whole (format "2")
+        for a in adapters:
+            for P, t in a.full.items():
+                if P in self.full:
+                    raise LieError(f"{self.full[P][1]} and {a.path} both replace {P}; merge one of them")
+                self.full[P] = (t, a.path)
         for a, s in zip(adapters, scales):
             for P, (B, A) in a.factors.items():
                 self.targets.setdefault(P, {"exact": [], "first_order": []})[a.expmap].append(
@@ -104,23 +110,32 @@ class _Plan:
         check_finite(name, merged, B, A, 1.0, W=W)
 
 
-def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged_from, bar, pool, counter):
+def _full_tensor(plan, k, out_dtype) -> torch.Tensor:
+    t = plan.full[k][0]
+    return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
+
+
+def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged_from, bar, pool, counter, extra=()):
     header, meta, data_start = src.header, src.metadata, src.data_start
-    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0]) + list(extra)
     new_header, offset = {}, 0
     for k in order:
-        info = header[k]
-        dt = info["dtype"]
-        if out_dtype is not None and dt in _FLOAT:
-            dt = DTYPE_NAMES[out_dtype]
-        nbytes = math.prod(info["shape"]) * ST_DTYPES[dt].itemsize
-        new_header[k] = {"dtype": dt, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        if k in plan.full:  # replaced (or added) whole: its own shape and dtype
+            t = _full_tensor(plan, k, out_dtype)
+            dt, shape = DTYPE_NAMES[t.dtype], list(t.shape)
+        else:
+            info = header[k]
+            dt, shape = info["dtype"], info["shape"]
+            if out_dtype is not None and dt in _FLOAT:
+                dt = DTYPE_NAMES[out_dtype]
+        nbytes = math.prod(shape) * ST_DTYPES[dt].itemsize
+        new_header[k] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     new_meta = dict(meta)
     new_meta["liedeploy.merged_from"] = json.dumps(merged_from)
     blob = json.dumps({"__metadata__": new_meta, **new_header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    biggest_in = max([header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order] + [1])
+    biggest_in = max([header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order if k in header] + [1])
     biggest_out = max([v["data_offsets"][1] - v["data_offsets"][0] for v in new_header.values()] + [1])
     # two input buffers: a tensor's bytes are hashed in a thread while the next one is read and
     # folded; a mismatch found later still aborts before anything is published
@@ -148,7 +163,18 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
         dst.write(len(blob).to_bytes(8, "little") + blob)
         pending = None  # a run of untouched tensors copied as one byte range
         for k in order:
-            info, new = header[k], new_header[k]
+            new = new_header[k]
+            if k in plan.full:
+                if pending:
+                    _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
+                    pending = None
+                t = _full_tensor(plan, k, out_dtype).contiguous()
+                if t.numel():
+                    dst.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                if k in header:
+                    bar.update(header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+                continue
+            info = header[k]
             b0, b1 = info["data_offsets"]
             same = info["dtype"] == new["dtype"] and k not in plan.targets
             if same:
@@ -297,6 +323,9 @@ def merge_files(
                 if dtypes[P] not in _FLOAT:
                     raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
         plan = _Plan(loaded, scales, allow_mixed_maps)
+        for P in plan.full:
+            if P in plan.targets:
+                raise LieError(f"{plan.full[P][1]} replaces {P} whole and another adapter adapts it; merge them separately")
         merged_from = [
             {"name": a.name, "sha256": a.file_sha256, "scale": s, "expmap": a.expmap}
             for a, s in zip(loaded, scales)
@@ -307,9 +336,10 @@ def merge_files(
         bar = stack.enter_context(progress_bar(desc="merge", total=total, enabled=progress, unit="B"))
         names = _shard_names(shards, stage.folder, secrets.token_hex(4)) if sharded else {base: stage.name}
         counter = [0]
-        for s, f in files.items():
+        added = [P for P in plan.full if P not in shapes]  # full tensors the base lacks: in the first shard
+        for i, (s, f) in enumerate(files.items()):
             m, w = _merge_shard(f, stage.path(names[s]), plan, loaded if verify_base else [], dtype, merged_from,
-                                bar, pool, counter)
+                                bar, pool, counter, extra=added if i == 0 else ())
             n_merged += m
             n_tensors += len(f.header)
             written += w
@@ -319,6 +349,8 @@ def merge_files(
             index.setdefault("metadata", {})
             index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
             index["weight_map"] = {k: names[s] for s, ks in shards.items() for k in ks}
+            first = names[next(iter(shards))]
+            index["weight_map"].update({P: first for P in added})
             if dtype is not None:
                 index["metadata"]["total_size"] = sum(
                     math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in _FLOAT else ST_DTYPES[dtypes[k]].itemsize)

@@ -8,9 +8,8 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .adapt import LieParametrization, iter_adapters
+from .adapt import LieParametrization, iter_adapters, register, unregister
 from .algebra import check_finite, fold_sum
 from .errors import LieError
 from .safetensors_io import read_header, resolve_shards
@@ -95,7 +94,7 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
     # all checks passed: now switch every parameter (never half-merged)
     for name, module, attr, lie, kept, merged, param in work:
         spares.pop(name, None)
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        unregister(module, attr)
         setattr(module, attr, param if param is not None else nn.Parameter(merged, requires_grad=False))
         records[name] = _Merged(module, attr, lie, kept)
     model._lie_merged = records
@@ -155,7 +154,7 @@ def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: 
         if not release and merged.data_ptr() != W.data_ptr():
             spares[name] = merged
         setattr(rec.module, rec.attr, W)
-        parametrize.register_parametrization(rec.module, rec.attr, rec.lie, unsafe=True)
+        register(rec.module, rec.attr, rec.lie)
     model._lie_merged = {}
     model._lie_spare = spares
     return model

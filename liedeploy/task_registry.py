@@ -29,19 +29,20 @@ class TaskEntry:
         self.name, self.path, self.header, self._adapter = name, path, header, adapter
         self._lock = threading.Lock()
 
-    @property
-    def loaded(self) -> bool:
-        return self._adapter is not None
 
     def adapter(self) -> AdapterFile:
-        """The task's factors (and full tensors), read from its file on first use."""
-        with self._lock:
-            if self._adapter is None:
-                af = read_adapter(self.path)
-                if af.base_sha256 != self.header.base_sha256 or af.targets != self.header.targets or set(af.full) != set(self.header.full):
-                    raise AdapterFileError(f"{self.path}: the file changed since the task {self.name!r} was registered; reload it")
-                self._adapter = af
+        """The task's factors (and full tensors): given at registration, or read from its file now.
+
+        A lazily registered task's factors are read at each fold and not kept: memory for a
+        thousand tasks stays their headers, whatever was folded before.
+        """
+        if self._adapter is not None:
             return self._adapter
+        with self._lock:
+            af = read_adapter(self.path)
+        if af.base_sha256 != self.header.base_sha256 or af.targets != self.header.targets or set(af.full) != set(self.header.full):
+            raise AdapterFileError(f"{self.path}: the file changed since the task {self.name!r} was registered; reload it")
+        return af
 
     @property
     def targets(self) -> dict:

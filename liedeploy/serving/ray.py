@@ -43,7 +43,7 @@ def parse_args(args: dict) -> dict:
     from .specs import parse_input_flag
 
     known = {"model", "weights", "adapters", "input_shape", "input", "model_kwargs", "device", "cache_bytes",
-             "max_body", "admin_token_file", *_INT, *_FLOAT}
+             "max_body", "admin_token_file", "affinity", *_INT, *_FLOAT}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown build_app argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -70,6 +70,8 @@ def parse_args(args: dict) -> dict:
 
         kw = args["model_kwargs"]
         out["model_kwargs"] = kw if isinstance(kw, dict) else json.loads(kw)
+    if "affinity" in args:
+        out["affinity"] = str(args["affinity"]).lower() not in ("0", "false", "no")
     for k in ("device", "admin_token_file"):
         if k in args:
             out[k] = str(args[k])
@@ -99,6 +101,7 @@ class RayRoutedBackend:
 
         cfg = _serve_config(settings)
         self.replicas = replicas
+        self.affinity = settings.get("affinity", True)
         self._inputs = cfg.input_specs()
         self.request_timeout = cfg.request_timeout
         weights = cfg.weights
@@ -152,7 +155,11 @@ class RayRoutedBackend:
 
         from .protocol import ProtocolError
 
-        handle = getattr(self.replicas.options(multiplexed_model_id=task or "base"), method)
+        if self.affinity:
+            handle = getattr(self.replicas.options(multiplexed_model_id=task or "base"), method)
+        else:  # measurement baseline: any replica, which folds the task into its own bank
+            handle = getattr(self.replicas, method + "_any")
+            args = (task,) + args
         last = None
         for attempt in range(3):  # a replica that died: Ray routes the retry to a live one
             try:
@@ -241,6 +248,22 @@ def _deployments():
         async def prefetch(self) -> None:
             await self._task()
 
+        async def infer_any(self, task: Optional[str], inputs: dict) -> dict:
+            """Without affinity (a measurement baseline): this replica folds ``task`` into its bank."""
+            if task is not None and task not in self.backend.tasks():
+                path = os.path.join(self.adapters, f"{task}.safetensors")
+                await asyncio.to_thread(self.backend.add, task, path)
+            out = await asyncio.to_thread(self.backend.run, task, inputs)
+            out[REPLICA_KEY] = self.replica_id
+            out[_STATS_KEY] = self.backend.stats()
+            return out
+
+        async def prefetch_any(self, task: Optional[str]) -> None:
+            return None
+
+        async def outputs_any(self, task: Optional[str]) -> list:
+            return await self.outputs()
+
         async def outputs(self) -> list:
             return [s.to_json() for s in await asyncio.to_thread(self.backend.outputs, None)]
 
@@ -278,7 +301,8 @@ def build_app(args: dict):
     ``max_tasks_per_replica`` (default 8), ``cache_bytes``, ``max_batch``, ``max_delay_ms``,
     ``max_wait_ms``, ``max_queue``, ``max_body``, ``request_timeout``, ``admin_token_file``, ``device``,
     ``threads``, ``replica_num_cpus`` (CPUs Ray reserves per replica, default 1), ``max_ongoing_requests``
-    (per replica; past it Ray routes a task's batch to another replica).
+    (per replica; past it Ray routes a task's batch to another replica), ``affinity`` (default true;
+    false routes every batch to any replica, a baseline for measurements).
     """
     settings = parse_args(dict(args))
     serve, TaskReplica, Ingress = _deployments()
@@ -294,5 +318,8 @@ def build_app(args: dict):
     else:
         opts["num_replicas"] = settings.get("num_replicas", 1)
     replica = serve.deployment(TaskReplica, name="TaskReplica").options(**opts)
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(ray_actor_options={"num_cpus": 0.1})
+    # the ingress batches: it must see every concurrent request (Ray's default of 5 ongoing
+    # requests per replica would make the proxy queue the rest and the batches would stay tiny)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
+        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=settings.get("max_queue", 1024))
     return ingress.bind(replica.bind(settings, settings.get("max_tasks_per_replica", 8)), settings)

@@ -60,7 +60,7 @@ ARCHS = {
     "resnet": (resnet, r".*convolution\.weight|.*classifier\.1\.weight", lambda: torch.randn(2, 3, 32, 32)),
     "convnext": (convnext, r".*(dwconv|pwconv1|pwconv2)\.weight", lambda: torch.randn(2, 3, 32, 32)),
     "vit": (vit, r".*(q_proj|k_proj|v_proj|o_proj|query|key|value|dense|fc1|fc2)\.weight", lambda: torch.randn(2, 3, 32, 32)),
-    "gpt2": (gpt2, r".*(c_attn|c_proj|c_fc|wte)\.weight", lambda: torch.randint(0, 64, (2, 12))),
+    "gpt2": (gpt2, r".*(c_attn|c_proj|c_fc)\.weight", lambda: torch.randint(0, 64, (2, 12))),
     "conv1d": (conv1d, r".*weight", lambda: torch.randn(2, 3, 20)),
     "conv3d": (conv3d, r".*weight", lambda: torch.randn(1, 2, 4, 8, 8)),
     "convtranspose2d": (convtranspose2d, r"\d\.weight", lambda: torch.randn(2, 3, 8, 8)),
