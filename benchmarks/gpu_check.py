@@ -8,7 +8,10 @@ runs `pytest -m gpu`, then bench_train.py on CUDA with bf16 autocast (Lie exact 
 vs PEFT LoRA vs PEFT HiRA: step time and peak CUDA memory) for a ConvNeXt-base-like and a
 ViT-B-like config, and writes gpu_check.json (plus each benchmark's JSON) under --out. Budget:
 under 8 minutes on an H200. On a machine without CUDA the GPU parts are skipped (the tests report
-skipped) and it exits 0. GPU targets: exact <= 1.05x first_order in time and memory.
+skipped) and it exits 0. GPU targets: exact <= 1.05x first_order in time and memory. Then
+benchmarks/gpu_extra.py: the bank's cold switch on CUDA, 2:4 semi-structured sparse vs dense, and,
+where TensorRT is importable, engine build, refit A->B->A against torch (fp32, fp16), refit vs
+build time and engine latency vs torch eager and ORT CUDA.
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ def main(argv=None) -> int:
                 summary["train"][size] = json.load(f)["summary"]
     else:
         print("no CUDA device: the training benchmark on GPU is skipped")
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu_extra import run_all
+
+    summary["extra"] = run_all(args.out)  # cold switch, 2:4 sparse, TensorRT (each skipped with its reason)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(summary, f, indent=2)

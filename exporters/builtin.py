@@ -32,7 +32,8 @@ class OnnxExporter(Exporter):
     def export(self, req: ExportRequest) -> ExportReport:
         from .onnx import export_onnx
 
-        details = export_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, **_common(req))
+        details = export_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, quantize=req.options.get("quantize"),
+                              calibration=req.options.get("calibration"), **_common(req))
         return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".report.json"], details)
 
 
@@ -67,7 +68,9 @@ class TaskModelsExporter(Exporter):
     def export(self, req: ExportRequest) -> ExportReport:
         from .task_models import export_task_models
 
-        details = export_task_models(req.model, req.example_inputs, req.out, list(req.adapters), **_common(req))
+        details = export_task_models(req.model, req.example_inputs, req.out, list(req.adapters),
+                                     quantize=req.options.get("quantize"), calibration=req.options.get("calibration"),
+                                     **_common(req))
         files = sorted(os.path.join(req.out, f) for f in os.listdir(req.out) if f.endswith(".onnx"))
         return ExportReport(self.name, req.out, bool(details["ok"]), files, details)
 
@@ -85,7 +88,8 @@ class RefitOnnxExporter(Exporter):
     def export(self, req: ExportRequest) -> ExportReport:
         from .tensorrt import export_refit_onnx
 
-        details = export_refit_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, **_common(req))
+        details = export_refit_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16,
+                                    refit_adapters=req.options.get("refit_adapters", ()), **_common(req))
         return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, details["refit_manifest"]], details)
 
 
@@ -103,5 +107,6 @@ class TensorRTExporter(Exporter):
         from .tensorrt import export_tensorrt
 
         details = export_tensorrt(req.model, req.example_inputs, req.out, opset=req.opset,
-                                  dynamic_batch=req.dynamic_batch, fp16=req.fp16, strip=bool(req.options.get("strip")))
+                                  dynamic_batch=req.dynamic_batch, fp16=req.fp16, strip=bool(req.options.get("strip")),
+                                  refit_adapters=req.options.get("refit_adapters", ()))
         return ExportReport(self.name, req.out, bool(details.get("ok", True)), [req.out, details.get("refit_manifest")], details)

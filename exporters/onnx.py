@@ -173,13 +173,23 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _prepare(model: nn.Module, fp16: bool) -> nn.Module:
+def _prepare(model: nn.Module, fp16: bool) -> tuple[nn.Module, nn.Module]:
+    """``(model to export, fp32 reference)``: merged copies; for fp16, weights and compute in fp16
+    with fp32 inputs and outputs (casts at the graph's edges, by forward hooks: parameter names,
+    and so TensorRT refit names, stay those of ``state_dict``)."""
+    from torch.utils import _pytree as pytree
+
     model = copy.deepcopy(model).eval()
     if adapted_names(model):
         merge_(model, keep_base=False)
-    if fp16:
-        model = model.half()
-    return model
+    if not fp16:
+        return model, model
+    half = copy.deepcopy(model).half()
+    half.register_forward_pre_hook(lambda m, args: tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a
+                                                         for a in args))
+    half.register_forward_hook(lambda m, args, out: pytree.tree_map(
+        lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, out))
+    return half, model
 
 
 def export_onnx(
@@ -195,6 +205,8 @@ def export_onnx(
     input_names: Optional[Sequence[str]] = None,
     external_data: Optional[bool] = None,
     optimize: bool = True,
+    quantize: Optional[str] = None,
+    calibration=None,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verify it in ONNX Runtime, keep it only if it matches.
 
@@ -204,12 +216,17 @@ def export_onnx(
         path: output ``.onnx`` path; the verification report is written to ``path + ".report.json"``.
         opset: ONNX opset (default 18; TensorRT's parser accepts <= 20).
         dynamic_batch: make axis 0 of every input dynamic (checked at two batch sizes).
-        fp16: export in float16 (the check then uses fp16 tolerances).
+        fp16: weights and compute in float16, inputs and outputs in float32 (a strongly typed graph:
+            what TensorRT 11 builds fp16 engines from); checked against the fp32 model with the fp16
+            tolerance.
         atol, rtol: tolerances (defaults per dtype: fp32 1e-4/1e-3, fp16 2e-2/2e-2).
         input_names: graph input names (default ``input``, ``input_1``...).
         external_data: store weights beside the graph; default: only past 2 GB.
         optimize: run the exporter's graph optimizer. ``False`` keeps every parameter as an
             initializer named as in ``state_dict()`` (what TensorRT refit needs).
+        quantize: ``"int8"``: ONNX Runtime static quantization (QDQ, per-channel weights) of the
+            checked fp32 graph, with ``calibration`` inputs (an array ``(N, ...)``); the int8 graph is
+            checked against the fp32 one (tolerance in the report) and written at ``path``.
 
     Returns:
         The verification report (also saved as JSON).
@@ -228,9 +245,11 @@ def export_onnx(
     d_atol, d_rtol = DEFAULT_TOLERANCE[kind]
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    prepared = _prepare(model, fp16)
-    if fp16:
-        example_inputs = tuple(t.half() if t.is_floating_point() else t for t in example_inputs)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be 'int8', got {quantize!r}")
+    if quantize and (fp16 or calibration is None):
+        raise ConfigError("--quantize int8 needs --calibration INPUTS.npy and an fp32 export (not --fp16)")
+    prepared, reference = _prepare(model, fp16)
     names = list(input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(example_inputs))])
     n_bytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
     if external_data is None:
@@ -259,9 +278,10 @@ def export_onnx(
         onnx.checker.check_model(tmp_path, full_check=False)
         b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
         batches = (None, b + 2) if dynamic_batch else (None,)
-        report = verify_onnx(tmp_path, prepared, example_inputs, batches=batches, atol=atol, rtol=rtol)
+        # fp16: checked against the fp32 model, within the fp16 tolerance
+        report = verify_onnx(tmp_path, reference, example_inputs, batches=batches, atol=atol, rtol=rtol)
         report.update(
-            {"opset": int(opset), "dtype": kind, "dynamic_batch": dynamic_batch, "external_data": bool(external_data),
+            {"opset": int(opset), "dtype": kind, "io_dtype": "fp32", "dynamic_batch": dynamic_batch, "external_data": bool(external_data),
              "optimized": bool(optimize),
              "onnx_bytes": sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in os.listdir(tmp_dir))}
         )
@@ -274,6 +294,14 @@ def export_onnx(
                 f"the ONNX export of {base} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
                 f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
             )
+        if quantize:
+            from .quantize import quantize_int8
+
+            fp32_path = stage.path("fp32." + base)
+            os.replace(tmp_path, fp32_path)
+            report["int8"] = quantize_int8(fp32_path, tmp_path, calibration)
+            os.unlink(fp32_path)
+            report["dtype"] = "int8"
         with open(os.path.join(tmp_dir, base + ".report.json"), "w") as f:
             json.dump(report, f, indent=2)
         stage.publish_all(last=base)

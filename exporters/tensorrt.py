@@ -1,23 +1,31 @@
-"""TensorRT: refit-ready ONNX, refittable engines, and task switches by refit from the pristine base.
+"""TensorRT 10.12+ / 11.x: strongly typed engines, refit of only the adapted weights, task switches.
 
-- ``export_refit_onnx``: an ONNX model (verified in ONNX Runtime) whose initializers are named as
-  in ``state_dict()`` (the exporter's optimizer is off), plus ``<model>.onnx.refit.json``, the
-  weight-name manifest: which ONNX initializer (= TensorRT refit name) holds each parameter, tied
-  parameters included. ``trtexec --onnx=model.onnx --refit`` or ``export_tensorrt`` consume it.
-- ``export_tensorrt``: builds a refittable engine (``BuilderFlag.REFIT``) with TensorRT's Python API.
-- ``TrtTaskSwitcher``: switches tasks by refitting the adapted weights, each time computed from the
-  pristine base file, never on top of already refitted weights (so A, B, A gives exactly A: the
-  refit-blending trap of TensorRT users), and restores base values for targets the new task lacks.
+- Precision lives in the ONNX graph (TensorRT 11 removed weak typing): ``--fp16`` exports fp16
+  weights and compute with fp32 inputs and outputs (:func:`exporters.onnx.export_onnx`), int8 comes
+  from a QDQ graph. Networks are created strongly typed where the flag exists (10.12+); on 11.x
+  every network is. Features are detected by name, never by version number or enum integer.
+- ``export_refit_onnx``: an ONNX model (checked in ONNX Runtime) whose initializers are named as in
+  ``state_dict()``, plus ``<model>.onnx.refit.json``: the weights a task can change (the targets of
+  the given adapters and their same-shape full tensors; tied parameters map to one name) and their
+  initializer (= TensorRT refit) names. Only those are marked refittable, so every other weight
+  can be fused and folded by the builder.
+- ``export_tensorrt``: ``REFIT_INDIVIDUAL`` + ``mark_weights_refittable`` for the manifest's weights;
+  ``strip=True`` adds ``STRIP_PLAN`` (never ``REFIT_IDENTICAL``): the plan holds no refittable
+  weights and is refitted at load from the base file (and an adapter).
+- ``refit_weights`` / ``TrtTaskSwitcher``: each refit computed from the pristine base, so A, B, A
+  gives exactly A; each weight cast to ``get_weights_prototype(name)``'s dtype;
+  ``get_missing_weights()`` must be empty; no refit overlaps work enqueued on the engine.
 
-This machine has neither TensorRT nor CUDA: the ONNX graph, the manifest, the refit weights and
-the error messages are tested here; building and refitting engines was not run.
+This machine has neither TensorRT nor CUDA: graphs, manifests, refit arrays, the slot LRU and the
+refusals are tested on CPU; building, refitting and running engines run in benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+import threading
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,14 +33,22 @@ from torch import nn
 
 from liedeploy.adapter_file import read_adapter
 from liedeploy.algebra import fold
-from liedeploy.errors import LieError
-from liedeploy.safetensors_io import atomic_path, read_header, resolve_shards
+from liedeploy.atomic import atomic_path
+from liedeploy.errors import ExportError, LieError, MissingDependencyError
+from liedeploy.safetensors_io import read_header, resolve_shards
 
 from .onnx import DEFAULT_OPSET, _require, export_onnx
 
-__all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt"]
+__all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt",
+           "refittable_targets", "strip_size_report", "network_flags", "REMOVED_IN_TRT11", "removed_api_uses"]
 
 MANIFEST_SUFFIX = ".refit.json"
+
+# Names TensorRT 11 removed (NVIDIA, "Migrating from TensorRT 10.x to 11.x"); a test fails if any
+# module of this package uses one.
+REMOVED_IN_TRT11 = ("BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.INT8", "BuilderFlag.FP8", "BuilderFlag.INT4",
+                    "BuilderFlag.FP4", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO",
+                    "int8_calibrator", "platform_has_fast_fp16", "platform_has_fast_int8", "device_memory_size")
 
 
 def require_tensorrt():
@@ -40,7 +56,7 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise LieError(
+        raise MissingDependencyError(
             "TensorRT is not installed: pip install 'liedeploy[trt]' on a machine with an NVIDIA GPU, or export "
             "with --onnx --for-trt and build the engine with trtexec --onnx=MODEL.onnx --refit"
         ) from None
@@ -49,11 +65,46 @@ def require_tensorrt():
     return trt
 
 
+def network_flags(trt) -> int:
+    """Creation flags of a strongly typed network, by feature detection (10.12+: the flag; 11.x: default)."""
+    flags = 0
+    kinds = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    strongly = getattr(kinds, "STRONGLY_TYPED", None) if kinds is not None else None
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+    return flags
+
+
+def refittable_targets(model: nn.Module, adapters: Sequence[str] = ()) -> list:
+    """Parameter names a task can change: the adapters' targets and same-shape full tensors.
+
+    With no adapters: every parameter of rank >= 2 (any of them could be an adapter target).
+    A full tensor whose shape differs from the model's (a head with another number of classes) is
+    refused: it cannot be refitted into this engine.
+    """
+    params = dict(model.named_parameters())
+    if not adapters:
+        return sorted(n for n, p in params.items() if p.dim() >= 2)
+    out = set()
+    for a in adapters:
+        af = read_adapter(a)
+        out |= set(af.targets)
+        for P, t in af.full.items():
+            if P not in params or tuple(params[P].shape) != tuple(t.shape):
+                have = list(params[P].shape) if P in params else "no such tensor"
+                raise LieError(f"{a}: replaces {P} with shape {list(t.shape)} (the engine's: {have}); a task whose head "
+                               "changes a shape cannot be refitted into this engine: build an engine for that head")
+            out.add(P)
+    return sorted(out)
+
+
 def export_refit_onnx(model: nn.Module, example_inputs, path: str, *, opset: int = DEFAULT_OPSET,
-                      dynamic_batch: bool = False, fp16: bool = False, atol=None, rtol=None) -> dict:
-    """Export a refit-ready ONNX model and its weight-name manifest (``path + ".refit.json"``)."""
+                      dynamic_batch: bool = False, fp16: bool = False, atol=None, rtol=None,
+                      refit_adapters: Sequence[str] = ()) -> dict:
+    """Export a refit-ready ONNX model and its manifest (``path + ".refit.json"``) of refittable weights."""
     onnx = _require("onnx")
     model = model.eval()
+    targets = refittable_targets(model, refit_adapters)
     report = export_onnx(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16,
                          atol=atol, rtol=rtol, optimize=False)
     proto = onnx.load(path, load_external_data=False)
@@ -62,22 +113,46 @@ def export_refit_onnx(model: nn.Module, example_inputs, path: str, *, opset: int
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, p in params.items():
         by_storage.setdefault(p.data_ptr(), []).append(name)
+    wanted = set(targets)
+    for name in list(wanted):  # a tied parameter is refitted under its one initializer name
+        wanted |= set(by_storage.get(params[name].data_ptr(), [])) if name in params else set()
     weights = {}
-    for name, p in params.items():
+    for name in sorted(wanted):
+        p = params[name]
         holder = next((n for n in by_storage[p.data_ptr()] if n in inits), None)
         if holder is None or inits[holder] != list(p.shape):
             for f in (path, path + ".report.json"):
                 if os.path.exists(f):
                     os.unlink(f)
-            raise LieError(f"parameter {name} is not an initializer of the exported graph: it cannot be refitted")
+            raise ExportError(f"parameter {name} is not an initializer of the exported graph: it cannot be refitted")
         weights[name] = {"initializer": holder, "shape": list(p.shape), "tied": holder != name}
-    manifest = {"format": "liedeploy.refit_manifest", "format_version": "1", "onnx": os.path.basename(path),
-                "dtype": "fp16" if fp16 else "fp32", "weights": weights}
+    manifest = {"format": "liedeploy.refit_manifest", "format_version": "2", "onnx": os.path.basename(path),
+                "dtype": "fp16" if fp16 else "fp32", "weights": weights,
+                "refittable": sorted({w["initializer"] for w in weights.values()})}
     with atomic_path(path + MANIFEST_SUFFIX) as tmp:
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=2)
     report["refit_manifest"] = path + MANIFEST_SUFFIX
     return report
+
+
+def strip_size_report(onnx_path: str, manifest: dict) -> dict:
+    """Bytes of weights a stripped plan leaves out, from the ONNX initializers (computable on CPU).
+
+    ``kept_ratio``: weights still in a ``STRIP_PLAN`` engine whose refittable weights are the
+    manifest's, over all weights; ``all_refittable_kept_ratio``: the same when every weight is marked
+    refittable (the plan without weights).
+    """
+    onnx = _require("onnx")
+    from onnx import numpy_helper
+
+    proto = onnx.load(onnx_path, load_external_data=True)
+    sizes = {t.name: numpy_helper.to_array(t).nbytes for t in proto.graph.initializer}
+    total = sum(sizes.values())
+    stripped = sum(sizes.get(n, 0) for n in manifest.get("refittable", []))
+    big = sum(v for v in sizes.values() if v >= 1024)
+    return {"weights_bytes": total, "stripped_bytes": stripped, "kept_ratio": (total - stripped) / max(total, 1),
+            "all_refittable_kept_ratio": (total - big) / max(total, 1)}
 
 
 def _base_reader(base: str):
@@ -100,55 +175,76 @@ def _base_reader(base: str):
 
 
 def refit_weights(base: str, adapter: Optional[str], manifest: dict, previous: Optional[set] = None,
-                  dtype: Optional[torch.dtype] = None) -> dict:
+                  dtype: Optional[torch.dtype] = None, prototypes: Optional[dict] = None) -> dict:
     """``{refit name: numpy array}`` that turn an engine into ``adapter``'s task.
 
-    Every adapted weight is folded from the pristine base file; targets of ``previous`` (the
-    last task's targets) that this adapter does not adapt get their base values back. ``adapter``
-    ``None``: the base model.
+    Every adapted weight is folded from the pristine base file; targets of ``previous`` (the last
+    task's) that this adapter does not change get their base values back. Full tensors of the same
+    shape are refitted as they are. ``prototypes``: ``{refit name: numpy dtype}`` from
+    ``Refitter.get_weights_prototype`` (each array is cast to it); ``adapter`` None: the base.
     """
     get = _base_reader(base)
     weights = manifest["weights"]
     af = read_adapter(adapter) if adapter is not None else None
-    targets = set(af.targets) if af else set()
+    targets = (set(af.targets) | set(af.full)) if af else set()
     out = {}
     dtype = dtype or (torch.float16 if manifest.get("dtype") == "fp16" else None)
     for P in sorted(targets | (previous or set())):
         if P not in weights:
-            raise LieError(f"{adapter}: target {P} is not a refittable weight of {manifest.get('onnx', 'the engine')}")
+            raise LieError(f"{adapter}: {P} is not a refittable weight of {manifest.get('onnx', 'the engine')}; "
+                           "export the engine with this adapter among --refit-targets")
         W = get(P)
-        if af is not None and P in targets:
+        if af is not None and P in af.targets:
             B, A = af.factors[P]
             if tuple(W.shape) != tuple(af.targets[P]["shape"]):
                 raise LieError(f"{adapter}: target {P} has shape {list(af.targets[P]['shape'])}, the base {list(W.shape)}")
             W = fold(W, B, A, af.targets[P]["scale"], af.expmap)
+        elif af is not None and P in af.full:
+            if tuple(af.full[P].shape) != tuple(W.shape):
+                raise LieError(f"{adapter}: replaces {P} with shape {list(af.full[P].shape)}; a task whose head changes "
+                               "a shape cannot be refitted into this engine: build an engine for that head")
+            W = af.full[P].to(W.dtype)
         if dtype is not None:
             W = W.to(dtype)
-        out[weights[P]["initializer"]] = np.ascontiguousarray(W.float().numpy() if W.dtype == torch.bfloat16 else W.numpy())
+        arr = np.ascontiguousarray(W.float().numpy() if W.dtype == torch.bfloat16 else W.numpy())
+        name = weights[P]["initializer"]
+        if prototypes and name in prototypes:
+            arr = np.ascontiguousarray(arr.astype(prototypes[name], copy=False))
+        out[name] = arr
     return out
 
 
 def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int = DEFAULT_OPSET,
                     dynamic_batch: bool = False, fp16: bool = False, max_batch: int = 64,
-                    workspace_bytes: int = 4 << 30) -> dict:
-    """Build a refittable TensorRT engine at ``path`` (plus the refit-ready ONNX and manifest beside it)."""
+                    workspace_bytes: int = 4 << 30, strip: bool = False, refit_adapters: Sequence[str] = ()) -> dict:
+    """Build a strongly typed engine at ``path`` with only the adapted weights refittable.
+
+    Writes the refit-ready ONNX and its manifest beside it. ``strip``: a weight-stripped plan
+    (``STRIP_PLAN`` with ``REFIT_INDIVIDUAL``) to refit at load from the base file.
+    """
     trt = require_tensorrt()  # refuse before writing anything
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     onnx_path = os.path.splitext(path)[0] + ".onnx"
-    report = export_refit_onnx(model, example_inputs, onnx_path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16)
+    report = export_refit_onnx(model, example_inputs, onnx_path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16,
+                               refit_adapters=refit_adapters)
+    with open(onnx_path + MANIFEST_SUFFIX) as f:
+        manifest = json.load(f)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise LieError(f"TensorRT's ONNX parser refused {onnx_path}: {errors}")
+        raise ExportError(f"TensorRT's ONNX parser refused {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    config.set_flag(trt.BuilderFlag.REFIT)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    if strip:
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+    for name in manifest["refittable"]:
+        if not network.mark_weights_refittable(name):
+            raise ExportError(f"TensorRT could not mark {name} refittable in {onnx_path}")
     if dynamic_batch:
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
@@ -158,50 +254,94 @@ def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int =
         config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise LieError(f"TensorRT could not build an engine from {onnx_path} (see the messages above)")
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path} (see the messages above)")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(plan)
-    report["engine"] = path
+    report.update({"engine": path, "engine_bytes": os.path.getsize(path), "stripped": bool(strip),
+                   "refittable": len(manifest["refittable"])})
     return report
 
 
 class TrtTaskSwitcher:
     """Switch a refittable engine between tasks, always from the pristine base weights.
 
+    Refits never overlap work enqueued on the engine: :meth:`activate` synchronizes ``stream``
+    (the stream the engine's work runs on) and holds :attr:`lock`, which runners also hold while
+    they enqueue.
+
     Example:
         >>> sw = TrtTaskSwitcher("model.engine", base="base.safetensors")
         >>> sw.activate("rotated.safetensors"); ...; sw.activate(None)  # back to the base
     """
 
-    def __init__(self, engine_path: str, base: str, manifest: Optional[str] = None):
+    def __init__(self, engine_path: str, base: str, manifest: Optional[str] = None, *, engine=None, stream=None):
         trt = require_tensorrt()
         manifest = manifest or os.path.splitext(engine_path)[0] + ".onnx" + MANIFEST_SUFFIX
         with open(manifest) as f:
             self.manifest = json.load(f)
         self.base = base
         self.logger = trt.Logger(trt.Logger.WARNING)
-        with open(engine_path, "rb") as f:
-            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
-        if self.engine is None:
+        if engine is None:
+            with open(engine_path, "rb") as f:
+                engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
+        if engine is None:
             raise LieError(f"{engine_path}: TensorRT could not load this engine")
-        if not self.engine.refittable:
-            raise LieError(f"{engine_path}: the engine was built without BuilderFlag.REFIT")
+        if not engine.refittable:
+            raise LieError(f"{engine_path}: the engine was built without REFIT_INDIVIDUAL: tasks cannot be refitted")
+        self.engine = engine
+        self.stream = stream
+        self.lock = threading.Lock()
         self._trt = trt
         self._active_targets: set = set()
         self.active: Optional[str] = None
+        self._stripped = True  # a stripped plan needs every refittable weight once: refit the base first
+        self.activate(None, full=True)
 
-    def activate(self, adapter: Optional[str]) -> None:
+    def _prototypes(self, refitter) -> dict:
         trt = self._trt
-        weights = refit_weights(self.base, adapter, self.manifest, previous=self._active_targets)
+        out = {}
+        for name in self.manifest["refittable"]:
+            proto = refitter.get_weights_prototype(name)
+            out[name] = trt.nptype(proto.dtype)
+        return out
+
+    def activate(self, adapter: Optional[str], *, full: bool = False) -> None:
+        """Refit the engine to ``adapter``'s task (None: the base); ``full`` refits every refittable weight."""
+        trt = self._trt
         refitter = trt.Refitter(self.engine, self.logger)
+        previous = set(self.manifest["weights"]) if full else self._active_targets
+        weights = refit_weights(self.base, adapter, self.manifest, previous=previous,
+                                prototypes=self._prototypes(refitter))
+        keep = []  # trt.Weights reference host memory: keep the arrays alive until the refit ran
         for name, arr in weights.items():
+            keep.append(arr)
             if not refitter.set_named_weights(name, trt.Weights(arr)):
-                raise LieError(f"TensorRT refused refit weights {name} (shape {list(arr.shape)})")
-        missing = refitter.get_missing_weights()
+                raise LieError(f"TensorRT refused refit weights {name} (shape {list(arr.shape)}, dtype {arr.dtype})")
+        missing = list(refitter.get_missing_weights())
         if missing:
             raise LieError(f"TensorRT needs more weights to refit: {', '.join(missing[:3])}")
-        if not refitter.refit_cuda_engine():
-            raise LieError("TensorRT failed to refit the engine")
-        self._active_targets = set(read_adapter(adapter).targets) if adapter else set()
+        with self.lock:
+            if self.stream is not None:
+                self.stream.synchronize()  # never refit under work enqueued on this engine
+            elif torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if not refitter.refit_cuda_engine():
+                raise LieError("TensorRT failed to refit the engine")
+        af = read_adapter(adapter) if adapter else None
+        self._active_targets = (set(af.targets) | set(af.full)) if af else set()
         self.active = adapter
+
+
+def removed_api_uses(paths: Iterable[str]) -> list:
+    """``[(file, name)]`` of TensorRT 11 removed names used in ``paths`` (the check the tests run)."""
+    hits = []
+    for p in paths:
+        text = open(p).read()
+        body = text.split("REMOVED_IN_TRT11 = (", 1)
+        if len(body) == 2:  # the list itself is not a use
+            text = body[0] + body[1].split(")", 1)[1]
+        for name in REMOVED_IN_TRT11:
+            if name in text:
+                hits.append((os.path.basename(p), name))
+    return hits

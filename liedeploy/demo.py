@@ -26,7 +26,7 @@ from .merge import merge_files
 from .errors import ConfigError, MissingDependencyError
 from .train import evaluate, train_adapters
 
-__all__ = ["DigitsNet", "load_digits_tensors", "TASKS", "run_demo"]
+__all__ = ["DigitsNet", "load_digits_tensors", "TASKS", "NEW_HEADS", "task_labels", "train_task", "split_digits", "run_demo"]
 
 
 class DigitsNet(nn.Module):
@@ -74,7 +74,18 @@ TASKS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "inverted": lambda x: 1.0 - x,
     "mirrored": lambda x: torch.flip(x, dims=(3,)),
     "blurred": _blur,
+    "parity": lambda x: x,  # a new task: upright digits, 2 classes (even/odd), a head of its own
 }
+# tasks with a head of their own: (classes, label map). Trained from scratch with the adapters
+# (modules_to_save=["head"]), saved in adapter format "2".
+NEW_HEADS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "parity": (2, lambda y: y % 2),
+}
+
+
+def task_labels(task: str, y: torch.Tensor) -> torch.Tensor:
+    """The labels of ``task`` for digit labels ``y`` (digits, or e.g. parity for a new-head task)."""
+    return NEW_HEADS[task][1](y) if task in NEW_HEADS else y
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, shuffle: bool, seed: int = 0):
@@ -114,6 +125,60 @@ def _pretrain(model: nn.Module, x, y, epochs: int, seed: int, progress) -> None:
     model.eval()
 
 
+def split_digits(seed: int = 0) -> tuple:
+    """``(xtr, ytr, xte, yte)``: the demo's train/test split of the bundled digits (a quarter for test)."""
+    x, y = load_digits_tensors()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    n_test = len(x) // 4
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+def train_task(base: nn.Module, base_path: str, name: str, out_dir: str, data: tuple, *, r: int = 4,
+               expmap: str = "exact", epochs: int = 25, seed: int = 0, progress=None, suffix: str = "") -> dict:
+    """Train one demo task's adapter on ``base`` (a new head too, for NEW_HEADS tasks), save it, merge
+    it from files into ``base_path`` and score every step; returns the task's result row."""
+    xtr, ytr, xte, yte = data
+    tf = TASKS[name]
+    tr, te = tf(xtr), tf(xte)
+    ytr_t, yte_t = task_labels(name, ytr), task_labels(name, yte)
+    model = copy.deepcopy(base)
+    config = LieConfig(r=r, alpha=2.0 * r, expmap=expmap, targets=r"(features\.\d+|head)\.weight")
+    if name in NEW_HEADS:  # a new head: the base has none for this task; chance = the majority class
+        before = float(torch.bincount(yte_t).max()) / len(yte_t)
+        model.head = nn.Linear(model.head.in_features, NEW_HEADS[name][0])
+        config = LieConfig(r=r, alpha=2.0 * r, expmap=expmap, targets=r"features\.\d+\.weight", modules_to_save=["head"])
+    else:
+        before = evaluate(model, _batches(te, yte_t, 256, False), "cpu")
+    apply_adapters_(model, config)
+    n_params = trainable_parameter_count(model)
+    path = os.path.join(out_dir, f"{name}{suffix}.safetensors")
+    train_adapters(model, _batches(tr, ytr_t, 64, True, seed), epochs=epochs, lr=1e-2, device="cpu",
+                   progress=progress, desc=name)
+    save_adapter(model, path, name=name)
+    adapted = evaluate(model, _batches(te, yte_t, 256, False), "cpu")
+    # merge from files (what deployments do) and check the merged model
+    merged_path = os.path.join(out_dir, f"{name}{suffix}.merged.safetensors")
+    summary = merge_files(base_path, [path], merged_path)
+    merged_sd = load_file(merged_path)
+    merged = DigitsNet(classes=int(merged_sd["head.weight"].shape[0]))
+    merged.load_state_dict(merged_sd)
+    merged_acc = evaluate(merged, _batches(te, yte_t, 256, False), "cpu")
+    return {
+        "task": name,
+        "base_accuracy": before,
+        "adapted_accuracy": adapted,
+        "merged_accuracy": merged_acc,
+        "adapter_file": path,
+        "merged_file": merged_path,
+        "adapter_bytes": os.path.getsize(path),
+        "trainable_parameters": n_params,
+        "classes": NEW_HEADS[name][0] if name in NEW_HEADS else 10,
+        "new_head": name in NEW_HEADS,
+        "merge_sparsity": summary["sparsity"],
+    }
+
+
 def run_demo(
     out_dir: str = "liedeploy-demo",
     *,
@@ -134,11 +199,7 @@ def run_demo(
     if unknown:
         raise ConfigError(f"unknown demo task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
     os.makedirs(out_dir, exist_ok=True)
-    x, y = load_digits_tensors()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    n_test = len(x) // 4
-    xtr, ytr, xte, yte = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    xtr, ytr, xte, yte = split_digits(seed)
 
     base = DigitsNet()
     _pretrain(base, xtr, ytr, pretrain_epochs, seed, progress)
@@ -150,52 +211,28 @@ def run_demo(
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, base_path)
 
     config = LieConfig(r=r, alpha=2.0 * r, expmap=expmap, targets=r"(features\.\d+|head)\.weight")
-    results = []
-    for name in tasks:
-        tf = TASKS[name]
-        tr, te = tf(xtr), tf(xte)
-        model = copy.deepcopy(base)
-        before = evaluate(model, _batches(te, yte, 256, False), "cpu")
-        apply_adapters_(model, config)
-        n_params = trainable_parameter_count(model)
-        path = os.path.join(out_dir, f"{name}.safetensors")
-        train_adapters(
-            model, _batches(tr, ytr, 64, True, seed), epochs=adapter_epochs, lr=1e-2, device="cpu",
-            progress=progress, desc=name,
-        )
-        save_adapter(model, path, name=name)
-        adapted = evaluate(model, _batches(te, yte, 256, False), "cpu")
-        # merge from files (what deployments do) and check the merged model
-        merged_path = os.path.join(out_dir, f"{name}.merged.safetensors")
-        merge_files(base_path, [path], merged_path)
-        merged = DigitsNet()
-        merged.load_state_dict(load_file(merged_path))
-        merged_acc = evaluate(merged, _batches(te, yte, 256, False), "cpu")
-        results.append(
-            {
-                "task": name,
-                "base_accuracy": before,
-                "adapted_accuracy": adapted,
-                "merged_accuracy": merged_acc,
-                "adapter_file": path,
-                "merged_file": merged_path,
-                "adapter_bytes": os.path.getsize(path),
-                "trainable_parameters": n_params,
-            }
-        )
-    # one bank, one mixed request stream over every task's test images
+    results = [train_task(base, base_path, name, out_dir, (xtr, ytr, xte, yte), r=r, expmap=expmap,
+                          epochs=adapter_epochs, seed=seed, progress=progress) for name in tasks]
+    # one bank, one mixed request stream over every task's test images (tasks with a head of their
+    # own answer with another number of classes: they are scored by task, not in the mixed stream)
     bank = AdapterBank(copy.deepcopy(base), adapters={res["task"]: res["adapter_file"] for res in results})
-    xs = torch.cat([TASKS[res["task"]](xte) for res in results])
-    ys = torch.cat([yte for _ in results])
-    names = [res["task"] for res in results for _ in range(len(xte))]
+    for res in results:
+        if res["new_head"]:
+            with torch.no_grad():
+                pred = bank(TASKS[res["task"]](xte), task=res["task"]).argmax(-1)
+            res["bank_accuracy"] = float((pred == task_labels(res["task"], yte)).float().mean())
+    mixed = [res for res in results if not res["new_head"]]
+    xs = torch.cat([TASKS[res["task"]](xte) for res in mixed] or [xte[:0]])
+    ys = torch.cat([yte for _ in mixed] or [yte[:0]])
+    names = [res["task"] for res in mixed for _ in range(len(xte))]
     order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed)).tolist()
-    correct: dict = {res["task"]: 0 for res in results}
+    correct: dict = {res["task"]: 0 for res in mixed}
     for i in range(0, len(order), 32):
         idx = order[i : i + 32]
         pred = bank.forward_mixed(xs[idx], [names[j] for j in idx]).argmax(-1)
         for j, p in zip(idx, pred.tolist()):
             correct[names[j]] += int(p == int(ys[j]))
-    for res in results:
+    for res in mixed:
         res["bank_accuracy"] = correct[res["task"]] / len(xte)
     total_params = sum(p.numel() for p in base.parameters())
     log("")
@@ -208,6 +245,10 @@ def run_demo(
         )
     log("(merged: liedeploy merge of the adapter file into base.safetensors; bank: AdapterBank serving one "
         "shuffled mixed-task request stream in batches of 32)")
+    for res in results:
+        if res["new_head"]:
+            log(f"({res['task']}: a new task with its own {res['classes']}-class head trained from scratch with the "
+                "adapters (adapter format 2); its 'base acc' is the majority class)")
     log(f"(base model: {total_params:,} parameters; adapters: r={r}, expmap={expmap})")
     summary = {
         "base_accuracy_upright": base_acc,

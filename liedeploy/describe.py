@@ -78,15 +78,11 @@ _ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
 
 
 def weight_sparsity(a: np.ndarray, dtype: str, n: int = 2, m: int = 4) -> dict:
-    """Zeros of a weight tensor and whether it is N:M sparse along its reduction axis (rows of m)."""
-    zeros = (a & 0x7FFF) == 0 if dtype == "BF16" else (a == 0)
-    out = {"zeros": int(zeros.sum()), "elements": int(a.size)}
-    if a.ndim >= 2 and a.size:
-        rows = zeros.reshape(a.shape[0], -1)
-        if rows.shape[1] % m == 0:
-            groups = rows.reshape(rows.shape[0], -1, m).sum(-1)
-            out[f"{n}:{m}"] = bool(np.all(groups >= m - n))
-    return out
+    """Zeros of a weight tensor and whether it is N:M sparse along its reduction axis."""
+    from .sparsity import nm_conforms, zero_mask
+
+    zeros = zero_mask(a, dtype)
+    return {"zeros": int(zeros.sum()), "elements": int(a.size), f"{n}:{m}": nm_conforms(zeros, n, m) if a.size else False}
 
 
 def _describe_weights(f: SafetensorsFile, *, sparsity: bool = True) -> dict:

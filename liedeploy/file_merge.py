@@ -75,6 +75,7 @@ class _Plan:
                 f"{ex.path} uses the exact map and {fo.path} the first_order map; they do not compose "
                 "exactly: pass --allow-mixed-maps (allow_mixed_maps=True) to get W * exp(sum exact) * (1 + sum first_order)"
             )
+        self.zeros_base = self.zeros_kept = self.zeros_new = self.sign_flips = self.elements = 0
         self.targets: dict = {}
         self.full: dict = {}  # P -> (tensor, adapter path): tensors written whole (format "2")
         for a in adapters:
@@ -100,6 +101,15 @@ class _Plan:
         else:
             fold_sum(W, groups["first_order"], "first_order", out=out, check=ok)
         return ok[0]
+
+    def count_sparsity(self, W: torch.Tensor, O: torch.Tensor) -> None:
+        """Zeros of the base kept, zeros the merge added, and signs it flipped (first_order only)."""
+        zw, zo = W == 0, O == 0
+        self.zeros_base += int(zw.sum())
+        self.zeros_kept += int((zw & zo).sum())
+        self.zeros_new += int((zo & ~zw).sum())
+        self.sign_flips += int(((W > 0) & (O < 0)).sum() + ((W < 0) & (O > 0)).sum())
+        self.elements += W.numel()
 
     def check(self, name: str, merged: torch.Tensor, ok: bool, W: Optional[torch.Tensor] = None) -> None:
         if ok:
@@ -203,6 +213,7 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
                     turn = (turn + 1) % len(inbufs)
                 finite = plan.fold(k, W, O)
                 plan.check(k, O, finite, W)
+                plan.count_sparsity(W, O)
                 n_merged += 1
             else:
                 O.copy_(W)
@@ -371,4 +382,9 @@ def merge_files(
         "bytes_written": written,
         "seconds": round(time.perf_counter() - t0, 4),
         "merged_from": merged_from,
+        "tensors_replaced": len(plan.full),
+        # over the merged tensors: every zero of the base is kept (W * exp(dW) is 0 where W is);
+        # new zeros only from underflow; first_order flips a sign where 1 + dW < 0
+        "sparsity": {"elements": plan.elements, "zeros_base": plan.zeros_base, "zeros_kept": plan.zeros_kept,
+                     "zeros_new": plan.zeros_new, "sign_flips": plan.sign_flips},
     }

@@ -10,7 +10,7 @@ __all__ = ["add_parser", "run", "TASK_NAMES"]
 
 # the demo's tasks (liedeploy.demo.TASKS; a test keeps the two equal), listed here so that
 # `liedeploy --help` does not import torch
-TASK_NAMES = ("rotated", "inverted", "mirrored", "blurred")
+TASK_NAMES = ("rotated", "inverted", "mirrored", "blurred", "parity")
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--rank", type=int, default=4)
     p.add_argument("--expmap", choices=["exact", "first_order"], default="exact")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compressed", action="store_true",
+                   help="skip the compressed track (pruned bases, int8 task models)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.set_defaults(run=run)
 
@@ -55,6 +57,11 @@ def run(args) -> int:
         log("(ONNX step skipped: pip install 'liedeploy[demo]' to export and check the task models in ONNX Runtime)")
     else:
         run_demo_onnx(summary, args.out, seed=args.seed, log=log)
+        if not args.no_compressed:
+            from exporters.demo_compress import run_demo_compressed
+
+            summary["compressed"] = run_demo_compressed(summary, args.out, epochs=max(1, args.adapter_epochs * 3 // 5),
+                                                        r=args.rank, seed=args.seed, log=log)
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     try:

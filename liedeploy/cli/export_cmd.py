@@ -50,6 +50,11 @@ def add_parser(sub) -> None:
                    help="write base.onnx and one merged <task>.onnx per adapter into the folder OUT, sharing unchanged weights on disk")
     p.add_argument("--for-trt", action="store_true",
                    help="with --onnx: keep initializers named as in state_dict and write OUT.refit.json (for trtexec --refit)")
+    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime static int8 quantization (QDQ, per-channel weights)")
+    p.add_argument("--calibration", metavar="INPUTS.npy", help="calibration inputs for --quantize: a .npy of shape (N, ...)")
+    p.add_argument("--refit-targets", nargs="+", metavar="ADAPTER",
+                   help="with --trt/--for-trt: only these adapters' targets (and same-shape heads) are refittable; "
+                        "default: every weight of rank >= 2")
     p.add_argument("--strip", action="store_true",
                    help="with --trt: a weight-stripped plan, refitted at load from the base file (and an adapter)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
@@ -87,7 +92,8 @@ def _request(args):
 
     return ExportRequest(out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                          atol=args.atol, rtol=args.rtol, adapters=list(args.bank or args.task_models or []),
-                         options={"strip": args.strip})
+                         options={"strip": args.strip, "refit_adapters": list(args.refit_targets or []),
+                                  "quantize": args.quantize, "calibration": args.calibration})
 
 
 def check(args) -> None:
@@ -108,6 +114,15 @@ def check(args) -> None:
         raise UsageError("--for-trt goes with --onnx (the graph for trtexec); --trt builds the engine itself")
     if args.strip and not args.trt:
         raise UsageError("--strip applies to --trt engines only")
+    if args.quantize and not args.calibration:
+        raise UsageError("--quantize int8 needs --calibration INPUTS.npy (real inputs, shape (N, ...))")
+    if args.calibration and not args.quantize:
+        raise UsageError("--calibration goes with --quantize int8")
+    if args.quantize and (args.fp16 or args.trt or args.for_trt or args.bank):
+        raise UsageError("--quantize int8 applies to --onnx exports (one model or --task-models), not with "
+                         "--fp16, --trt, --for-trt or --bank")
+    if args.refit_targets and not (args.trt or args.for_trt):
+        raise UsageError("--refit-targets applies to --trt and --onnx --for-trt")
     if not 7 <= args.opset <= 23:
         raise UsageError(f"--opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {args.opset}")
     for flag, v in (("--atol", args.atol), ("--rtol", args.rtol)):
@@ -148,6 +163,10 @@ def run(args) -> int:
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     req = _request(args)
     req.model, req.example_inputs = model, (example,)
+    if args.quantize:
+        from exporters.quantize import load_calibration
+
+        req.options["calibration"] = load_calibration(args.calibration, shape)
     report = exporter.export(req)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -56,4 +56,12 @@ def run(args) -> int:
             f"{summary['out']}: merged {summary['tensors_merged']} of {summary['tensors']} tensors from "
             f"{len(summary['merged_from'])} adapter(s), {summary['bytes_written']:,} bytes in {summary['seconds']:.2f} s"
         )
+        sp = summary["sparsity"]
+        if sp["zeros_base"]:
+            print(f"sparsity kept: {sp['zeros_kept']:,} of {sp['zeros_base']:,} zeros of the base "
+                  f"({100 * sp['zeros_kept'] / sp['zeros_base']:.1f}%) in the merged tensors"
+                  + (f", {sp['zeros_new']:,} new zeros (underflow)" if sp["zeros_new"] else ""))
+        if sp["sign_flips"]:
+            print(f"signs flipped: {sp['sign_flips']:,} weights (a first_order adapter whose 1 + dW < 0); "
+                  "the exact map never flips one")
     return 0

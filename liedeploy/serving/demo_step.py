@@ -29,7 +29,7 @@ def run_demo_serve(summary: dict, out_dir: str, seed: int = 0, images: int = 8,
     from safetensors.torch import load_file
 
     from ..bank import AdapterBank
-    from ..demo import TASKS, DigitsNet, load_digits_tensors
+    from ..demo import TASKS, DigitsNet, load_digits_tensors, task_labels
     from .app import ServingState, create_app
     from .backend import TorchBackend
     from .specs import default_input
@@ -77,7 +77,7 @@ def run_demo_serve(summary: dict, out_dir: str, seed: int = 0, images: int = 8,
             with torch.no_grad():
                 want = reference(torch.from_numpy(imgs), task=r["task"]).numpy()
             err = float(np.abs(got - want).max())
-            correct = int((got.argmax(-1) == yte.numpy()).sum())
+            correct = int((got.argmax(-1) == task_labels(r["task"], yte).numpy()).sum())
             rows.append({"task": r["task"], "images": len(imgs), "correct": correct, "max_abs_vs_in_process": err})
     finally:
         server.should_exit = True

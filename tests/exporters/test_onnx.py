@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 
@@ -65,10 +66,28 @@ def test_refused_export_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_fp16_export(tmp_path):
+def test_fp16_export_is_strongly_typed_with_fp32_io(tmp_path):
+    """Weights and compute in fp16, inputs and outputs in fp32: the graph TensorRT 11 builds fp16 from."""
+    import onnx
+    import onnxruntime as ort
+
     model, x = _adapted("conv1d")
-    report = export_onnx(model, x, str(tmp_path / "h.onnx"), fp16=True)
-    assert report["ok"] and report["dtype"] == "fp16" and report["atol"] == 2e-2
+    path = str(tmp_path / "h.onnx")
+    report = export_onnx(model, x, path, fp16=True, dynamic_batch=True)
+    assert report["ok"] and report["dtype"] == "fp16" and report["io_dtype"] == "fp32" and report["atol"] == 2e-2
+    proto = onnx.load(path)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [F32]
+    assert [o.type.tensor_type.elem_type for o in proto.graph.output] == [F32]
+    weights = [t for t in proto.graph.initializer if len(t.dims) >= 2]
+    assert weights and all(t.data_type == F16 for t in weights)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    xb = torch.randn(5, *x.shape[1:])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0])
+    with torch.no_grad():
+        want = merge_(copy.deepcopy(model))(xb)  # the fp32 model
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # the stated fp16 tolerance
 
 
 def test_cli_export_strict_weights(tmp_path, capsys, monkeypatch):
