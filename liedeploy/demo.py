@@ -220,7 +220,7 @@ def run_demo(
         if res["new_head"]:
             with torch.no_grad():
                 pred = bank(TASKS[res["task"]](xte), task=res["task"]).argmax(-1)
-            res["bank_accuracy"] = float((pred == task_labels(res["task"], yte)).float().mean())
+            res["bank_accuracy"] = int((pred == task_labels(res["task"], yte)).sum()) / len(yte)
     mixed = [res for res in results if not res["new_head"]]
     xs = torch.cat([TASKS[res["task"]](xte) for res in mixed] or [xte[:0]])
     ys = torch.cat([yte for _ in mixed] or [yte[:0]])

@@ -43,8 +43,8 @@ def _trainer(model, out, steps):
     from liedeploy.hf_trainer import LieAdapterCallback
 
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8,
-                                          learning_rate=5e-2, save_steps=2, save_strategy="steps", logging_steps=100,
-                                          report_to=[], use_cpu=True, seed=0, data_seed=0, save_safetensors=True,
+                                          learning_rate=5e-2, lr_scheduler_type="constant", save_steps=2, save_strategy="steps", logging_steps=100,
+                                          report_to=[], use_cpu=True, seed=0, data_seed=0,
                                           dataloader_num_workers=0, disable_tqdm=True)
     return transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[LieAdapterCallback()])
 
