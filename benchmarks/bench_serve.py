@@ -119,7 +119,6 @@ def _load(proc: Proc, spec: str, *, zipf: float, duration: float, json_mode: boo
 
 
 def _setup(work: str, n_tasks: int) -> dict:
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ray", action="store_true", help="also the Ray Serve application with 2 replicas")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "results", "serve_cpu.json"))
     args = ap.parse_args(argv)
-    rows, results = [], {}
+    results = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
         t0 = time.monotonic()
         setup = _setup(work, 1000)

@@ -8,7 +8,7 @@ and/or ``--bank`` (a bank graph + ``.onnx_adapter`` files) wrote, through
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -88,15 +88,10 @@ class OrtBackend:
     def run(self, task: Optional[str], inputs: dict) -> dict:
         return self.bank.run_feeds(task, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
 
-    def run_mixed(self, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
-        out: dict = {}
-        groups: dict = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t, []).append(i)
-        for t, idx in groups.items():
-            for k, v in self.run(t, {n: a[idx] for n, a in inputs.items()}).items():
-                out.setdefault(k, np.empty((len(tasks),) + v.shape[1:], dtype=v.dtype))[idx] = v
-        return out
+    def run_mixed(self, tasks, inputs: dict) -> dict:
+        from liedeploy.serving.backend import run_mixed_by_task
+
+        return run_mixed_by_task(self.run, tasks, inputs)
 
     def stats(self) -> dict:
         s = self.bank.stats

@@ -9,7 +9,6 @@ against the fp32 model with the int8 tolerance stated in its report.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 

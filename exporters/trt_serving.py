@@ -14,7 +14,6 @@ Without TensorRT or CUDA the backend refuses in one line (exit 1 from the CLI, n
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -218,15 +217,10 @@ class TrtBackend:
                 self.lru.release(slot)
                 self._cv.notify_all()
 
-    def run_mixed(self, tasks, inputs):
-        out: dict = {}
-        groups: dict = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t, []).append(i)
-        for t, idx in groups.items():
-            for k, v in self.run(t, {n: a[idx] for n, a in inputs.items()}).items():
-                out.setdefault(k, np.empty((len(tasks),) + v.shape[1:], dtype=v.dtype))[idx] = v
-        return out
+    def run_mixed(self, tasks, inputs: dict) -> dict:
+        from liedeploy.serving.backend import run_mixed_by_task
+
+        return run_mixed_by_task(self.run, tasks, inputs)
 
     def stats(self) -> dict:
         return {"registered": len(self._paths), "resident": len(self.lru.resident()), "resident_bytes": 0,

@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import stat

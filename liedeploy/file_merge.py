@@ -31,7 +31,8 @@ from .algebra import check_finite, fold_sum
 from .errors import AdapterFileError, LieError
 from .atomic import Staging, kill_point, safe_file_name, terminate_on_signals
 from .progress import progress_bar
-from .safetensors_io import DTYPE_NAMES, ST_DTYPES, SafetensorsFile, read_index, resolve_shards
+from .safetensors_header import open_base_layout
+from .safetensors_io import DTYPE_NAMES, ST_DTYPES, SafetensorsFile, resolve_shards
 
 __all__ = ["merge_files", "DTYPE_ALIASES"]
 
@@ -306,13 +307,8 @@ def merge_files(
         if dtype not in DTYPE_ALIASES:
             raise LieError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
         dtype = DTYPE_ALIASES[dtype]
-    sharded = base.endswith(".index.json")
-    if sharded:
-        if not out.endswith(".safetensors.index.json"):
-            raise LieError(f"{base} is sharded: OUT must be a *.safetensors.index.json path, got {out}")
-        index, shards = read_index(base)
-    else:
-        shards = {base: None}
+    index, shards = open_base_layout(base, out)
+    sharded = index is not None
     inputs = [base] + list(shards) + [a.path for a in loaded]
     with contextlib.ExitStack() as stack:
         stack.enter_context(terminate_on_signals())

@@ -23,8 +23,6 @@ import os
 from collections import Counter
 from typing import Optional
 
-import torch
-
 from .errors import AdapterFileError, ConfigError, LieError
 
 __all__ = ["from_peft", "to_peft", "layer_types"]

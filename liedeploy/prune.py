@@ -18,7 +18,7 @@ import numpy as np
 
 from .atomic import Staging, kill_point, terminate_on_signals
 from .errors import ConfigError
-from .safetensors_header import SafetensorsFile, read_index
+from .safetensors_header import SafetensorsFile, open_base_layout
 from .sparsity import as_float, magnitude_mask, nm_applicable, nm_conforms, nm_mask, zero_mask
 
 __all__ = ["prune_files", "parse_pattern"]
@@ -96,13 +96,8 @@ def prune_files(base: str, out: str, *, sparsity: Optional[float] = None, patter
             return False
         return rx.fullmatch(name) is not None if rx is not None else True
 
-    sharded = base.endswith(".index.json")
-    if sharded:
-        if not out.endswith(".safetensors.index.json"):
-            raise ConfigError(f"{base} is sharded: OUT must be a *.safetensors.index.json path, got {out}")
-        index, shards = read_index(base)
-    else:
-        index, shards = None, {base: None}
+    index, shards = open_base_layout(base, out)
+    sharded = index is not None
     report = {"tensors": {}, "skipped": {}, "_zeros": 0, "_elements": 0}
     import json
     import secrets

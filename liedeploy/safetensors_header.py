@@ -18,7 +18,7 @@ import stat
 import struct
 from .errors import AdapterFileError
 
-__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_header", "read_index", "resolve_shards", "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_header", "read_index", "resolve_shards", "open_base_layout", "MAX_HEADER_BYTES"]
 
 # safetensors dtype names -> bytes per element (the dtypes a weight file may hold)
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -229,6 +229,18 @@ def read_header(path: str) -> tuple[dict, dict, int]:
     """
     with SafetensorsFile(path) as f:
         return f.header, f.metadata, f.data_start
+
+
+def open_base_layout(base: str, out: str) -> tuple:
+    """``(index or None, {shard path: [names]})`` of a base file or sharded index; for a sharded base
+    OUT must be an index path too (refused in one sentence otherwise)."""
+    from .errors import ConfigError
+
+    if not base.endswith(".index.json"):
+        return None, {base: None}
+    if not out.endswith(".safetensors.index.json"):
+        raise ConfigError(f"{base} is sharded: OUT must be a *.safetensors.index.json path, got {out}")
+    return read_index(base)
 
 
 def resolve_shards(path: str) -> dict:

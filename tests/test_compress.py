@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from liedeploy import AdapterBank, LieConfig, apply_adapters_, load_adapter, merge_, merge_files, save_adapter
+from liedeploy import AdapterBank, LieConfig, apply_adapters_, merge_, merge_files, save_adapter
 from liedeploy.adapt import iter_adapters
 from liedeploy.cli import main
 from liedeploy.sparsity import nm_conforms

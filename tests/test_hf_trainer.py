@@ -1,7 +1,5 @@
 """An adapted model trains under transformers.Trainer; checkpoints hold the adapter; resume continues it."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -74,6 +74,25 @@ def parse_shape(text: str, flag: str = "--input-shape") -> tuple:
         raise UsageError(f"{flag} must be positive integers separated by commas, got {text!r}") from None
 
 
+def check_model_flags(model: str, model_kwargs: str) -> None:
+    """``--model`` and ``--model-kwargs`` are well formed (usage errors, before any import)."""
+    from exporters.model_loading import parse_model_spec
+
+    from ..errors import ConfigError
+    from . import UsageError
+
+    try:
+        if model:
+            parse_model_spec(model)
+        kwargs = json.loads(model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError:
+        raise UsageError(f"--model-kwargs must be a JSON object, got {model_kwargs!r}") from None
+
+
 def exporter_name(args) -> str:
     """Which registered exporter the flags ask for."""
     if args.trt:
@@ -98,7 +117,6 @@ def _request(args):
 
 def check(args) -> None:
     """Usage errors, found before any model is built (exit 2)."""
-    from exporters.model_loading import parse_model_spec
     from exporters.registry import get_exporter
 
     from ..errors import ConfigError
@@ -129,15 +147,7 @@ def check(args) -> None:
         if v is not None and not (v >= 0 and v != float("inf")):
             raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
     parse_shape(args.input_shape)
-    try:
-        parse_model_spec(args.model)
-        kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise ValueError
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    except ValueError:
-        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
+    check_model_flags(args.model, args.model_kwargs)
     try:
         get_exporter(exporter_name(args)).check(_request(args))
     except ConfigError as exc:

@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
 def check(args) -> None:
     from ..errors import ConfigError
     from . import UsageError
-    from .export_cmd import parse_shape
+    from .export_cmd import check_model_flags, parse_shape
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
                         ("--trt-slots", args.trt_slots, 1)):
@@ -94,17 +94,9 @@ def check(args) -> None:
         from ..serving.specs import parse_input_flag
 
         [parse_input_flag(i) for i in args.input]
-        if args.model:
-            from exporters.model_loading import parse_model_spec
-
-            parse_model_spec(args.model)
-        kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise ValueError
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    except ValueError:
-        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}") from None
+    check_model_flags(args.model, args.model_kwargs)
     if args.cache_bytes is not None:
         parse_size(args.cache_bytes, "--cache-bytes")
     parse_size(args.max_body, "--max-body")

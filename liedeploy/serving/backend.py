@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ServingError
 from .specs import TensorSpec, flatten_named
 
-__all__ = ["Backend", "TorchBackend", "STATS_KEYS"]
+__all__ = ["Backend", "TorchBackend", "STATS_KEYS", "run_mixed_by_task"]
 
 # what stats() returns (every backend, same keys; counters are totals since start)
 STATS_KEYS = ("registered", "resident", "resident_bytes", "hits", "misses", "evictions", "folds", "fold_seconds")
@@ -51,6 +51,25 @@ class Backend(Protocol):
 
     def stats(self) -> dict:
         """Counters and gauges with the keys of :data:`STATS_KEYS`."""
+
+
+def run_mixed_by_task(run, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
+    """A mixed batch through ``run(task, inputs)``: samples grouped by task, outputs in input order.
+
+    Tasks whose outputs have other shapes per sample (a head of their own) cannot share a batch.
+    """
+    groups: dict = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(t, []).append(i)
+    out: dict = {}
+    for t, idx in groups.items():
+        for k, v in run(t, {n: a[idx] for n, a in inputs.items()}).items():
+            if k not in out:
+                out[k] = np.empty((len(tasks),) + v.shape[1:], dtype=v.dtype)
+            elif out[k].shape[1:] != v.shape[1:]:
+                raise ServingError(f"task {t!r} gives output {k} of another shape than the other tasks of the batch")
+            out[k][idx] = v
+    return out
 
 
 class TorchBackend:
@@ -132,20 +151,7 @@ class TorchBackend:
         return {n: _to_numpy(t) for n, t in flatten_named(self._call(task, inputs))}
 
     def run_mixed(self, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
-        groups: dict = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t, []).append(i)
-        out: dict = {}
-        n = len(tasks)
-        for t, idx in groups.items():
-            part = self.run(t, {k: v[idx] for k, v in inputs.items()})
-            for k, v in part.items():
-                if k not in out:
-                    out[k] = np.empty((n,) + v.shape[1:], dtype=v.dtype)
-                elif out[k].shape[1:] != v.shape[1:]:
-                    raise ServingError(f"task {t!r} gives output {k} of another shape than the other tasks of the batch")
-                out[k][idx] = v
-        return out
+        return run_mixed_by_task(self.run, tasks, inputs)
 
     def stats(self) -> dict:
         s = self.bank.stats

@@ -1,6 +1,5 @@
 """Factories the serving tests start servers with (imported by the server process)."""
 
-import torch
 from torch import nn
 
 

@@ -7,8 +7,6 @@ module shuts Ray down at the end, also when a test fails.
 import concurrent.futures as cf
 import copy
 import json
-import os
-import shutil
 import socket
 import time
 
@@ -156,8 +154,6 @@ def test_metrics_through_the_ingress(cluster):
 
 
 def test_replica_killed_mid_load_no_wrong_answers(cluster):
-    from ray import serve  # noqa: F401
-
     c_url = cluster["url"]
     rng = np.random.default_rng(9)
     xs = {t: rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for t in cluster["refs"]}
