@@ -39,7 +39,7 @@ def main() -> int:
     rows = {}
     for name, fn, targets, shape in (
         ("resnet18-like 64x64", resnet18, r".*(convolution|classifier\.1)\.weight", (1, 3, 64, 64)),
-        ("vit-b-like 64x64", _vit_b, r".*(query|key|value|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight",
+        ("vit-b-like 64x64", _vit_b, r".*(q_proj|k_proj|v_proj|o_proj|query|key|value|dense|fc1|fc2)\.weight",
          (1, 3, 64, 64)),
     ):
         torch.manual_seed(0)
