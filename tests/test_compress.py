@@ -161,3 +161,33 @@ def test_int8_export_qdq_per_channel_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(common + ["-o", int8, "--quantize", "int8"])
     assert e.value.code == 2 and "--quantize int8 needs --calibration" in capsys.readouterr().err
+
+
+def test_int8_task_models_share_the_base_bytes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from exporters.task_models import export_task_models
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(r=2, targets=["0"]))  # only the first conv changes
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m):
+            lie.lie_B.normal_(0, 0.1)
+    a = str(tmp_path / "t.safetensors")
+    save_adapter(m, a)
+    out = tmp_path / "out"
+    out.mkdir()
+    calib = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    rep = export_task_models(base, torch.zeros(1, 3, 8, 8), str(out), [a], quantize="int8", calibration=calib,
+                             dynamic_batch=True)
+    assert rep["files"]["t"]["check"]["ok"] and rep["files"]["t"]["check"]["int8"]["ok"]
+    base_bytes = os.path.getsize(out / "base.onnx.data")
+    assert rep["files"]["t"]["own_data_bytes"] <= 0.2 * base_bytes  # the unchanged layers share the base int8 bytes
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "t.onnx"), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: calib[:4]})[0]
+    with torch.no_grad():
+        want = merge_(copy.deepcopy(m))(torch.from_numpy(calib[:4])).numpy()
+    assert (y.argmax(-1) == want.argmax(-1)).mean() >= 0.75
