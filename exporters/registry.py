@@ -12,6 +12,7 @@ To add one: subclass :class:`Exporter`, set ``name`` and the flags, implement ``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -69,8 +70,8 @@ class ExportReport:
         return worst
 
 
-class Exporter:
-    """Base class: override ``export`` and, where flags do not apply, ``check``."""
+class Exporter(ABC):
+    """Base class: implement ``export`` and, where flags do not apply, extend ``check``."""
 
     name: str = ""
     help: str = ""
@@ -87,8 +88,9 @@ class Exporter:
         if request.adapters and not self.takes_adapters:
             raise ConfigError(f"the {self.name} export takes no adapter files")
 
-    def export(self, request: ExportRequest) -> ExportReport:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def export(self, request: ExportRequest) -> ExportReport:
+        """Write the export for ``request`` through a Staging folder and return its report."""
 
 
 EXPORTERS: dict = {}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,21 +35,14 @@ from liedeploy.adapter_file import read_adapter
 from liedeploy.algebra import fold
 from liedeploy.atomic import atomic_path
 from liedeploy.errors import ExportError, LieError, MissingDependencyError
-from liedeploy.safetensors_io import read_header, resolve_shards
+from liedeploy.safetensors_io import BaseTensors
 
 from .onnx import DEFAULT_OPSET, _require, export_onnx
 
 __all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt",
-           "refittable_targets", "strip_size_report", "network_flags", "REMOVED_IN_TRT11", "removed_api_uses"]
+           "refittable_targets", "strip_size_report", "network_flags"]
 
 MANIFEST_SUFFIX = ".refit.json"
-
-# Names TensorRT 11 removed (NVIDIA, "Migrating from TensorRT 10.x to 11.x"); a test fails if any
-# module of this package uses one.
-REMOVED_IN_TRT11 = ("BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.INT8", "BuilderFlag.FP8", "BuilderFlag.INT4",
-                    "BuilderFlag.FP4", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO",
-                    "int8_calibrator", "platform_has_fast_fp16", "platform_has_fast_int8", "device_memory_size")
-
 
 def require_tensorrt():
     """Import TensorRT and check for a CUDA device, or refuse in one sentence saying what is missing."""
@@ -155,25 +148,6 @@ def strip_size_report(onnx_path: str, manifest: dict) -> dict:
             "all_refittable_kept_ratio": (total - big) / max(total, 1)}
 
 
-def _base_reader(base: str):
-    shards = resolve_shards(base) if base.endswith(".index.json") else {base: None}
-    index = {}
-    for shard in shards:
-        header, _, _ = read_header(shard)
-        for k in header:
-            index[k] = shard
-
-    def get(name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if name not in index:
-            raise LieError(f"{base}: has no tensor {name}")
-        with safe_open(index[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-    return get
-
-
 def refit_weights(base: str, adapter: Optional[str], manifest: dict, previous: Optional[set] = None,
                   dtype: Optional[torch.dtype] = None, prototypes: Optional[dict] = None) -> dict:
     """``{refit name: numpy array}`` that turn an engine into ``adapter``'s task.
@@ -183,7 +157,7 @@ def refit_weights(base: str, adapter: Optional[str], manifest: dict, previous: O
     shape are refitted as they are. ``prototypes``: ``{refit name: numpy dtype}`` from
     ``Refitter.get_weights_prototype`` (each array is cast to it); ``adapter`` None: the base.
     """
-    get = _base_reader(base)
+    get = BaseTensors(base).get
     weights = manifest["weights"]
     af = read_adapter(adapter) if adapter is not None else None
     targets = (set(af.targets) | set(af.full)) if af else set()
@@ -331,17 +305,3 @@ class TrtTaskSwitcher:
         af = read_adapter(adapter) if adapter else None
         self._active_targets = (set(af.targets) | set(af.full)) if af else set()
         self.active = adapter
-
-
-def removed_api_uses(paths: Iterable[str]) -> list:
-    """``[(file, name)]`` of TensorRT 11 removed names used in ``paths`` (the check the tests run)."""
-    hits = []
-    for p in paths:
-        text = open(p).read()
-        body = text.split("REMOVED_IN_TRT11 = (", 1)
-        if len(body) == 2:  # the list itself is not a use
-            text = body[0] + body[1].split(")", 1)[1]
-        for name in REMOVED_IN_TRT11:
-            if name in text:
-                hits.append((os.path.basename(p), name))
-    return hits

@@ -85,28 +85,25 @@ class TrtRunner:
         self.context = engine.create_execution_context()
         self.stream = stream or torch.cuda.Stream()
         self.inputs, self.outputs = [], []
+        self.dtypes = {}  # tensor name -> the torch dtype the engine binds
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             (self.inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
+            self.dtypes[name] = torch.from_numpy(np.zeros(1, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
 
     def __call__(self, feeds: dict) -> dict:
         import torch
 
-        trt = self.trt
         bound = {}
         for name in self.inputs:
-            t = torch.as_tensor(feeds[name]).cuda(non_blocking=True).contiguous()
-            want = trt.nptype(self.engine.get_tensor_dtype(name))
-            if t.dtype != torch.from_numpy(np.zeros(1, dtype=want)).dtype:
-                t = t.to(torch.from_numpy(np.zeros(1, dtype=want)).dtype)
+            t = torch.as_tensor(feeds[name]).cuda(non_blocking=True).to(self.dtypes[name]).contiguous()
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
             bound[name] = t
         outs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            dt = torch.from_numpy(np.zeros(1, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            o = torch.empty(shape, dtype=dt, device="cuda")
+            o = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
             self.context.set_tensor_address(name, o.data_ptr())
             outs[name] = o
         self.stream.wait_stream(torch.cuda.current_stream())

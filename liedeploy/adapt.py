@@ -106,12 +106,6 @@ def unregister(module: nn.Module, attr: str) -> None:
     parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
 
 
-def _select(model: nn.Module, config: LieConfig, saved=None) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    from .targets import select_targets
-
-    return select_targets(model, config, saved)
-
-
 def _refuse_tied(model: nn.Module, chosen: list) -> None:
     """Refuse adapting a parameter that another name of the model shares (GPT-2's wte / lm_head)."""
     names: dict = {}
@@ -159,17 +153,17 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
             f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
             "call merge_ or remove_adapters_ first"
         )
-    from .targets import select_modules_to_save
+    from .targets import select_modules_to_save, select_targets
 
     saved = select_modules_to_save(model, config.modules_to_save) if targets_exact is None else {}
     if targets_exact is not None:
         wanted = set(targets_exact)
-        chosen = [c for c in _select(model, LieConfig(targets=None, filter_fn=lambda m, n: n in wanted))]
+        chosen = [c for c in select_targets(model, LieConfig(targets=None, filter_fn=lambda m, n: n in wanted))]
         missing = wanted - {c[0] for c in chosen}
         if missing:
             raise LieError(f"target {sorted(missing)[0]} is not a parameter of this model")
     else:
-        chosen = _select(model, config, saved)
+        chosen = select_targets(model, config, saved)
         if not chosen and not saved:
             raise LieError(f"no parameter of the model matches {config.describe_targets()}")
     _refuse_tied(model, chosen)

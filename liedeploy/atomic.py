@@ -1,7 +1,7 @@
 """All-or-nothing outputs: private staging, checked output paths, a commit point, cleanup.
 
 Every output of liedeploy (a merged file, a sharded model with its index, an adapter, an export)
-is written into a private staging folder beside OUT (``.NAME.liedeploy-PID-XXXX``, mode 0700:
+is written into a private staging folder beside OUT (``.NAME.liedeploy-PID-<random>``, mode 0700:
 nobody else can swap a symlink into it) and published by renames only when all of it was
 written. For several files, the file that readers open first (an index, a graph) is renamed
 last: it is the commit point. Until it moves a reader sees the complete old output; after, the
@@ -54,10 +54,7 @@ def safe_file_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not name:
         raise LieError(f"{what} must be a non-empty string, got {name!r}")
     base = _SAFE.sub("_", name.replace("\\", "/").replace("/", "_"))
-    base = base.lstrip(".") or "_"
-    if base in (".", ".."):
-        base = "_"
-    return base[:200]
+    return (base.lstrip(".") or "_")[:200]
 
 
 def _kind(mode: int) -> str:

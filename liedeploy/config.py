@@ -15,16 +15,6 @@ EXPMAPS = ("exact", "first_order")
 CONFIG_VERSION = 1
 
 FilterFn = Callable[[Any, str], bool]
-_REGEX_CHARS = re.compile(r"[*+?\[\]()|^$\\]")
-
-
-def _regex_hit(pattern: str, param_name: str, module_name: str, attr: str) -> bool:
-    """A list item that looks like a regex also matches the whole parameter name, or a module's weight."""
-    try:
-        rx = re.compile(pattern)
-    except re.error:
-        return False
-    return rx.fullmatch(param_name) is not None or (attr == "weight" and rx.fullmatch(module_name) is not None)
 
 
 def _check_pattern_dict(field_name: str, value: Any, kind: type) -> dict:
@@ -167,30 +157,6 @@ class LieConfig:
     def scale_for(self, param_name: str) -> float:
         """alpha / r for ``param_name``."""
         return self.alpha_for(param_name) / self.rank_for(param_name)
-
-    def matches(self, module: Any, param_name: str) -> bool:
-        """True when ``param_name`` (owned by ``module``) is selected by targets and filter_fn."""
-        if self.targets is not None:
-            if self.targets == "all-linear":
-                from torch import nn
-
-                hit = param_name.endswith(".weight") and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
-            elif isinstance(self.targets, str):
-                hit = re.fullmatch(self.targets, param_name) is not None
-            else:
-                module_name, _, attr = param_name.rpartition(".")
-                hit = any(
-                    param_name == t
-                    or param_name.endswith("." + t)
-                    or (attr == "weight" and (module_name == t or module_name.endswith("." + t)))
-                    or (_REGEX_CHARS.search(t) is not None and _regex_hit(t, param_name, module_name, attr))
-                    for t in self.targets
-                )
-            if not hit:
-                return False
-        if self.filter_fn is not None:
-            return bool(self.filter_fn(module, param_name))
-        return True
 
     def describe_targets(self) -> str:
         """Human-readable description of the selection, for error messages."""

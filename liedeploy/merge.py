@@ -12,7 +12,6 @@ from torch import nn
 from .adapt import LieParametrization, iter_adapters, register, unregister
 from .algebra import check_finite, fold_sum
 from .errors import LieError
-from .safetensors_io import read_header, resolve_shards
 from .file_merge import merge_files
 
 __all__ = ["merge_", "unmerge_", "merge_files", "is_merged"]
@@ -106,16 +105,7 @@ def _base_tensor(base, name: str) -> torch.Tensor:
         if name not in base:
             raise LieError(f"the base given to unmerge_ has no tensor {name}")
         return base[name]
-    from safetensors import safe_open
-
-    base = str(base)
-    shards = resolve_shards(base) if base.endswith(".index.json") else {base: None}
-    for shard in shards:
-        read_header(shard)  # clear refusal of non-safetensors files, never unpickles
-        with safe_open(shard, framework="pt") as f:
-            if name in f.keys():
-                return f.get_tensor(name)
-    raise LieError(f"{base}: has no tensor {name}")
+    return base.get(name)  # a BaseTensors
 
 
 def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: bool = False) -> nn.Module:
@@ -131,6 +121,10 @@ def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: 
     records = getattr(model, "_lie_merged", None)
     if not records:
         return model
+    if base is not None and not isinstance(base, dict):
+        from .safetensors_io import BaseTensors
+
+        base = BaseTensors(str(base))  # the headers once, each tensor read when needed
     restored = {}
     spares = {} if release else (getattr(model, "_lie_spare", None) or {})
     for name, rec in records.items():

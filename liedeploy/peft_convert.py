@@ -68,21 +68,15 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
 
     Returns a summary ``{"out", "targets", "layer_types"}``.
     """
-    from safetensors import safe_open
-
     from ._version import __version__
     from .adapter_file import FORMAT
     from .atomic import atomic_path
-    from .safetensors_io import SafetensorsFile, read_index, tensor_sha256
+    from .safetensors_io import BaseTensors
 
     cfg, tensors = _read_peft(peft_dir)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    shards = read_index(base)[1] if base.endswith(".index.json") else {base: None}
-    where, shapes = {}, {}
-    for shard in shards:
-        with SafetensorsFile(shard) as f:
-            for k, v in f.header.items():
-                where[k], shapes[k] = shard, tuple(v["shape"])
+    base_tensors = BaseTensors(base)
+    shapes = base_tensors.shapes
     modules: dict = {}
     for key, t in tensors.items():
         if not key.startswith(_PREFIX):
@@ -120,8 +114,7 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
         out_t[f"{P}.lie_B"] = lie_B.contiguous()
         out_t[f"{P}.lie_A"] = lie_A.contiguous()
         targets[P] = {"shape": list(W), "scale": 1.0}
-        with safe_open(where[P], framework="pt") as f:
-            hashes[P] = tensor_sha256(f.get_tensor(P))
+        hashes[P] = base_tensors.sha256(P)
         kinds[P] = kind
     if not targets:
         raise AdapterFileError(f"{peft_dir}: holds no HiRA factors")

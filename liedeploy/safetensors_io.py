@@ -23,6 +23,7 @@ __all__ = [
     "DTYPE_SIZES",
     "resolve_shards",
     "read_index",
+    "BaseTensors",
 ]
 
 # safetensors dtype strings <-> torch dtypes (the ones a weight file may hold).
@@ -50,3 +51,41 @@ def tensor_sha256(t: torch.Tensor) -> str:
     if t.numel() == 0:
         return hashlib.sha256(b"").hexdigest()
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+class BaseTensors:
+    """The tensors of a base file or sharded index by name: shapes from the checked headers, values
+    read on demand (one shard at a time, never unpickled), sha256 cached per name.
+
+    Example:
+        >>> base = BaseTensors("model.safetensors.index.json")
+        >>> base.shapes["fc.weight"], base.get("fc.weight"), base.sha256("fc.weight")
+    """
+
+    def __init__(self, path: str):
+        from .safetensors_header import read_index
+
+        self.path = str(path)
+        shards = read_index(self.path)[1] if self.path.endswith(".index.json") else {self.path: None}
+        self.where: dict = {}
+        self.shapes: dict = {}
+        for shard in shards:
+            header, _, _ = read_header(shard)
+            for k, v in header.items():
+                self.where[k], self.shapes[k] = shard, tuple(v["shape"])
+        self._hashes: dict = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        from .errors import LieError
+
+        if name not in self.where:
+            raise LieError(f"{self.path}: has no tensor {name}")
+        with SafetensorsFile(self.where[name]) as f, safe_open(f.fd_path, framework="pt") as st:
+            return st.get_tensor(name)
+
+    def sha256(self, name: str) -> str:
+        if name not in self._hashes:
+            self._hashes[name] = tensor_sha256(self.get(name))
+        return self._hashes[name]

@@ -50,11 +50,8 @@ class TaskEntry:
 
     @property
     def full(self) -> dict:
-        """``{P: {"shape", "dtype"}}`` (from the header) of the tensors the task replaces whole."""
-        full = self.header.full
-        if full and not isinstance(next(iter(full.values())), dict):  # an AdapterFile: tensors
-            return {P: {"shape": tuple(t.shape), "dtype": str(t.dtype)} for P, t in full.items()}
-        return full
+        """The tensors the task replaces whole, by name (header entries, or tensors when given read)."""
+        return self.header.full
 
 
 class TaskRegistry:

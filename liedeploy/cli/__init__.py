@@ -35,13 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f".{name}_cmd", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}_cmd":
-                continue  # a subcommand this build does not ship
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(f".{name}_cmd", __name__).add_parser(sub)
     return parser
 
 

@@ -76,7 +76,7 @@ def parse_shape(text: str, flag: str = "--input-shape") -> tuple:
 
 def check_model_flags(model: str, model_kwargs: str) -> None:
     """``--model`` and ``--model-kwargs`` are well formed (usage errors, before any import)."""
-    from exporters.model_loading import parse_model_spec
+    from ..model_loading import parse_model_spec
 
     from ..errors import ConfigError
     from . import UsageError
@@ -157,7 +157,7 @@ def check(args) -> None:
 def run(args) -> int:
     import torch
 
-    from exporters.model_loading import build_model
+    from ..model_loading import build_model
     from exporters.registry import get_exporter
 
     exporter = get_exporter(exporter_name(args))

@@ -103,6 +103,8 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    import exporters.serving_backends  # noqa: F401  (registers --backend ort and trt)
+
     from ..serving.server import ServeConfig, serve
     from ..serving.specs import parse_input_flag
     from .export_cmd import parse_shape

@@ -14,7 +14,16 @@ import numpy as np
 from ..errors import ServingError
 from .specs import TensorSpec, flatten_named
 
-__all__ = ["Backend", "TorchBackend", "STATS_KEYS", "run_mixed_by_task"]
+__all__ = ["Backend", "TorchBackend", "STATS_KEYS", "run_mixed_by_task", "BACKENDS", "register_backend"]
+
+# name -> factory(ServeConfig) -> Backend; ``torch`` is registered by liedeploy.serving.server,
+# ``ort`` and ``trt`` by exporters.serving_backends (imported by the CLI, never by the core)
+BACKENDS: dict = {}
+
+
+def register_backend(name: str, factory) -> None:
+    """Make ``liedeploy serve --backend NAME`` build its backend with ``factory(cfg)``."""
+    BACKENDS[name] = factory
 
 # what stats() returns (every backend, same keys; counters are totals since start)
 STATS_KEYS = ("registered", "resident", "resident_bytes", "hits", "misses", "evictions", "folds", "fold_seconds")

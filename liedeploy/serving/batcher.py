@@ -71,6 +71,7 @@ class Batcher:
         self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
         self.on_batch, self.on_task_error = on_batch, on_task_error
         self._queues: dict = {}
+        self._rows: dict = {}  # task -> samples queued (kept, not summed at every pick)
         self._count = 0
         self._running = 0
         self._cv = threading.Condition()
@@ -88,6 +89,7 @@ class Batcher:
             if self._count >= self.max_queue:
                 raise QueueFull(self.max_queue)
             self._queues.setdefault(task, deque()).append(Pending(task, inputs, n, fut, loop))
+            self._rows[task] = self._rows.get(task, 0) + n
             self._count += 1
             self._cv.notify()
         return fut
@@ -116,7 +118,7 @@ class Batcher:
             if not q:
                 continue
             oldest = q[0].arrived
-            rows = sum(p.n for p in q)
+            rows = self._rows[task]
             due = oldest + self.max_delay
             if rows >= self.max_batch or now >= due:
                 ready.append((task, oldest, rows))
@@ -146,8 +148,10 @@ class Batcher:
                 keep.append(p)
         keep.extend(q)
         self._queues[task] = keep
+        self._rows[task] -= rows
         if not keep:
             del self._queues[task]
+            del self._rows[task]
         self._count -= len(batch)
         return batch
 

@@ -96,7 +96,7 @@ class RayRoutedBackend:
     kind = "torch"
 
     def __init__(self, replicas, settings: dict):
-        from ..safetensors_io import SafetensorsFile, read_index, tensor_sha256
+        from ..safetensors_io import BaseTensors
         from ..task_registry import TaskRegistry
 
         cfg = _serve_config(settings)
@@ -104,24 +104,8 @@ class RayRoutedBackend:
         self.affinity = settings.get("affinity", True)
         self._inputs = cfg.input_specs()
         self.request_timeout = cfg.request_timeout
-        weights = cfg.weights
-        shards = read_index(weights)[1] if weights.endswith(".index.json") else {weights: None}
-        where, shapes = {}, {}
-        for shard in shards:
-            with SafetensorsFile(shard) as f:
-                for k, v in f.header.items():
-                    where[k], shapes[k] = shard, tuple(v["shape"])
-        hashes: dict = {}
-
-        def sha256(name: str) -> str:  # the base's bytes, hashed once per tensor name
-            if name not in hashes:
-                from safetensors import safe_open
-
-                with safe_open(where[name], framework="pt") as f:
-                    hashes[name] = tensor_sha256(f.get_tensor(name))
-            return hashes[name]
-
-        self.registry = TaskRegistry(shapes, sha256)
+        base = BaseTensors(cfg.weights)  # headers only; a tensor's bytes are hashed once, when a task needs it
+        self.registry = TaskRegistry(base.shapes, base.sha256)
         self._outputs: Optional[list] = None
         self._replica_stats: dict = {}
 

@@ -56,32 +56,42 @@ class ServeConfig:
 
 
 def build_backend(cfg: ServeConfig):
-    """The backend ``cfg.backend`` names, loaded and ready (refuses in one sentence)."""
-    if cfg.backend == "torch":
-        if cfg.device.startswith("cuda"):
-            import torch
+    """The backend ``cfg.backend`` names, loaded and ready (refuses in one sentence).
 
-            if not torch.cuda.is_available():
-                raise ConfigError(f"--device {cfg.device} was asked for but no CUDA device is visible")
-        if not cfg.model or not cfg.weights:
-            raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
-        from exporters.model_loading import build_model
+    ``torch`` is built in; other backends register a factory with
+    :func:`liedeploy.serving.backend.register_backend` (``exporters.serving_backends`` registers
+    ``ort`` and ``trt``; the CLI imports it, the core never does).
+    """
+    from .backend import BACKENDS
 
-        from .backend import TorchBackend
+    factory = BACKENDS.get(cfg.backend)
+    if factory is None:
+        raise ConfigError(f"--backend {cfg.backend!r} is not available here; registered: {', '.join(sorted(BACKENDS))}")
+    return factory(cfg)
 
-        model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
-        return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
-    if cfg.backend == "ort":
-        from exporters.ort_serving import OrtBackend
 
-        if not cfg.adapters:
-            raise ConfigError("--backend ort needs --adapters DIR: the folder 'liedeploy export --onnx --task-models/--bank' wrote")
-        return OrtBackend(cfg.adapters, threads=cfg.threads or 0)
-    if cfg.backend == "trt":
-        from exporters.trt_serving import TrtBackend
+def _torch_backend(cfg: ServeConfig):
+    if cfg.device.startswith("cuda"):
+        import torch
 
-        return TrtBackend.from_config(cfg)
-    raise ConfigError(f"--backend must be torch, ort or trt, got {cfg.backend!r}")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device} was asked for but no CUDA device is visible")
+    if not cfg.model or not cfg.weights:
+        raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
+    from ..model_loading import build_model
+    from .backend import TorchBackend
+
+    model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
+    return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
+
+
+def _register_torch() -> None:
+    from .backend import register_backend
+
+    register_backend("torch", _torch_backend)
+
+
+_register_torch()
 
 
 def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None):

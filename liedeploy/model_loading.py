@@ -1,4 +1,8 @@
-"""Build a model from ``PKG.MOD:FACTORY`` and load safetensors weights strictly."""
+"""Build a model from ``PKG.MOD:FACTORY`` and load safetensors weights strictly (torch only).
+
+Used by ``liedeploy export`` and ``liedeploy serve``. ``--model`` runs code by design: the module
+is imported and the factory called; the current folder is searched after installed packages.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 
 from torch import nn
 
-from liedeploy.errors import ConfigError, LieError
+from .errors import ConfigError, LieError
 
 __all__ = ["build_model", "load_weights_strict", "parse_model_spec"]
 
@@ -55,7 +59,7 @@ def load_weights_strict(model: nn.Module, weights: str) -> None:
     """Load every tensor of ``weights`` into ``model``; a missing or unexpected key is an error."""
     from safetensors.torch import load_file
 
-    from liedeploy.safetensors_io import SafetensorsFile, resolve_shards
+    from .safetensors_io import SafetensorsFile, resolve_shards
 
     shards = resolve_shards(weights) if weights.endswith(".index.json") else {weights: None}
     sd = {}
