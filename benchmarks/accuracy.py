@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="benchmarks/results/accuracy.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from liedeploy.demo import TASKS, load_digits_tensors
+    from liedeploy.demo.pipeline import TASKS, load_digits_tensors
 
     t0 = time.perf_counter()
     x, y = load_digits_tensors()

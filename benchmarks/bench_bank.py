@@ -50,7 +50,7 @@ def bench(name, model, rx, shape, reps, tmp):
     from peft.utils.hotswap import hotswap_adapter
 
     from liedeploy import AdapterBank, LieConfig, apply_adapters_, load_adapter, merge_, save_adapter, unmerge_
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     paths = []
     for i in range(8):

@@ -34,7 +34,7 @@ def _prune_model(model, method):
     """Magnitude-prune every rank >= 2 weight of ``model`` in place (the same rule as liedeploy prune)."""
     import torch
 
-    from liedeploy.sparsity import magnitude_mask, nm_applicable, nm_mask
+    from liedeploy.files.sparsity import magnitude_mask, nm_applicable, nm_mask
 
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -66,7 +66,7 @@ def zeros_kept(model_fn, targets_lie, targets_lora, method, seed=0) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from liedeploy import LieConfig, apply_adapters_, merge_
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     out = {}
     torch.manual_seed(seed)
@@ -97,7 +97,7 @@ def demo_accuracy(epochs: int, method: str) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from liedeploy import LieConfig, apply_adapters_, merge_
-    from liedeploy.demo import TASKS, DigitsNet, _batches, _pretrain, split_digits
+    from liedeploy.demo.pipeline import TASKS, DigitsNet, _batches, _pretrain, split_digits
     from liedeploy.train import evaluate, train_adapters
 
     xtr, ytr, xte, yte = split_digits(0)
@@ -138,7 +138,7 @@ def ort_int8(tmp: str) -> dict:
     import torch
 
     from benchmarks.serve_models import resnet18
-    from exporters.onnx import export_onnx
+    from liedeploy.exporters.onnx import export_onnx
 
     out = {}
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     from benchmarks.serve_models import resnet18
-    from liedeploy.demo import DigitsNet
+    from liedeploy.demo.pipeline import DigitsNet
 
     res = {"zeros_kept": {}, "accuracy": {}}
     for method in ("50%", "2:4"):

@@ -45,7 +45,7 @@ def bench_memory(reps: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from liedeploy import LieConfig, apply_adapters_, merge_, unmerge_
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     model = _vit()
     apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
@@ -136,7 +136,7 @@ def _save_task_adapter(model, path: str) -> str:
     import torch
 
     from liedeploy import LieConfig, apply_adapters_, save_adapter
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     apply_adapters_(model, LieConfig(r=16, alpha=16, targets=TARGET_RX + r"\.weight"))
     with torch.no_grad():

@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
-    from exporters.bank_graph import BankSession, export_bank_graph
-    from exporters.onnx import export_onnx
+    from liedeploy.exporters.bank_graph import BankSession, export_bank_graph
+    from liedeploy.exporters.onnx import export_onnx
     from liedeploy import LieConfig, apply_adapters_, load_adapter, merge_, save_adapter
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ def main() -> int:
     import torch
 
     from benchmarks.serve_models import resnet18
-    from exporters.tensorrt import export_refit_onnx, strip_size_report
+    from liedeploy.exporters.tensorrt import export_refit_onnx, strip_size_report
     from tests.conftest import _write_adapter
 
     rows = {}

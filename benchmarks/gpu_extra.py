@@ -88,8 +88,8 @@ def tensorrt_part(out_dir: str) -> dict:
 
     import tensorrt  # noqa: F401  (skips this part where TensorRT is missing)
     from benchmarks.serve_models import resnet18
-    from exporters.tensorrt import TrtTaskSwitcher, export_tensorrt
-    from exporters.trt_serving import TrtRunner
+    from liedeploy.exporters.tensorrt import TrtTaskSwitcher, export_tensorrt
+    from liedeploy.serving.backends.trt import TrtRunner
     from liedeploy import load_adapter, merge_
     from tests.conftest import _write_adapter
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from liedeploy.adapter_file import AdapterFile, check_against_base, load_adapter, read_adapter
-from liedeploy.atomic import Staging, safe_file_name
+from liedeploy.core.adapter_file import AdapterFile, check_against_base, load_adapter, read_adapter
+from liedeploy.io.atomic import Staging, safe_file_name
 from liedeploy.errors import ConfigError, ExportError, LieError
-from liedeploy.merge import merge_
-from liedeploy.safetensors_io import atomic_path, tensor_sha256
+from liedeploy.core.merge import merge_
+from liedeploy.io.safetensors_io import atomic_path, tensor_sha256
 
-from .onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, verify_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, verify_onnx
 
 __all__ = ["export_bank_graph", "write_onnx_adapter", "BankSession", "bank_manifest"]
 

@@ -15,7 +15,7 @@ import os
 
 from liedeploy.errors import ConfigError
 
-from .registry import ExportReport, ExportRequest, Exporter, register_exporter
+from liedeploy.exporters.registry import ExportReport, ExportRequest, Exporter, register_exporter
 
 __all__ = ["OnnxExporter", "BankGraphExporter", "TaskModelsExporter", "RefitOnnxExporter", "TensorRTExporter"]
 
@@ -30,7 +30,7 @@ class OnnxExporter(Exporter):
     help = "one merged ONNX graph, checked in ONNX Runtime"
 
     def export(self, req: ExportRequest) -> ExportReport:
-        from .onnx import export_onnx
+        from liedeploy.exporters.onnx import export_onnx
 
         details = export_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, quantize=req.options.get("quantize"),
                               calibration=req.options.get("calibration"), **_common(req))
@@ -45,7 +45,7 @@ class BankGraphExporter(Exporter):
     supports_fp16 = False
 
     def export(self, req: ExportRequest) -> ExportReport:
-        from .bank_graph import export_bank_graph
+        from liedeploy.exporters.bank_graph import export_bank_graph
 
         details = export_bank_graph(req.model, req.example_inputs, req.out, list(req.adapters), **_common(req))
         folder = os.path.dirname(os.path.abspath(req.out))
@@ -66,7 +66,7 @@ class TaskModelsExporter(Exporter):
             raise ConfigError(f"--task-models writes a folder, and {req.out} is a file")
 
     def export(self, req: ExportRequest) -> ExportReport:
-        from .task_models import export_task_models
+        from liedeploy.exporters.task_models import export_task_models
 
         details = export_task_models(req.model, req.example_inputs, req.out, list(req.adapters),
                                      quantize=req.options.get("quantize"), calibration=req.options.get("calibration"),
@@ -86,7 +86,7 @@ class RefitOnnxExporter(Exporter):
             raise ConfigError("--strip applies to --trt engines, not to --onnx --for-trt")
 
     def export(self, req: ExportRequest) -> ExportReport:
-        from .tensorrt import export_refit_onnx
+        from liedeploy.exporters.tensorrt import export_refit_onnx
 
         details = export_refit_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16,
                                     refit_adapters=req.options.get("refit_adapters", ()), **_common(req))
@@ -104,7 +104,7 @@ class TensorRTExporter(Exporter):
             raise ConfigError("--atol/--rtol set the ONNX Runtime check; --trt builds from the checked --onnx --for-trt graph")
 
     def export(self, req: ExportRequest) -> ExportReport:
-        from .tensorrt import export_tensorrt
+        from liedeploy.exporters.tensorrt import export_tensorrt
 
         details = export_tensorrt(req.model, req.example_inputs, req.out, opset=req.opset,
                                   dynamic_batch=req.dynamic_batch, fp16=req.fp16, strip=bool(req.options.get("strip")),

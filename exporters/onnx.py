@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from liedeploy.adapt import adapted_names
-from liedeploy.atomic import Staging
+from liedeploy.core.adapt import adapted_names
+from liedeploy.io.atomic import Staging
 from liedeploy.errors import ConfigError, ExportError, require
-from liedeploy.merge import merge_
+from liedeploy.core.merge import merge_
 
 __all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "flatten_outputs", "check_export_inputs"]
 
@@ -295,7 +295,7 @@ def export_onnx(
                 f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
             )
         if quantize:
-            from .quantize import quantize_int8
+            from liedeploy.exporters.quantize import quantize_int8
 
             fp32_path = stage.path("fp32." + base)
             os.replace(tmp_path, fp32_path)

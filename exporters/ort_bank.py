@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from liedeploy.atomic import safe_file_name
+from liedeploy.io.atomic import safe_file_name
 from liedeploy.errors import LieError
 
-from .onnx import _require
-from .task_models import shared_initializers
+from liedeploy.exporters.onnx import _require
+from liedeploy.exporters.task_models import shared_initializers
 
 __all__ = ["OrtAdapterBank"]
 
@@ -67,7 +67,7 @@ class OrtAdapterBank:
             self._load_shared(task_models)
         self.bank = None
         if bank_graph is not None:
-            from .bank_graph import BankSession
+            from liedeploy.exporters.bank_graph import BankSession
 
             self.bank = BankSession(bank_graph, self._options())
             folder = os.path.dirname(os.path.abspath(bank_graph))

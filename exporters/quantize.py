@@ -14,7 +14,7 @@ import numpy as np
 
 from liedeploy.errors import ConfigError, ExportError
 
-from .onnx import _require
+from liedeploy.exporters.onnx import _require
 
 __all__ = ["quantize_int8", "load_calibration", "INT8_TOLERANCE"]
 

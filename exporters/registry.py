@@ -106,7 +106,7 @@ def register_exporter(cls):
 
 def get_exporter(name: str) -> Exporter:
     """The registered exporter ``name`` (the built-in ones are registered on first use)."""
-    from . import builtin  # noqa: F401  (registers onnx, onnx-bank, onnx-tasks, onnx-refit, trt)
+    from liedeploy.exporters import builtin  # noqa: F401  (registers onnx, onnx-bank, onnx-tasks, onnx-refit, trt)
 
     if name not in EXPORTERS:
         raise ConfigError(f"unknown exporter {name!r}; known: {', '.join(sorted(EXPORTERS))}")

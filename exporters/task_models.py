@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from liedeploy.adapter_file import load_adapter, read_adapter
-from liedeploy.atomic import Staging, kill_point, safe_file_name
+from liedeploy.core.adapter_file import load_adapter, read_adapter
+from liedeploy.io.atomic import Staging, kill_point, safe_file_name
 from liedeploy.errors import ConfigError, ExportError, OutputPathError
-from liedeploy.merge import merge_
+from liedeploy.core.merge import merge_
 
-from .onnx import DEFAULT_OPSET, _require, export_onnx, verify_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, _require, export_onnx, verify_onnx
 
 __all__ = ["export_task_models", "shared_initializers"]
 

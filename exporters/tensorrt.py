@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from liedeploy.adapter_file import read_adapter
-from liedeploy.algebra import fold
-from liedeploy.atomic import atomic_path
+from liedeploy.core.adapter_file import read_adapter
+from liedeploy.core.algebra import fold
+from liedeploy.io.atomic import atomic_path
 from liedeploy.errors import ExportError, LieError, MissingDependencyError
-from liedeploy.safetensors_io import BaseTensors
+from liedeploy.io.safetensors_io import BaseTensors
 
-from .onnx import DEFAULT_OPSET, _require, export_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, _require, export_onnx
 
 __all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt",
            "refittable_targets", "strip_size_report", "network_flags"]

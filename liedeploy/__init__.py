@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-from ._version import __version__
-from .errors import (
+from liedeploy._version import __version__
+from liedeploy.errors import (
     AdapterFileError,
     ConfigError,
     ExportError,
@@ -26,19 +26,19 @@ from .errors import (
 )
 
 _LAZY = {
-    "LieConfig": ".config",
-    "apply_adapters_": ".adapt",
-    "remove_adapters_": ".adapt",
-    "trainable_parameter_count": ".adapt",
-    "save_adapter": ".adapter_file",
-    "load_adapter": ".adapter_file",
-    "read_adapter": ".adapter_file",
-    "merge_": ".merge",
-    "unmerge_": ".merge",
-    "merge_files": ".merge",
+    "LieConfig": ".core.config",
+    "apply_adapters_": ".core.adapt",
+    "remove_adapters_": ".core.adapt",
+    "trainable_parameter_count": ".core.adapt",
+    "save_adapter": ".core.adapter_file",
+    "load_adapter": ".core.adapter_file",
+    "read_adapter": ".core.adapter_file",
+    "merge_": ".core.merge",
+    "unmerge_": ".core.merge",
+    "merge_files": ".files.file_merge",
     "AdapterBank": ".bank",
-    "set_adapter": ".named",
-    "disable_adapters": ".named",
+    "set_adapter": ".core.named",
+    "disable_adapters": ".core.named",
 }
 
 __all__ = [

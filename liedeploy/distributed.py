@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapt import adapted_names
-from .adapter_file import save_adapter
-from .errors import LieError
+from liedeploy.core.adapt import adapted_names
+from liedeploy.core.adapter_file import save_adapter
+from liedeploy.errors import LieError
 
 __all__ = ["wrap_for_training", "save_adapter_distributed", "fsdp2_available"]
 
@@ -77,7 +77,7 @@ def save_adapter_distributed(model: nn.Module, path: str, name: Optional[str] = 
     """
     import torch.distributed as dist
 
-    from .adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     module = model.module if hasattr(model, "module") else model
     # gather every factor (a collective for DTensors), then only rank 0 writes

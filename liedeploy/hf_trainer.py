@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from .adapter_file import save_adapter
-from .errors import require
+from liedeploy.core.adapter_file import save_adapter
+from liedeploy.errors import require
 
 __all__ = ["LieAdapterCallback", "ADAPTER_FILE"]
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_file import save_adapter
-from .errors import ConfigError
-from .progress import progress_bar
+from liedeploy.core.adapter_file import save_adapter
+from liedeploy.errors import ConfigError
+from liedeploy.progress import progress_bar
 
 __all__ = ["resolve_device", "train_adapters", "evaluate"]
 

@@ -20,7 +20,7 @@ def _write_adapter(model, path, targets, *, r=2, alpha=None, std=0.1, seed=1, ex
                    randomize_A=False, modules_to_save=None):
     """Adapt a copy of ``model``, give B (and optionally A) random values, save it; returns the path."""
     from liedeploy import LieConfig, apply_adapters_, save_adapter
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     kwargs = {"modules_to_save": modules_to_save} if modules_to_save else {}
     cfg = LieConfig(r=r, alpha=alpha if alpha is not None else r, expmap=expmap, targets=targets, **kwargs)

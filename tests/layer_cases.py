@@ -59,7 +59,7 @@ def make_case(name, seed=0):
 
 def randomize_factors(model, std=0.2, seed=1):
     """Give every Lie factor of ``model`` reproducible non-zero values."""
-    from liedeploy.adapt import iter_adapters
+    from liedeploy.core.adapt import iter_adapters
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

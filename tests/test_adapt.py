@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from liedeploy import LieConfig, LieError, apply_adapters_, remove_adapters_, trainable_parameter_count
-from liedeploy.adapt import adapted_names, iter_adapters
+from liedeploy.core.adapt import adapted_names, iter_adapters
 
 from .layer_cases import CASES, make_case, randomize_factors
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from liedeploy import AdapterFileError, LieConfig, apply_adapters_, load_adapter, read_adapter, save_adapter
-from liedeploy.adapt import iter_adapters
-from liedeploy.safetensors_io import tensor_sha256
+from liedeploy.core.adapt import iter_adapters
+from liedeploy.io.safetensors_io import tensor_sha256
 
 
 class Net(nn.Module):
@@ -236,7 +236,7 @@ def test_never_unpickles(tmp_path, monkeypatch, adapter):
 def test_save_is_atomic(tmp_path, monkeypatch, adapter):
     model, path = adapter
     before = open(path, "rb").read()
-    import liedeploy.adapter_file as af
+    import liedeploy.core.adapter_file as af
 
     def fail(*a, **k):
         raise OSError("disk full")
@@ -261,7 +261,7 @@ def test_saved_file_gets_usual_permissions(tmp_path):
 
 def test_base_hash_is_recomputed_after_in_place_change(adapter, monkeypatch):
     _, path = adapter
-    import liedeploy.adapter_file as af_mod
+    import liedeploy.core.adapter_file as af_mod
 
     calls = []
     real = af_mod.tensor_sha256

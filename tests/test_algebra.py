@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liedeploy.algebra import fold, fold_sum, lie_fold
+from liedeploy.core.algebra import fold, fold_sum, lie_fold
 
 # Tolerances against the float64 reference, per base dtype: the result is computed in float32 and
 # rounded once, so it lies within one unit in the last place of the dtype (fp16: 2^-10 relative,
@@ -51,7 +51,7 @@ def test_fold_sum_is_exact_group_composition():
 
 
 def test_fold_blocks_cover_every_row(monkeypatch):
-    import liedeploy.algebra as alg
+    import liedeploy.core.algebra as alg
 
     monkeypatch.setattr(alg, "_CHUNK_BYTES", 64)  # force many small blocks
     W, B, A = _factors((37, 11), 2, seed=3)
@@ -84,7 +84,7 @@ def test_gradcheck_linear_and_conv(expmap):
 
 @pytest.mark.parametrize("expmap", ["exact", "first_order"])
 def test_gradcheck_many_blocks(expmap, monkeypatch):
-    import liedeploy.algebra as alg
+    import liedeploy.core.algebra as alg
 
     monkeypatch.setattr(alg, "_CHUNK_BYTES", 40)  # 1-2 rows per block
     torch.manual_seed(1)
@@ -115,7 +115,7 @@ def test_forward_keeps_no_full_size_tensor(expmap):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fold_in_place_into_w(dtype, monkeypatch):
-    import liedeploy.algebra as alg
+    import liedeploy.core.algebra as alg
 
     monkeypatch.setattr(alg, "_CHUNK_BYTES", 100)  # several blocks
     W, B, A = _factors((13, 4, 3), 2, seed=4)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from liedeploy import AdapterBank, AdapterFileError, LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter
-from liedeploy.adapt import iter_adapters
+from liedeploy.core.adapt import iter_adapters
 
 
 class Net(nn.Module):
@@ -212,7 +212,7 @@ def test_bank_on_a_wav2vec2_base(tmp_path, write_adapter):
 
 
 def test_lazy_registration_reads_factors_only_when_folded(bank_setup, monkeypatch):
-    import liedeploy.task_registry as reg
+    import liedeploy.bank.task_registry as reg
 
     base, refs, paths = bank_setup
     reads = []

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from liedeploy import AdapterBank, LieConfig, apply_adapters_, merge_, merge_files, save_adapter
-from liedeploy.adapt import iter_adapters
+from liedeploy.core.adapt import iter_adapters
 from liedeploy.cli import main
-from liedeploy.sparsity import nm_conforms
+from liedeploy.files.sparsity import nm_conforms
 
 from .layer_cases import CASES, make_case
 
@@ -165,7 +165,7 @@ def test_int8_export_qdq_per_channel_checked(tmp_path, capsys):
 
 def test_int8_task_models_share_the_base_bytes(tmp_path):
     pytest.importorskip("onnxruntime")
-    from exporters.task_models import export_task_models
+    from liedeploy.exporters.task_models import export_task_models
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, save_adapter  # noqa: E402
-from liedeploy.adapt import iter_adapters  # noqa: E402
+from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 
 
@@ -113,6 +113,6 @@ def test_convert_usage_and_refusals(tmp_path, capsys):
                  "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "only HiRA adapters" in capsys.readouterr().err
     with pytest.raises(LieError):
-        from liedeploy.peft_convert import to_peft
+        from liedeploy.files.peft_convert import to_peft
 
         to_peft(str(tmp_path / "b.safetensors"), str(tmp_path / "o"))

@@ -3,7 +3,7 @@ import json
 import os
 
 from liedeploy.cli import main
-from liedeploy.adapter_file import read_adapter
+from liedeploy.core.adapter_file import read_adapter
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from liedeploy import AdapterFileError, read_adapter  # noqa: E402
-from liedeploy.describe import describe_file  # noqa: E402
-from liedeploy.safetensors_header import read_header  # noqa: E402
+from liedeploy.files.describe import describe_file  # noqa: E402
+from liedeploy.io.safetensors_header import read_header  # noqa: E402
 from tests.fuzz_strategies import safetensors_bytes  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from liedeploy import AdapterBank, LieConfig, apply_adapters_, merge_, save_adapter, unmerge_
-from liedeploy.algebra import lie_fold
+from liedeploy.core.algebra import lie_fold
 from liedeploy.train import train_adapters
 
 from .layer_cases import randomize_factors

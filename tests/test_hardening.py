@@ -15,7 +15,7 @@ from torch import nn
 
 from liedeploy import AdapterFileError, LieError, OutputPathError, merge_files
 from liedeploy.cli import main
-from liedeploy.safetensors_header import read_header
+from liedeploy.io.safetensors_header import read_header
 
 
 class Net(nn.Module):
@@ -78,7 +78,7 @@ def setup(tmp_path):
 def test_shard_paths_leaving_the_index_folder_are_refused(tmp_path, bad):
     index = tmp_path / "m.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"w": bad}}))
-    from liedeploy.safetensors_header import resolve_shards
+    from liedeploy.io.safetensors_header import resolve_shards
 
     with pytest.raises(AdapterFileError, match=r"shard .* leaves the index's folder"):
         resolve_shards(str(index))
@@ -266,7 +266,7 @@ def test_special_input_files_are_refused_at_once(tmp_path, capsys):
 
 def test_base_is_read_from_one_descriptor(tmp_path, monkeypatch):
     """A base replaced by rename while a merge reads it cannot mix two files."""
-    import liedeploy.file_merge as fm
+    import liedeploy.files.file_merge as fm
 
     torch.manual_seed(0)
     model = Net()
@@ -355,7 +355,7 @@ def test_merge_output_is_readable_by_safetensors_whatever_the_base(tmp_path):
 @pytest.mark.parametrize("name", ["/abs/evil", "../../evil", "..", "a/../../b", "\\\\evil"])
 def test_task_models_never_write_outside_out(tmp_path, name):
     pytest.importorskip("onnxruntime")
-    from exporters.task_models import export_task_models
+    from liedeploy.exporters.task_models import export_task_models
 
     torch.manual_seed(0)
     model = Net().eval()

@@ -12,7 +12,7 @@ from torch import nn
 from liedeploy import (AdapterBank, AdapterFileError, LieConfig, LieError, apply_adapters_, disable_adapters,
                        load_adapter, merge_, merge_files, read_adapter, remove_adapters_, save_adapter, set_adapter,
                        unmerge_)
-from liedeploy.adapt import adapted_names, iter_adapters
+from liedeploy.core.adapt import adapted_names, iter_adapters
 from liedeploy.cli import main
 
 
@@ -151,7 +151,7 @@ def test_format_2_refusals(tmp_path, case):
 
 def test_bank_graph_refuses_a_task_with_its_own_head(tmp_path):
     pytest.importorskip("onnxruntime")
-    from exporters.bank_graph import export_bank_graph
+    from liedeploy.exporters.bank_graph import export_bank_graph
 
     base = _base()
     p = tmp_path / "t.safetensors"
@@ -164,7 +164,7 @@ def test_task_models_export_with_heads(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
 
-    from exporters.task_models import export_task_models
+    from liedeploy.exporters.task_models import export_task_models
 
     base = _base()
     a = tmp_path / "a.safetensors"

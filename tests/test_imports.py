@@ -6,7 +6,7 @@ def test_core_imports_no_exporter_stack_and_no_cuda():
     code = (
         "import sys, liedeploy, liedeploy.cli\n"
         "liedeploy.cli.build_parser()\n"
-        "heavy = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'exporters', 'transformers', 'peft')"
+        "heavy = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'liedeploy.exporters', 'transformers', 'peft')"
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "import torch\n"
@@ -41,6 +41,6 @@ def test_version_help_and_inspect_start_without_torch(tmp_path):
 
 def test_demo_task_names_match_the_demo():
     from liedeploy.cli.demo_cmd import TASK_NAMES
-    from liedeploy.demo import TASKS
+    from liedeploy.demo.pipeline import TASKS
 
     assert tuple(TASKS) == TASK_NAMES

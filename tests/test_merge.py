@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from liedeploy import LieConfig, LieError, apply_adapters_, merge_, save_adapter, unmerge_
-from liedeploy.adapt import adapted_names, iter_adapters
-from liedeploy.merge import is_merged
+from liedeploy.core.adapt import adapted_names, iter_adapters
+from liedeploy.core.merge import is_merged
 
 from .layer_cases import make_case, randomize_factors
 

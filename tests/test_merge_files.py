@@ -12,7 +12,7 @@ from torch import nn
 
 from liedeploy import read_adapter
 from liedeploy import AdapterFileError, LieConfig, LieError, apply_adapters_, merge_, merge_files, save_adapter
-from liedeploy.adapt import iter_adapters
+from liedeploy.core.adapt import iter_adapters
 from liedeploy.cli import main
 
 

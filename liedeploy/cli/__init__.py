@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .._version import __version__
-from ..errors import ConfigError, LieError
+from liedeploy._version import __version__
+from liedeploy.errors import ConfigError, LieError
 
 __all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
 
@@ -53,7 +53,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 refused input, 2 bad usage)."""
-    from ..atomic import Terminated, terminate_on_signals
+    from liedeploy.io.atomic import Terminated, terminate_on_signals
 
     parser = build_parser()
     args = parser.parse_args(argv)

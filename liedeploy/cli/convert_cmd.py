@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def check(args) -> None:
-    from . import UsageError
+    from liedeploy.cli import UsageError
 
     if args.from_peft and not args.base:
         raise UsageError("--from-peft needs --base BASE.safetensors (the weights the adapter was trained on)")
@@ -40,7 +40,7 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    from ..peft_convert import from_peft, to_peft
+    from liedeploy.files.peft_convert import from_peft, to_peft
 
     if args.from_peft:
         summary = from_peft(args.from_peft, args.base, args.out, name=args.name)

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from liedeploy.demo.pipeline import run_demo
 
     summary = run_demo(
         args.out,
@@ -52,13 +52,13 @@ def run(args) -> int:
     try:
         import onnxruntime  # noqa: F401
 
-        from exporters.demo_onnx import run_demo_onnx
+        from liedeploy.demo.onnx_steps import run_demo_onnx
     except ImportError:
         log("(ONNX step skipped: pip install 'liedeploy[demo]' to export and check the task models in ONNX Runtime)")
     else:
         run_demo_onnx(summary, args.out, seed=args.seed, log=log)
         if not args.no_compressed:
-            from exporters.demo_compress import run_demo_compressed
+            from liedeploy.demo.compress import run_demo_compressed
 
             summary["compressed"] = run_demo_compressed(summary, args.out, epochs=max(1, args.adapter_epochs * 3 // 5),
                                                         r=args.rank, seed=args.seed, log=log)
@@ -70,7 +70,7 @@ def run(args) -> int:
     except ImportError:
         log("(serving step skipped: pip install 'liedeploy[demo]' to serve the tasks over HTTP and query them)")
     else:
-        from ..serving.demo_step import run_demo_serve
+        from liedeploy.demo.serving_step import run_demo_serve
 
         summary["serve"] = run_demo_serve(summary, args.out, seed=args.seed, log=log)
         with open(os.path.join(args.out, "summary.json"), "w") as f:

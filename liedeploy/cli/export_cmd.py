@@ -1,7 +1,7 @@
 """``liedeploy export --onnx|--trt``: build the architecture, load weights strictly, export, verify.
 
-The exporters live in the top-level ``exporters`` package (onnx/tensorrt imports stay out of the
-core); this module only parses arguments.
+The exporters live in :mod:`liedeploy.exporters` (the repository's ``exporters/`` folder; onnx and
+tensorrt imports stay out of the core); this module only parses arguments.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 
 def parse_shape(text: str, flag: str = "--input-shape") -> tuple:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; a malformed value is a usage error (exit 2)."""
-    from . import UsageError
+    from liedeploy.cli import UsageError
 
     try:
         shape = tuple(int(s) for s in str(text).split(","))
@@ -76,10 +76,10 @@ def parse_shape(text: str, flag: str = "--input-shape") -> tuple:
 
 def check_model_flags(model: str, model_kwargs: str) -> None:
     """``--model`` and ``--model-kwargs`` are well formed (usage errors, before any import)."""
-    from ..model_loading import parse_model_spec
+    from liedeploy.files.model_loading import parse_model_spec
 
-    from ..errors import ConfigError
-    from . import UsageError
+    from liedeploy.errors import ConfigError
+    from liedeploy.cli import UsageError
 
     try:
         if model:
@@ -107,7 +107,7 @@ def exporter_name(args) -> str:
 
 
 def _request(args):
-    from exporters.registry import ExportRequest
+    from liedeploy.exporters.registry import ExportRequest
 
     return ExportRequest(out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                          atol=args.atol, rtol=args.rtol, adapters=list(args.bank or args.task_models or []),
@@ -117,10 +117,10 @@ def _request(args):
 
 def check(args) -> None:
     """Usage errors, found before any model is built (exit 2)."""
-    from exporters.registry import get_exporter
+    from liedeploy.exporters.registry import get_exporter
 
-    from ..errors import ConfigError
-    from . import UsageError
+    from liedeploy.errors import ConfigError
+    from liedeploy.cli import UsageError
 
     if args.bank and args.task_models:
         raise UsageError("--bank and --task-models are two ways to export tasks: choose one")
@@ -157,12 +157,12 @@ def check(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..model_loading import build_model
-    from exporters.registry import get_exporter
+    from liedeploy.files.model_loading import build_model
+    from liedeploy.exporters.registry import get_exporter
 
     exporter = get_exporter(exporter_name(args))
     if args.trt:
-        from exporters.tensorrt import require_tensorrt
+        from liedeploy.exporters.tensorrt import require_tensorrt
 
         require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
     shape = parse_shape(args.input_shape)
@@ -174,7 +174,7 @@ def run(args) -> int:
     req = _request(args)
     req.model, req.example_inputs = model, (example,)
     if args.quantize:
-        from exporters.quantize import load_calibration
+        from liedeploy.exporters.quantize import load_calibration
 
         req.options["calibration"] = load_calibration(args.calibration, shape)
     report = exporter.export(req)

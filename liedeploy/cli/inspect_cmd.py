@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..describe import describe_file
+    from liedeploy.files.describe import describe_file
 
     info = describe_file(args.file)
     if args.json:

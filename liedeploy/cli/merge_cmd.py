@@ -31,14 +31,14 @@ def add_parser(sub) -> None:
 
 
 def check(args) -> None:
-    from . import UsageError
+    from liedeploy.cli import UsageError
 
     if args.scale is not None and len(args.scale) != len(args.adapters):
         raise UsageError(f"got {len(args.scale)} --scale values for {len(args.adapters)} adapters: give one per adapter")
 
 
 def run(args) -> int:
-    from ..file_merge import merge_files
+    from liedeploy.files.file_merge import merge_files
 
     summary = merge_files(
         args.base,

@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 def check(args) -> None:
     import re
 
-    from ..prune import parse_pattern
-    from . import UsageError
+    from liedeploy.files.prune import parse_pattern
+    from liedeploy.cli import UsageError
 
     if args.sparsity is not None and not 0 < args.sparsity < 1:
         raise UsageError(f"--sparsity must be in (0, 1), got {args.sparsity}")
@@ -50,7 +50,7 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    from ..prune import prune_files
+    from liedeploy.files.prune import prune_files
 
     rep = prune_files(args.base, args.out, sparsity=args.sparsity, pattern=args.pattern, targets=args.targets)
     if args.json:

@@ -14,7 +14,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 def parse_size(text: str, flag: str) -> int:
     """``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes; a malformed size is a usage error."""
-    from . import UsageError
+    from liedeploy.cli import UsageError
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
@@ -65,9 +65,9 @@ def add_parser(sub) -> None:
 
 
 def check(args) -> None:
-    from ..errors import ConfigError
-    from . import UsageError
-    from .export_cmd import check_model_flags, parse_shape
+    from liedeploy.errors import ConfigError
+    from liedeploy.cli import UsageError
+    from liedeploy.cli.export_cmd import check_model_flags, parse_shape
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
                         ("--trt-slots", args.trt_slots, 1)):
@@ -91,7 +91,7 @@ def check(args) -> None:
     if args.input_shape:
         parse_shape(args.input_shape)
     try:
-        from ..serving.specs import parse_input_flag
+        from liedeploy.serving.specs import parse_input_flag
 
         [parse_input_flag(i) for i in args.input]
     except ConfigError as exc:
@@ -103,11 +103,9 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    import exporters.serving_backends  # noqa: F401  (registers --backend ort and trt)
-
-    from ..serving.server import ServeConfig, serve
-    from ..serving.specs import parse_input_flag
-    from .export_cmd import parse_shape
+    from liedeploy.serving.server import ServeConfig, serve
+    from liedeploy.serving.specs import parse_input_flag
+    from liedeploy.cli.export_cmd import parse_shape
 
     cfg = ServeConfig(
         model=args.model, weights=args.weights, adapters=args.adapters,

@@ -1,8 +1,8 @@
 """Serving many tasks over the network (extra ``serve``): the Open Inference Protocol v2 over HTTP.
 
 - :mod:`.specs`, :mod:`.protocol`: tensor specs, JSON and binary tensor encodings;
-- :mod:`.backend`: the backend protocol and the torch backend (ONNX Runtime and TensorRT
-  backends live in ``exporters``);
+- :mod:`.backend`: the backend protocol and registry; :mod:`.backends`: the torch, ONNX Runtime
+  and TensorRT backends, one module each;
 - :mod:`.batcher`: dynamic batching with a fold-aware scheduler;
 - :mod:`.app`, :mod:`.metrics`, :mod:`.server`: the HTTP app, Prometheus metrics, uvicorn;
 - :mod:`.ray`: the same app as a Ray Serve application.

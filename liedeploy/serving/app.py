@@ -14,12 +14,12 @@ import threading
 import time
 from typing import Optional
 
-from .._version import __version__
-from ..atomic import safe_file_name
-from ..errors import LieError
-from .batcher import Batcher
-from .metrics import ServerMetrics
-from .protocol import HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response
+from liedeploy._version import __version__
+from liedeploy.io.atomic import safe_file_name
+from liedeploy.errors import LieError
+from liedeploy.serving.batcher import Batcher
+from liedeploy.serving.metrics import ServerMetrics
+from liedeploy.serving.protocol import HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response
 
 __all__ = ["ServingState", "create_app", "BASE_TASK"]
 

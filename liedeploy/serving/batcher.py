@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import LieError
-from .protocol import ProtocolError
+from liedeploy.errors import LieError
+from liedeploy.serving.protocol import ProtocolError
 
 __all__ = ["Batcher", "Pending", "QueueFull"]
 

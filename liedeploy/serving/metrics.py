@@ -35,8 +35,8 @@ class ServerMetrics:
         class _Backend:
             def collect(self_inner):
                 s = stats()
-                yield CounterMetricFamily("liedeploy_folds", "Task folds (cold tasks made resident)", value=s["folds"])
-                yield CounterMetricFamily("liedeploy_fold_seconds", "Seconds spent folding", value=s["fold_seconds"])
+                yield CounterMetricFamily("liedeploy_folds", "Task folds (cold tasks made resident)", value=s["loads"])
+                yield CounterMetricFamily("liedeploy_fold_seconds", "Seconds spent folding", value=s["load_seconds"])
                 for k in ("hits", "misses", "evictions"):
                     yield CounterMetricFamily(f"liedeploy_cache_{k}", f"Folded-task cache {k}", value=s[k])
                 yield GaugeMetricFamily("liedeploy_resident_tasks", "Tasks folded and cached", value=s["resident"])

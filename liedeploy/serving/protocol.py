@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import ServingError
-from .specs import DATATYPES, NUMPY_TO_DATATYPE, TensorSpec
+from liedeploy.errors import ServingError
+from liedeploy.serving.specs import DATATYPES, NUMPY_TO_DATATYPE, TensorSpec
 
 __all__ = ["ProtocolError", "InferRequest", "decode_infer_request", "encode_infer_response", "HEADER_LENGTH"]
 

@@ -25,11 +25,11 @@ import os
 import time
 from typing import Optional
 
-from ..errors import ConfigError, LieError, require
+from liedeploy.errors import ConfigError, LieError, require
 
 __all__ = ["build_app", "RayRoutedBackend", "parse_args", "REPLICA_KEY"]
 
-from .app import REPLICA_KEY  # noqa: E402  (a backend output that names the replica, sent as a header)
+from liedeploy.serving.app import REPLICA_KEY  # noqa: E402  (a backend output that names the replica, sent as a header)
 _STATS_KEY = "__liedeploy_stats__"
 
 _INT = ("num_replicas", "max_tasks_per_replica", "max_batch", "max_queue", "min_replicas", "max_replicas", "threads",
@@ -39,8 +39,8 @@ _FLOAT = ("max_delay_ms", "max_wait_ms", "request_timeout", "target_ongoing_requ
 
 def parse_args(args: dict) -> dict:
     """Builder arguments (strings, as ``serve run`` passes them) -> typed settings; ConfigError if malformed."""
-    from ..cli.serve_cmd import parse_size
-    from .specs import parse_input_flag
+    from liedeploy.cli.serve_cmd import parse_size
+    from liedeploy.serving.specs import parse_input_flag
 
     known = {"model", "weights", "adapters", "input_shape", "input", "model_kwargs", "device", "cache_bytes",
              "max_body", "admin_token_file", "affinity", *_INT, *_FLOAT}
@@ -84,7 +84,7 @@ def parse_args(args: dict) -> dict:
 
 
 def _serve_config(settings: dict):
-    from .server import ServeConfig
+    from liedeploy.serving.server import ServeConfig
 
     fields = {k: v for k, v in settings.items() if k in ServeConfig.__dataclass_fields__}
     return ServeConfig(**fields)
@@ -96,8 +96,8 @@ class RayRoutedBackend:
     kind = "torch"
 
     def __init__(self, replicas, settings: dict):
-        from ..safetensors_io import BaseTensors
-        from ..task_registry import TaskRegistry
+        from liedeploy.io.safetensors_io import BaseTensors
+        from liedeploy.bank.task_registry import TaskRegistry
 
         cfg = _serve_config(settings)
         self.replicas = replicas
@@ -128,7 +128,7 @@ class RayRoutedBackend:
         return list(self._inputs)
 
     def outputs(self, task) -> list:
-        from .specs import TensorSpec
+        from liedeploy.serving.specs import TensorSpec
 
         if self._outputs is None:
             self._outputs = [TensorSpec(**s) for s in self._call(None, "outputs")]
@@ -137,7 +137,7 @@ class RayRoutedBackend:
     def _call(self, task, method: str, *args):
         from ray.exceptions import RayActorError, RayTaskError
 
-        from .protocol import ProtocolError
+        from liedeploy.serving.protocol import ProtocolError
 
         if self.affinity:
             handle = getattr(self.replicas.options(multiplexed_model_id=task or "base"), method)
@@ -172,7 +172,7 @@ class RayRoutedBackend:
         raise LieError("the Ray backend runs one task per batch")
 
     def stats(self) -> dict:
-        keys = ("resident", "resident_bytes", "hits", "misses", "evictions", "folds", "fold_seconds")
+        keys = ("resident", "resident_bytes", "hits", "misses", "evictions", "loads", "load_seconds")
         total = {k: sum(s.get(k, 0) for s in self._replica_stats.values()) for k in keys}
         total["registered"] = len(self.registry)
         return total
@@ -196,7 +196,7 @@ def _deployments():
 
     class TaskReplica:
         def __init__(self, settings: dict, max_tasks: int):
-            from .server import build_backend
+            from liedeploy.serving.server import build_backend
 
             cfg = _serve_config(settings)
             self.backend = build_backend(cfg)
@@ -253,7 +253,7 @@ def _deployments():
 
     class Ingress:
         def __init__(self, replicas, settings: dict):
-            from .app import ServingState
+            from liedeploy.serving.app import ServingState
 
             cfg = _serve_config(settings)
             token = None
@@ -269,7 +269,7 @@ def _deployments():
             self.state.scan()
 
         def __serve_build_asgi_app__(self):
-            from .app import create_app
+            from liedeploy.serving.app import create_app
 
             return create_app(self.state)
 

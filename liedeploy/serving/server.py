@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..errors import ConfigError, LieError, require
+from liedeploy.errors import ConfigError, LieError, require
 
 __all__ = ["ServeConfig", "build_backend", "build_state", "serve"]
 
@@ -46,7 +46,7 @@ class ServeConfig:
     trt_slots: int = 2
 
     def input_specs(self) -> list:
-        from .specs import default_input
+        from liedeploy.serving.specs import default_input
 
         if self.inputs:
             return list(self.inputs)
@@ -58,44 +58,19 @@ class ServeConfig:
 def build_backend(cfg: ServeConfig):
     """The backend ``cfg.backend`` names, loaded and ready (refuses in one sentence).
 
-    ``torch`` is built in; other backends register a factory with
-    :func:`liedeploy.serving.backend.register_backend` (``exporters.serving_backends`` registers
-    ``ort`` and ``trt``; the CLI imports it, the core never does).
+    ``torch``, ``ort`` and ``trt`` are built in (:mod:`liedeploy.serving.backends`); others register a
+    factory with :func:`liedeploy.serving.backend.register_backend`.
     """
-    from .backend import BACKENDS
+    from liedeploy.serving.backend import BACKENDS, get_backend_factory
 
-    factory = BACKENDS.get(cfg.backend)
+    factory = get_backend_factory(cfg.backend)
     if factory is None:
         raise ConfigError(f"--backend {cfg.backend!r} is not available here; registered: {', '.join(sorted(BACKENDS))}")
     return factory(cfg)
 
 
-def _torch_backend(cfg: ServeConfig):
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device} was asked for but no CUDA device is visible")
-    if not cfg.model or not cfg.weights:
-        raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
-    from ..model_loading import build_model
-    from .backend import TorchBackend
-
-    model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
-    return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
-
-
-def _register_torch() -> None:
-    from .backend import register_backend
-
-    register_backend("torch", _torch_backend)
-
-
-_register_torch()
-
-
 def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None):
-    from .app import ServingState
+    from liedeploy.serving.app import ServingState
 
     token = None
     if cfg.admin_token_file:
@@ -122,7 +97,7 @@ def serve(cfg: ServeConfig, log=print) -> int:
     uvicorn = require("uvicorn", "serve", "liedeploy serve")
     require("starlette", "serve", "liedeploy serve")
     require("prometheus_client", "serve", "liedeploy serve")
-    from .app import create_app
+    from liedeploy.serving.app import create_app
 
     import signal
 

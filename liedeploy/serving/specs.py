@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from liedeploy.errors import ConfigError
 
 __all__ = ["TensorSpec", "DATATYPES", "NUMPY_TO_DATATYPE", "parse_input_flag", "default_input", "flatten_named"]
 

@@ -62,7 +62,7 @@ def test_bad_usage_exits_2(capsys):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
-    import liedeploy.describe as describe
+    import liedeploy.files.describe as describe
 
     def boom(path):
         raise KeyError("surprise")

@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from exporters.bank_graph import BankSession, export_bank_graph  # noqa: E402
-from exporters.task_models import export_task_models, shared_initializers  # noqa: E402
+from liedeploy.exporters.bank_graph import BankSession, export_bank_graph  # noqa: E402
+from liedeploy.exporters.task_models import export_task_models, shared_initializers  # noqa: E402
 from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter  # noqa: E402
-from liedeploy.adapt import iter_adapters  # noqa: E402
+from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 
 from .arch import ARCHS  # noqa: E402
@@ -129,7 +129,7 @@ def test_cli_bank(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ort_adapter_bank_hot_sessions_and_long_tail(tmp_path):
-    from exporters.ort_bank import OrtAdapterBank
+    from liedeploy.exporters.ort_bank import OrtAdapterBank
 
     base, paths, x = _tasks(tmp_path, ranks=(2, 3, 4), targets=r".*(layer\.1\.convolution|classifier\.1)\.weight")
     out = tmp_path / "tasks"

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from exporters.onnx import export_onnx  # noqa: E402
+from liedeploy.exporters.onnx import export_onnx  # noqa: E402
 from liedeploy import LieConfig, LieError, apply_adapters_, merge_  # noqa: E402
-from liedeploy.adapt import iter_adapters  # noqa: E402
+from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 
 from .arch import ARCHS  # noqa: E402

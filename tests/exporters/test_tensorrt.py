@@ -17,9 +17,9 @@ pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
 
-from exporters.tensorrt import (export_refit_onnx, export_tensorrt, refit_weights, refittable_targets,  # noqa: E402
+from liedeploy.exporters.tensorrt import (export_refit_onnx, export_tensorrt, refit_weights, refittable_targets,  # noqa: E402
                                 strip_size_report)
-from exporters.trt_serving import SlotLRU  # noqa: E402
+from liedeploy.serving.backends.trt import SlotLRU  # noqa: E402
 from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 

@@ -382,7 +382,7 @@ def test_a_thousand_tasks_register_lazily(farm, tmp_path):
 
 def test_ort_backend_serves_the_task_models_export(farm, tmp_path):
     pytest.importorskip("onnxruntime")
-    from exporters.task_models import export_task_models
+    from liedeploy.exporters.task_models import export_task_models
 
     torch.manual_seed(0)
     base = farm["refs"]["base"]

@@ -1,0 +1,295 @@
+"""``AdapterBank``: one base model in memory, many tasks, folded on demand, race-free by construction.
+
+A Lie update is dense, so a task's weights are folded once (W * exp(dW), from the pristine base) and
+cached. Each cached task is a replica of the module tree (:mod:`liedeploy.replica`) that shares
+every unadapted tensor with the base and holds only its own folded tensors (and full tensors of
+format "2", such as its own classifier head): memory per task = those tensors, and concurrent
+calls for different tasks never see each other's weights (there is no global switch).
+
+The bank composes four parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
+(which tasks exist; lazy: headers only until a task is used), a byte-bounded
+:class:`~liedeploy.byte_lru.ByteLRU` (which folded tasks stay), a
+:class:`~liedeploy.storage_pool.StoragePool` (evicted storage reused for the next fold once no
+running call uses it; tensors of a replica handed out by ``model_for`` are never recycled) and the
+replica builder.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from liedeploy.core.adapt import adapted_names
+from liedeploy.core.adapter_file import AdapterFile
+from liedeploy.core.algebra import check_finite, fold_sum
+from liedeploy.bank.byte_lru import ByteLRU
+from liedeploy.errors import LieError
+from liedeploy.bank.replica import build_replica
+from liedeploy.io.safetensors_io import tensor_sha256
+from liedeploy.bank.storage_pool import StoragePool
+from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
+
+__all__ = ["AdapterBank"]
+
+
+class _Folded:
+    """One build of a task: its replica and folded tensors, and who is using them."""
+
+    __slots__ = ("replica", "tensors", "recyclable", "users", "leaked", "retired", "nbytes")
+
+    def __init__(self, replica: nn.Module, tensors: dict, recyclable: list, nbytes: int):
+        self.replica, self.tensors, self.recyclable, self.nbytes = replica, tensors, recyclable, nbytes
+        self.users = 0
+        self.leaked = False  # handed out by model_for(): never recycled
+        self.retired = False  # evicted or removed: recycled once no call uses it
+
+
+class AdapterBank:
+    """Serve many Lie adapters over one base model.
+
+    Args:
+        model: the base architecture with pristine base weights (no live adapters).
+        adapters: ``{task name: adapter file path}`` to add now.
+        cache_bytes: bound of the folded-weights cache (default: unbounded).
+        device: where the base and the folded weights live (default: the model's device).
+        verify_base: refuse adapters whose ``base_sha256`` does not match the model.
+        lazy: register tasks from their headers only; factors are read at the first fold.
+
+    Example:
+        >>> bank = AdapterBank(model, adapters={"cats": "cats.safetensors", "dogs": "dogs.safetensors"})
+        >>> y = bank(x, task="cats")
+        >>> ys = bank.forward_mixed(xs, tasks=["cats", "dogs", "cats"])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Optional[Mapping[str, str]] = None,
+        *,
+        cache_bytes: Optional[int] = None,
+        device: Union[None, str, torch.device] = None,
+        verify_base: bool = True,
+        lazy: bool = False,
+    ):
+        if adapted_names(model) or getattr(model, "_lie_merged", None):
+            raise LieError("AdapterBank needs the plain base model: call remove_adapters_ or unmerge_ first")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise LieError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if device is not None:
+            model = model.to(device)
+        self.base = model.eval()
+        self.verify_base = verify_base
+        self.lazy = lazy
+        self._tensors = dict(self.base.state_dict(keep_vars=True))
+        self._hashes: dict = {}
+        self._lock = threading.RLock()
+        self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
+                                     self._hash if verify_base else None)
+        self.cache = ByteLRU(cache_bytes)
+        self.pool = StoragePool()
+        self._folded: dict[str, _Folded] = {}
+        self._build_locks: dict[str, threading.Lock] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0, "folds": 0, "fold_seconds": 0.0}
+        for name, path in (adapters or {}).items():
+            self.add(name, path)
+
+    # -- tasks ------------------------------------------------------------------------------
+    @property
+    def cache_bytes(self) -> Optional[int]:
+        return self.cache.limit
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.registry.names
+
+    def _hash(self, name: str) -> str:
+        h = self._hashes.get(name)
+        if h is None:
+            h = self._hashes[name] = tensor_sha256(self._tensors[name])
+        return h
+
+    def add(self, name: str, adapter: Union[str, AdapterFile], *, replace: bool = False,
+            lazy: Optional[bool] = None) -> None:
+        """Add (or with ``replace=True`` reload) a task; refused if made for another base."""
+        if not isinstance(adapter, AdapterFile):
+            adapter = os.fspath(adapter)
+        entry = self.registry.read(name, adapter, lazy=self.lazy if lazy is None else lazy)
+        with self._lock:
+            self.registry.put(entry, replace=replace)
+            self._drop(name)
+            self._build_locks.setdefault(name, threading.Lock())
+
+    def remove(self, name: str) -> None:
+        """Remove a task and free its cached weights."""
+        with self._lock:
+            self.registry.pop(name)
+            self._drop(name)
+
+    def is_resident(self, name: str) -> bool:
+        """Whether ``name`` is folded and cached (a call for it will not fold)."""
+        return name in self._folded
+
+    @property
+    def resident(self) -> list:
+        """Folded tasks, least recently used first."""
+        with self._lock:
+            return self.cache.keys()
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.cache.total
+
+    def _drop(self, name: str) -> None:
+        folded = self._folded.pop(name, None)
+        if folded is not None:
+            self.cache.pop(name)
+            self._retire(folded)
+
+    def _retire(self, folded: _Folded) -> None:
+        folded.retired = True
+        if folded.users == 0 and not folded.leaked:
+            self._recycle(folded)
+
+    def _recycle(self, folded: _Folded) -> None:
+        self.pool.give(folded.recyclable)
+        self.stats["recycled"] = self.pool.reused
+        folded.tensors, folded.recyclable, folded.replica = {}, [], None
+
+    # -- folding ----------------------------------------------------------------------------
+    def _take(self, W: torch.Tensor) -> Optional[torch.Tensor]:
+        with self._lock:
+            t = self.pool.take(W)
+            self.stats["recycled"] = self.pool.reused
+            return t
+
+    def _fold(self, entry: TaskEntry) -> _Folded:
+        af = entry.adapter()
+        tensors, recyclable, nbytes = {}, [], 0
+        for n in af.targets:
+            W = self._tensors[n].detach()
+            B, A = af.factors[n]
+            ok: list = []
+            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok)
+            check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
+            tensors[n] = f
+            recyclable.append(f)
+        device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
+        for n, t in af.full.items():
+            like = self._tensors.get(n)
+            t = t.to(device=like.device if like is not None else device,
+                     dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
+            tensors[n] = t
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return _Folded(build_replica(self.base, tensors), tensors, recyclable, nbytes)
+
+    def _acquire(self, task: str) -> _Folded:
+        """The task's build with one more user (folded and cached on first use)."""
+        with self._lock:
+            entry = self.registry.get(task)
+            folded = self._folded.get(task)
+            if folded is not None:
+                self.cache.touch(task)
+                self.stats["hits"] += 1
+                folded.users += 1
+                return folded
+            lock = self._build_locks[task]
+        with lock:  # one build per task; other tasks proceed
+            with self._lock:
+                entry = self.registry.get(task)
+                folded = self._folded.get(task)
+                if folded is not None:
+                    self.stats["hits"] += 1
+                    folded.users += 1
+                    return folded
+            t0 = time.perf_counter()
+            folded = self._fold(entry)
+            seconds = time.perf_counter() - t0
+            with self._lock:
+                self.stats["folds"] += 1
+                self.stats["fold_seconds"] += seconds
+                self.pool.allow(folded.nbytes)
+                folded.users += 1
+                if task not in self.registry or self.registry.get(task) is not entry:  # removed meanwhile: use once
+                    folded.retired = True
+                    return folded
+                self.stats["misses"] += 1
+                if not self.cache.fits(folded.nbytes):
+                    folded.retired = True  # larger than the whole cache: use once
+                    return folded
+                for old in self.cache.make_room(folded.nbytes):
+                    self._retire(self._folded.pop(old))
+                    self.stats["evictions"] += 1
+                self.cache.put(task, folded.nbytes)
+                self._folded[task] = folded
+            return folded
+
+    def _release(self, folded: _Folded) -> None:
+        with self._lock:
+            folded.users -= 1
+            if folded.retired and folded.users == 0 and not folded.leaked:
+                self._recycle(folded)
+
+    def prefetch(self, task: str) -> None:
+        """Fold and cache ``task`` now (e.g. before traffic arrives), evicting as the bound requires."""
+        self._release(self._acquire(task))
+
+    def model_for(self, task: Optional[str]) -> nn.Module:
+        """The module that computes ``task`` (the base for ``None``), to hold and call directly.
+
+        Its tensors are never recycled, even after eviction (they stay alive while you hold it).
+        """
+        if task is None:
+            return self.base
+        folded = self._acquire(task)
+        with self._lock:
+            folded.leaked = True
+        self._release(folded)
+        return folded.replica
+
+    # -- inference --------------------------------------------------------------------------
+    def __call__(self, *args: Any, task: Optional[str] = None, **kwargs: Any) -> Any:
+        """Run the model with ``task``'s folded weights (``task=None``: the base)."""
+        with torch.no_grad():
+            if task is None:
+                return self.base(*args, **kwargs)
+            folded = self._acquire(task)
+            try:
+                return folded.replica(*args, **kwargs)
+            finally:
+                self._release(folded)
+
+    def forward_mixed(self, x: torch.Tensor, tasks: Sequence[Optional[str]]) -> Any:
+        """One task name per sample: groups samples by task, runs each group, returns input order.
+
+        Works for any output made of tensors with the batch as first axis (a tensor, tuples, dicts,
+        transformers ModelOutputs) whose shapes agree between the tasks in the batch.
+        """
+        if len(tasks) != len(x):
+            raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
+        groups: dict = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(t, []).append(i)
+        for t in groups:
+            if t is not None:
+                self.registry.get(t)
+        from torch.utils import _pytree as pytree
+
+        leaves_out, spec = None, None
+        for t, idx in groups.items():
+            index = torch.tensor(idx, device=x.device)
+            leaves, spec = pytree.tree_flatten(self(x.index_select(0, index), task=t))
+            if not all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == len(idx) for v in leaves):
+                raise LieError("forward_mixed needs outputs whose tensors all have the batch as first axis")
+            if leaves_out is None:
+                leaves_out = [v.new_empty((len(x),) + tuple(v.shape[1:])) for v in leaves]
+            for o, v in zip(leaves_out, leaves):
+                if o.shape[1:] != v.shape[1:]:
+                    raise LieError(f"task {t!r} gives outputs of shape {list(v.shape[1:])} per sample and another task "
+                                   f"in the batch {list(o.shape[1:])}: tasks with other heads cannot share a mixed batch")
+                o.index_copy_(0, index, v)
+        return pytree.tree_unflatten(leaves_out, spec)

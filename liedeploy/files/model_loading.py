@@ -1,0 +1,79 @@
+"""Build a model from ``PKG.MOD:FACTORY`` and load safetensors weights strictly (torch only).
+
+Used by ``liedeploy export`` and ``liedeploy serve``. ``--model`` runs code by design: the module
+is imported and the factory called; the current folder is searched after installed packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from torch import nn
+
+from liedeploy.errors import ConfigError, LieError
+
+__all__ = ["build_model", "load_weights_strict", "parse_model_spec"]
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``"pkg.mod:factory"`` -> ``("pkg.mod", "factory")``, or ConfigError (a usage error)."""
+    mod_name, sep, attr = str(spec).partition(":")
+    ident = lambda s: bool(s) and all(p.isidentifier() for p in s.split("."))  # noqa: E731
+    if not sep or not ident(mod_name) or not ident(attr):
+        raise ConfigError(f"--model must look like PKG.MOD:FACTORY (dotted Python names), got {spec!r}")
+    return mod_name, attr
+
+
+def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
+    """``build_model("mypkg.models:resnet", {}, "w.safetensors")`` -> model in eval mode."""
+    mod_name, attr = parse_model_spec(spec)
+    # the current folder is searched last: a planted onnx.py (or torch.py) never shadows the
+    # installed package. Importing FACTORY's module runs its code: that is what --model asks for.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise LieError(f"cannot import {mod_name} ({exc})") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise LieError(f"{mod_name} has no attribute {attr}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise LieError(f"{spec} is not callable")
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - user code: its failure reduced to one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise LieError(f"{spec}(**{kwargs}) failed: {type(exc).__name__}: {first[:300]}") from None
+    if not isinstance(model, nn.Module):
+        raise LieError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    load_weights_strict(model, weights)
+    return model.eval()
+
+
+def load_weights_strict(model: nn.Module, weights: str) -> None:
+    """Load every tensor of ``weights`` into ``model``; a missing or unexpected key is an error."""
+    from safetensors.torch import load_file
+
+    from liedeploy.io.safetensors_io import SafetensorsFile, resolve_shards
+
+    shards = resolve_shards(weights) if weights.endswith(".index.json") else {weights: None}
+    sd = {}
+    for shard in shards:
+        with SafetensorsFile(shard) as f:  # refuses non-safetensors and special files, never unpickles
+            sd.update(load_file(f.fd_path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing:
+        raise LieError(f"{weights}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise LieError(f"{weights}: unexpected key {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise LieError(f"{weights}: tensor {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,119 @@
+"""The torch serving backend: :class:`liedeploy.AdapterBank` behind the serving protocol (CPU or CUDA)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from liedeploy.serving.backend import discover_task_files, run_mixed_by_task
+from liedeploy.serving.specs import TensorSpec, flatten_named
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """:class:`Backend` over :class:`liedeploy.AdapterBank` (CPU or CUDA).
+
+    Args:
+        model: the base architecture with its base weights loaded.
+        input_specs: the model's inputs; one spec: called positionally, several: as keyword
+            arguments by name (``input_ids``, ``attention_mask``).
+        cache_bytes: the bank's byte budget for folded tasks.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    kind = "torch"
+    file_suffix = ".safetensors"
+
+    def __init__(self, model, input_specs: Sequence[TensorSpec], *, cache_bytes: Optional[int] = None,
+                 device: str = "cpu", threads: Optional[int] = None):
+        import torch
+
+        from liedeploy.bank.adapter_bank import AdapterBank
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device)
+        self.bank = AdapterBank(model, cache_bytes=cache_bytes, device=self.device, lazy=True)
+        self._inputs = list(input_specs)
+        self._out_specs: dict = {}
+        self._out_specs[None] = self._probe(None)
+
+    # -- registry -------------------------------------------------------------------------
+    def discover(self, folder: str) -> dict:
+        return discover_task_files(folder, self.file_suffix)
+
+    def tasks(self) -> list:
+        return self.bank.tasks
+
+    def add(self, task: str, path: str) -> None:
+        self.bank.add(task, path, replace=True)
+        self._out_specs.pop(task, None)
+
+    def remove(self, task: str) -> None:
+        self.bank.remove(task)
+        self._out_specs.pop(task, None)
+
+    def prefetch(self, task: str) -> None:
+        self.bank.prefetch(task)
+
+    def is_resident(self, task: Optional[str]) -> bool:
+        return task is None or self.bank.is_resident(task)
+
+    # -- specs ------------------------------------------------------------------------------
+    def inputs(self) -> list:
+        return list(self._inputs)
+
+    def _example(self) -> dict:
+        return {s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=s.dtype) for s in self._inputs}
+
+    def _probe(self, task: Optional[str]) -> list:
+        out = self.run(task, self._example())
+        return [TensorSpec(n, _datatype(a), (-1,) + tuple(a.shape[1:])) for n, a in out.items()]
+
+    def outputs(self, task: Optional[str]) -> list:
+        if task not in self._out_specs:
+            entry = self.bank.registry.get(task)
+            # a task that replaces no tensor whole has the base's outputs; otherwise run it once
+            self._out_specs[task] = self._out_specs[None] if not entry.full else self._probe(task)
+        return self._out_specs[task]
+
+    # -- inference --------------------------------------------------------------------------
+    def _call(self, task, inputs: dict) -> dict:
+        import torch
+
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in inputs.items()}
+        with torch.inference_mode():
+            if len(self._inputs) == 1:
+                out = self.bank(tensors[self._inputs[0].name], task=task)
+            else:
+                out = self.bank(task=task, **tensors)
+        return out
+
+    def run(self, task: Optional[str], inputs: dict) -> dict:
+        return {n: _to_numpy(t) for n, t in flatten_named(self._call(task, inputs))}
+
+    def run_mixed(self, tasks: Sequence[Optional[str]], inputs: dict) -> dict:
+        return run_mixed_by_task(self.run, tasks, inputs)
+
+    def stats(self) -> dict:
+        s = self.bank.stats
+        return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
+                "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
+                "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"]}
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: served as FP32
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _datatype(a: np.ndarray) -> str:
+    from liedeploy.serving.specs import NUMPY_TO_DATATYPE
+
+    return NUMPY_TO_DATATYPE.get(a.dtype, "FP32")
