@@ -23,10 +23,11 @@ from torch import nn
 
 from liedeploy.core.adapt import adapted_names
 from liedeploy.io.atomic import Staging
+from liedeploy.core.outputs import flatten_outputs
 from liedeploy.errors import ConfigError, ExportError, require
 from liedeploy.core.merge import merge_
 
-__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "flatten_outputs", "check_export_inputs"]
+__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "check_export_inputs"]
 
 DEFAULT_OPSET = 18
 # (atol, rtol) per export dtype
@@ -36,19 +37,6 @@ _TWO_GB = 2 * 1024**3
 
 def _require(module: str):
     return require(module, "onnx", "ONNX export")
-
-
-def flatten_outputs(out: Any) -> list:
-    """Tensors of a model output in order (tensor, tuple/list, dict or transformers ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flatten_outputs(o)]
-    return []
 
 
 def _random_like(t: torch.Tensor, batch: Optional[int], seed: int) -> torch.Tensor:
@@ -207,6 +195,7 @@ def export_onnx(
     optimize: bool = True,
     quantize: Optional[str] = None,
     calibration=None,
+    before_publish=None,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verify it in ONNX Runtime, keep it only if it matches.
 
@@ -214,6 +203,9 @@ def export_onnx(
         model: a torch model; live Lie adapters are merged first (on a copy).
         example_inputs: a tensor or tuple of tensors with the export shapes.
         path: output ``.onnx`` path; the verification report is written to ``path + ".report.json"``.
+        before_publish: ``(stage, staged_graph_path) -> dict`` called once the graph is checked, to
+            write files that belong with it into the same staging folder (they are published in the
+            same step, the graph last); what it returns is added to the report.
         opset: ONNX opset (default 18; TensorRT's parser accepts <= 20).
         dynamic_batch: make axis 0 of every input dynamic (checked at two batch sizes).
         fp16: weights and compute in float16, inputs and outputs in float32 (a strongly typed graph:
@@ -302,6 +294,8 @@ def export_onnx(
             report["int8"] = quantize_int8(fp32_path, tmp_path, calibration)
             os.unlink(fp32_path)
             report["dtype"] = "int8"
+        if before_publish is not None:  # files that belong to the graph (a refit manifest): one publish
+            report.update(before_publish(stage, tmp_path) or {})
         with open(os.path.join(tmp_dir, base + ".report.json"), "w") as f:
             json.dump(report, f, indent=2)
         stage.publish_all(last=base)

@@ -196,15 +196,6 @@ class OrtAdapterBank:
         """One task per sample: grouped by task, outputs returned in input order."""
         if hasattr(x, "detach"):
             x = x.detach().cpu().numpy()
-        if len(tasks) != len(x):
-            raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
-        out = None
-        groups: dict = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t, []).append(i)
-        for t, idx in groups.items():
-            y = self(x[idx], task=t)
-            if out is None:
-                out = np.empty((len(x),) + y.shape[1:], dtype=y.dtype)
-            out[idx] = y
-        return out
+        from liedeploy.core.mixed import run_mixed
+
+        return run_mixed(lambda t, xs: self(xs, task=t), tasks, len(x), lambda idx: x[idx])

@@ -98,9 +98,19 @@ def export_refit_onnx(model: nn.Module, example_inputs, path: str, *, opset: int
     onnx = _require("onnx")
     model = model.eval()
     targets = refittable_targets(model, refit_adapters)
-    report = export_onnx(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16,
-                         atol=atol, rtol=rtol, optimize=False)
-    proto = onnx.load(path, load_external_data=False)
+
+    def add_manifest(stage, staged_graph: str) -> dict:  # published with the graph, in one step
+        manifest = _refit_manifest(onnx.load(staged_graph, load_external_data=False), model, targets, path, fp16)
+        with open(stage.path(os.path.basename(path) + MANIFEST_SUFFIX), "w") as f:
+            json.dump(manifest, f, indent=2)
+        return {"refit_manifest": path + MANIFEST_SUFFIX}
+
+    return export_onnx(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16,
+                       atol=atol, rtol=rtol, optimize=False, before_publish=add_manifest)
+
+
+def _refit_manifest(proto, model: nn.Module, targets: Sequence[str], path: str, fp16: bool) -> dict:
+    """The refit manifest of an exported graph: which initializer each refittable weight is."""
     inits = {t.name: list(t.dims) for t in proto.graph.initializer}
     by_storage: dict = {}
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -114,19 +124,12 @@ def export_refit_onnx(model: nn.Module, example_inputs, path: str, *, opset: int
         p = params[name]
         holder = next((n for n in by_storage[p.data_ptr()] if n in inits), None)
         if holder is None or inits[holder] != list(p.shape):
-            for f in (path, path + ".report.json"):
-                if os.path.exists(f):
-                    os.unlink(f)
-            raise ExportError(f"parameter {name} is not an initializer of the exported graph: it cannot be refitted")
+            raise ExportError(f"parameter {name} is not an initializer of the exported graph: it cannot be refitted; "
+                              "nothing was written")
         weights[name] = {"initializer": holder, "shape": list(p.shape), "tied": holder != name}
-    manifest = {"format": "liedeploy.refit_manifest", "format_version": "2", "onnx": os.path.basename(path),
-                "dtype": "fp16" if fp16 else "fp32", "weights": weights,
-                "refittable": sorted({w["initializer"] for w in weights.values()})}
-    with atomic_path(path + MANIFEST_SUFFIX) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2)
-    report["refit_manifest"] = path + MANIFEST_SUFFIX
-    return report
+    return {"format": "liedeploy.refit_manifest", "format_version": "2", "onnx": os.path.basename(path),
+            "dtype": "fp16" if fp16 else "fp32", "weights": weights,
+            "refittable": sorted({w["initializer"] for w in weights.values()})}
 
 
 def strip_size_report(onnx_path: str, manifest: dict) -> dict:

@@ -236,7 +236,7 @@ def test_never_unpickles(tmp_path, monkeypatch, adapter):
 def test_save_is_atomic(tmp_path, monkeypatch, adapter):
     model, path = adapter
     before = open(path, "rb").read()
-    import liedeploy.core.adapter_file as af
+    import liedeploy.io.adapter_format as af
 
     def fail(*a, **k):
         raise OSError("disk full")

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from liedeploy.core.adapt import adapted_names
+from liedeploy.core.state import lie_state
 from liedeploy.core.adapter_file import AdapterFile
+from liedeploy.core.mixed import run_mixed
 from liedeploy.core.algebra import check_finite, fold_sum
 from liedeploy.bank.byte_lru import ByteLRU
 from liedeploy.errors import LieError
@@ -76,7 +78,7 @@ class AdapterBank:
         verify_base: bool = True,
         lazy: bool = False,
     ):
-        if adapted_names(model) or getattr(model, "_lie_merged", None):
+        if adapted_names(model) or lie_state(model) is not None:
             raise LieError("AdapterBank needs the plain base model: call remove_adapters_ or unmerge_ first")
         if cache_bytes is not None and cache_bytes < 0:
             raise LieError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -269,27 +271,11 @@ class AdapterBank:
         Works for any output made of tensors with the batch as first axis (a tensor, tuples, dicts,
         transformers ModelOutputs) whose shapes agree between the tasks in the batch.
         """
-        if len(tasks) != len(x):
-            raise LieError(f"forward_mixed got {len(tasks)} task names for a batch of {len(x)}")
-        groups: dict = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(t, []).append(i)
-        for t in groups:
+        for t in set(tasks):
             if t is not None:
-                self.registry.get(t)
-        from torch.utils import _pytree as pytree
+                self.registry.get(t)  # unknown tasks refused before anything runs
 
-        leaves_out, spec = None, None
-        for t, idx in groups.items():
-            index = torch.tensor(idx, device=x.device)
-            leaves, spec = pytree.tree_flatten(self(x.index_select(0, index), task=t))
-            if not all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == len(idx) for v in leaves):
-                raise LieError("forward_mixed needs outputs whose tensors all have the batch as first axis")
-            if leaves_out is None:
-                leaves_out = [v.new_empty((len(x),) + tuple(v.shape[1:])) for v in leaves]
-            for o, v in zip(leaves_out, leaves):
-                if o.shape[1:] != v.shape[1:]:
-                    raise LieError(f"task {t!r} gives outputs of shape {list(v.shape[1:])} per sample and another task "
-                                   f"in the batch {list(o.shape[1:])}: tasks with other heads cannot share a mixed batch")
-                o.index_copy_(0, index, v)
-        return pytree.tree_unflatten(leaves_out, spec)
+        def take(idx):
+            return x.index_select(0, torch.tensor(idx, device=x.device))
+
+        return run_mixed(lambda t, xs: self(xs, task=t), tasks, len(x), take)

@@ -15,15 +15,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from liedeploy.errors import LieError
+from liedeploy.core.tensors import owner_of, set_tensor
 
-__all__ = ["clone_tree", "build_replica", "split_name"]
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``"a.b.weight"`` -> ``("a.b", "weight")``."""
-    mod, _, attr = name.rpartition(".")
-    return mod, attr
+__all__ = ["clone_tree", "build_replica"]
 
 
 def clone_tree(module: nn.Module, memo: dict | None = None) -> nn.Module:
@@ -52,13 +46,6 @@ def build_replica(base: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     """
     replica = clone_tree(base)
     for name, t in tensors.items():
-        mod, attr = split_name(name)
-        try:
-            owner = replica.get_submodule(mod) if mod else replica
-        except AttributeError:
-            raise LieError(f"tensor {name} has no module {mod!r} in the base model to live in") from None
-        if attr in owner._buffers:
-            owner._buffers[attr] = t
-        else:
-            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        owner, attr = owner_of(replica, name, where="the base model")
+        set_tensor(owner, attr, t)
     return replica

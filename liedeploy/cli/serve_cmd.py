@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 __all__ = ["add_parser", "run", "check", "parse_size"]
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_size(text: str, flag: str) -> int:
     """``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes; a malformed size is a usage error."""
     from liedeploy.cli import UsageError
+    from liedeploy.serving.specs import parse_size as parse
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"{flag} must be a size such as 512MiB, 2GB or 1000000, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {exc}") from None
 
 
 def add_parser(sub) -> None:

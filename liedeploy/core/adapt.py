@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 from liedeploy.core.algebra import lie_fold
 from liedeploy.core.config import LieConfig
+from liedeploy.core.state import SPARE, AdapterSwitch, drop_state, ensure_state, hold, lie_state
 from liedeploy.errors import ConfigError, LieError
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "remove_adapters_",
     "trainable_parameter_count",
     "own_class",
+    "register",
+    "unregister",
 ]
 
 
@@ -36,7 +39,7 @@ class LieParametrization(nn.Module):
     ``lie_B``: (shape[0], r), zeros at init; ``lie_A``: (r, prod(shape[1:])), kaiming-uniform.
     """
 
-    def __init__(self, shape, r: int, scale: float, expmap: str, dtype=None, device=None):
+    def __init__(self, shape, r: int, scale: float, expmap: str, dtype=None, device=None, switch=None):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         n = math.prod(shape[1:])
@@ -47,15 +50,20 @@ class LieParametrization(nn.Module):
         self.lie_A = nn.Parameter(torch.empty(self.r, n, dtype=dtype, device=device))
         self.lie_B = nn.Parameter(torch.zeros(shape[0], self.r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lie_A, a=math.sqrt(5))
-        self.enabled = True  # False inside disable_adapters(): the base weight, untouched
+        # the model's one on/off switch (LieState.switch): off inside disable_adapters()
+        self.switch = switch if switch is not None else AdapterSwitch()
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.switch.enabled:
             return W
         return lie_fold(W, self.lie_B, self.lie_A, self.scale, self.expmap)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, r={self.r}, scale={self.scale:g}, expmap={self.expmap!r}"
+
+
+class _NoState:
+    merged: dict = {}
 
 
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,7 +154,7 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
     """
     if not isinstance(config, LieConfig):
         raise ConfigError(f"apply_adapters_ expects a LieConfig, got {type(config).__name__}")
-    existing = adapted_names(model)
+    existing = adapted_names(model) or sorted((lie_state(model) or _NoState).merged)
     if existing:
         raise LieError(
             f"the model already has Lie adapters (on {existing[0]}"
@@ -173,6 +181,8 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
                 f"parameter {name} has shape {tuple(param.shape)}: Lie adapters need a tensor of rank >= 2 "
                 "(narrow the targets, e.g. to '...weight')"
             )
+    state = ensure_state(model, config)
+    state.modules_to_save = sorted(saved)
     for p in model.parameters():
         p.requires_grad_(False)
     for mod in saved.values():  # modules_to_save: trained and saved whole (a new head...)
@@ -184,27 +194,35 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
         else:
             r, scale = config.rank_for(name), config.scale_for(name)
         lie = LieParametrization(
-            param.shape, r, scale, config.expmap, dtype=_factor_dtype(param.dtype), device=param.device
+            param.shape, r, scale, config.expmap, dtype=_factor_dtype(param.dtype), device=param.device,
+            switch=state.switch,
         )
         register(module, attr, lie)
-    model.lie_config = config
-    model.lie_modules_to_save = sorted(saved)
     return model
 
 
 def remove_adapters_(model: nn.Module) -> nn.Module:
-    """Drop every Lie adapter and give back the pristine base parameters (no fold)."""
+    """Drop every Lie adapter, named or not, and give back the pristine base parameters (no fold).
+
+    A merged model is unmerged first (from the copy ``merge_`` kept); one merged with
+    ``keep_base=False`` kept nothing and is refused: ``unmerge_(model, base=...)`` first.
+    Afterwards the model holds no adapter state at all (``list_adapters`` is empty).
+    """
     from liedeploy.core.full_tensors import restore_full_tensors
 
+    state = lie_state(model)
+    if state is not None and state.merged:
+        if any(rec.kept is None for rec in state.merged.values()):
+            raise LieError("the model was merged with keep_base=False and kept no pristine copy: "
+                           "call unmerge_(model, base=BASE.safetensors) before remove_adapters_")
+        from liedeploy.core.merge import unmerge_
+
+        unmerge_(model, release=True)
     for _, module, attr, _ in list(iter_adapters(model)):
+        hold(module, attr + SPARE, None)  # a merged buffer unmerge_ kept for the next merge_
         unregister(module, attr)
     restore_full_tensors(model)
-    if hasattr(model, "lie_config"):
-        del model.lie_config
-    if hasattr(model, "lie_modules_to_save"):
-        del model.lie_modules_to_save
-    if hasattr(model, "_lie_spare"):
-        del model._lie_spare  # merged buffers kept by unmerge_
+    drop_state(model)
     return model
 
 

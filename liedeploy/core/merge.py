@@ -1,45 +1,27 @@
-"""Merging: ``merge_`` folds adapters into live modules, ``unmerge_`` restores the pristine base,
-``merge_files`` (implemented in :mod:`liedeploy.file_merge`) merges safetensors files offline.
+"""Merging live modules: ``merge_`` folds adapters into plain tensors, ``unmerge_`` restores the
+pristine base. What is merged is recorded in the model's :class:`~liedeploy.core.state.LieState`.
+(Offline merging of files is :func:`liedeploy.files.file_merge.merge_files`.)
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
 
-from liedeploy.core.adapt import LieParametrization, iter_adapters, register, unregister
+from liedeploy.core.adapt import iter_adapters, register, unregister
 from liedeploy.core.algebra import check_finite, fold_sum
+from liedeploy.core.state import KEPT, SPARE, MergedWeight, held, hold, lie_state
 from liedeploy.errors import LieError
-from liedeploy.files.file_merge import merge_files
 
-__all__ = ["merge_", "unmerge_", "merge_files", "is_merged"]
-
-
-class _Merged:
-    """What ``merge_`` keeps for one parameter so ``unmerge_`` can restore it bit for bit."""
-
-    __slots__ = ("module", "attr", "lie", "kept")
-
-    def __init__(self, module: nn.Module, attr: str, lie: LieParametrization, kept: Optional[torch.Tensor]):
-        self.module, self.attr, self.lie, self.kept = module, attr, lie, kept
-
-    # the adapter's view, used by save_adapter on a merged model
-    B = property(lambda self: self.lie.lie_B)
-    A = property(lambda self: self.lie.lie_A)
-    scale = property(lambda self: self.lie.scale)
-    expmap = property(lambda self: self.lie.expmap)
-
-    def pristine(self) -> torch.Tensor:
-        if self.kept is None:
-            raise LieError("merge_ was called with keep_base=False: pass the base file to unmerge_(model, base=...)")
-        return self.kept
+__all__ = ["merge_", "unmerge_", "is_merged"]
 
 
 def is_merged(model: nn.Module) -> bool:
     """True when ``merge_`` folded adapters into ``model`` and ``unmerge_`` has not run since."""
-    return bool(getattr(model, "_lie_merged", None))
+    state = lie_state(model)
+    return state is not None and state.is_merged
 
 
 def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -> nn.Module:
@@ -64,13 +46,16 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
     Raises:
         LieError: a merged tensor would not be finite (names the tensor and its largest |dW|).
     """
-    records = getattr(model, "_lie_merged", None) or {}
+    state = lie_state(model)
+    if state is None:
+        return model  # no adapters: nothing to fold
+    records = state.merged
     in_place = keep_base is False or keep_base is None
     if in_place:  # storages used by more than one tensor of the model (tied weights) are not overwritten
         uses: dict = {}
         for t in model.state_dict(keep_vars=True).values():
             uses[t.data_ptr()] = uses.get(t.data_ptr(), 0) + 1
-    spares = getattr(model, "_lie_spare", None) or {}
+    offload = None if in_place or keep_base is True else torch.device(keep_base)
     work = []
     for name, module, attr, lie in list(iter_adapters(model)):
         W = module.parametrizations[attr].original
@@ -80,11 +65,15 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
             out = W.data
         else:
             out = None
-            spare = spares.get(name)
+            spare = held(module, attr + SPARE)
             if spare is not None and spare.shape == W.shape and spare.dtype == W.dtype and spare.device == W.device:
-                param, out = spare, spare.data  # the storage of the last merge, kept by unmerge_
-            if not in_place and keep_base is not True:
-                kept = W.detach().to(torch.device(keep_base), copy=True)
+                # the storage of the last merge, kept by unmerge_ (same Parameter when nothing moved it)
+                param = state.spare_params.get(name)
+                if param is None or param.data_ptr() != spare.data_ptr() or param.dtype != spare.dtype:
+                    param = nn.Parameter(spare, requires_grad=False)
+                out = param.data
+            if offload is not None:
+                kept = W.detach().to(offload, copy=True)
         merged = fold_sum(W.detach(), [(lie.lie_B, lie.lie_A, lie.scale)], lie.expmap, out=out, check=ok)
         if not ok[0] and out is not None and out.data_ptr() == W.data_ptr():
             raise LieError(f"merging {name} overflowed and keep_base=False already overwrote it: reload the base")
@@ -92,11 +81,12 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
         work.append((name, module, attr, lie, W if keep_base is True else kept, merged, param))
     # all checks passed: now switch every parameter (never half-merged)
     for name, module, attr, lie, kept, merged, param in work:
-        spares.pop(name, None)
+        hold(module, attr + SPARE, None)
+        state.spare_params.pop(name, None)
         unregister(module, attr)
         setattr(module, attr, param if param is not None else nn.Parameter(merged, requires_grad=False))
-        records[name] = _Merged(module, attr, lie, kept)
-    model._lie_merged = records
+        hold(module, attr + KEPT, kept)
+        records[name] = MergedWeight(module, attr, lie, offload)
     return model
 
 
@@ -118,15 +108,15 @@ def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: 
     memory to fault in; the merged parameters keep their identity, which suits compiled graphs):
     unmerged, the model still holds them. ``release=True`` frees them instead.
     """
-    records = getattr(model, "_lie_merged", None)
+    state = lie_state(model)
+    records = state.merged if state is not None else None
     if not records:
         return model
     if base is not None and not isinstance(base, dict):
-        from liedeploy.io.safetensors_io import BaseTensors
+        from liedeploy.io.safetensors_io import BaseTensors  # the io layer, below core
 
         base = BaseTensors(str(base))  # the headers once, each tensor read when needed
     restored = {}
-    spares = {} if release else (getattr(model, "_lie_spare", None) or {})
     for name, rec in records.items():
         merged = getattr(rec.module, rec.attr)
         if rec.kept is not None:
@@ -134,21 +124,27 @@ def unmerge_(model: nn.Module, base: Union[None, str, dict] = None, *, release: 
         elif base is not None:
             src = _base_tensor(base, name)
         else:
-            rec.pristine()  # raises the explanation
+            raise LieError("merge_ was called with keep_base=False: pass the base file to unmerge_(model, base=...)")
         if tuple(src.shape) != tuple(merged.shape):
             raise LieError(f"base tensor {name} has shape {tuple(src.shape)}, the model has {tuple(merged.shape)}")
         restored[name] = src
     for name, rec in records.items():
         src = restored[name]
         merged = getattr(rec.module, rec.attr)
-        if isinstance(src, nn.Parameter) and src.device == merged.device and src.dtype == merged.dtype:
-            W = src
+        if src is rec.kept and src.device == merged.device and src.dtype == merged.dtype:
+            W = src if isinstance(src, nn.Parameter) else nn.Parameter(src, requires_grad=False)  # no copy
         else:
             W = nn.Parameter(src.detach().to(device=merged.device, dtype=merged.dtype, copy=True), requires_grad=False)
-        if not release and merged.data_ptr() != W.data_ptr():
-            spares[name] = merged
+        hold(rec.module, rec.attr + KEPT, None)
+        keep_spare = not release and merged.data_ptr() != W.data_ptr()
+        hold(rec.module, rec.attr + SPARE, merged if keep_spare else None)
+        if keep_spare:
+            state.spare_params[name] = merged
+        else:
+            state.spare_params.pop(name, None)
         setattr(rec.module, rec.attr, W)
+        if any(p.device != W.device for p in rec.lie.parameters()):  # the model moved while merged
+            rec.lie.to(device=W.device)
         register(rec.module, rec.attr, rec.lie)
-    model._lie_merged = {}
-    model._lie_spare = spares
+    state.merged = {}
     return model

@@ -16,7 +16,11 @@ from typing import Iterator
 
 from torch import nn
 
-from liedeploy.core.adapt import iter_adapters
+from liedeploy.core.adapter_file import activate_adapter
+from liedeploy.core.full_tensors import install_full_tensors, restore_full_tensors
+from liedeploy.core.merge import is_merged, merge_, unmerge_
+from liedeploy.core.state import lie_state
+from liedeploy.core.tensors import get_tensor
 from liedeploy.errors import LieError
 
 __all__ = ["set_adapter", "disable_adapters", "active_adapter", "list_adapters"]
@@ -24,24 +28,26 @@ __all__ = ["set_adapter", "disable_adapters", "active_adapter", "list_adapters"]
 
 def list_adapters(model: nn.Module) -> list:
     """Names of the adapters loaded with ``load_adapter(..., adapter_name=...)``."""
-    return list(getattr(model, "lie_adapters", None) or {})
+    state = lie_state(model)
+    return list(state.adapters) if state is not None else []
 
 
 def active_adapter(model: nn.Module):
-    return getattr(model, "lie_active_adapter", None)
+    """The name of the active named adapter (``None`` without named adapters)."""
+    state = lie_state(model)
+    return state.active_adapter if state is not None else None
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make the named adapter the active one (its factors and full tensors go in place)."""
-    from liedeploy.core.adapter_file import _activate
-
-    named = getattr(model, "lie_adapters", None) or {}
+    state = lie_state(model)
+    named = state.adapters if state is not None else {}
     if name not in named:
         raise LieError(f"no adapter named {name!r} on this model; loaded: {', '.join(named) or 'none'}")
-    if getattr(model, "_lie_merged", None):
+    if state.is_merged:
         raise LieError("the model holds merged adapters; call unmerge_ before set_adapter")
-    _activate(model, named[name])
-    model.lie_active_adapter = name
+    activate_adapter(model, named[name])
+    state.active_adapter = name
     return model
 
 
@@ -51,29 +57,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Works on live adapters and on merged models (unmerged for the block, merged again after).
     """
-    from liedeploy.core.adapter_file import install_full_tensors
-    from liedeploy.core.merge import is_merged, merge_, unmerge_
-
+    state = lie_state(model)
+    if state is None:  # no adapters: the model is the base already
+        yield model
+        return
     merged = is_merged(model)
     if merged:
         unmerge_(model)
-    lies = [lie for _, _, _, lie in iter_adapters(model)]
-    originals = dict(getattr(model, "lie_full_originals", None) or {})
     task_full = {}
-    for P in originals:
-        mod, _, attr = P.rpartition(".")
-        owner = model.get_submodule(mod) if mod else model
-        task_full[P] = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-    from liedeploy.core.full_tensors import restore_full_tensors
-
+    for P, (owner, attr, _, _) in state.full_originals.items():
+        task_full[P] = get_tensor(owner, attr)
     restore_full_tensors(model)
-    for lie in lies:
-        lie.enabled = False
+    state.enabled = False
     try:
         yield model
     finally:
-        for lie in lies:
-            lie.enabled = True
+        state.enabled = True
         if task_full:
             install_full_tensors(model, {P: t for P, t in task_full.items() if t is not None})
         if merged:

@@ -22,7 +22,7 @@ from liedeploy.core.adapt import apply_adapters_, trainable_parameter_count
 from liedeploy.core.adapter_file import save_adapter
 from liedeploy.bank.adapter_bank import AdapterBank
 from liedeploy.core.config import LieConfig
-from liedeploy.core.merge import merge_files
+from liedeploy.files.file_merge import merge_files
 from liedeploy.errors import ConfigError, MissingDependencyError
 from liedeploy.train import evaluate, train_adapters
 

@@ -31,7 +31,7 @@ def run_demo_serve(summary: dict, out_dir: str, seed: int = 0, images: int = 8,
     from liedeploy.bank.adapter_bank import AdapterBank
     from liedeploy.demo.pipeline import TASKS, DigitsNet, load_digits_tensors, task_labels
     from liedeploy.serving.app import ServingState, create_app
-    from liedeploy.serving.backend import TorchBackend
+    from liedeploy.serving.backends.torch import TorchBackend
     from liedeploy.serving.specs import default_input
 
     t0 = time.perf_counter()

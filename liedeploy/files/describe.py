@@ -13,13 +13,12 @@ import os
 import numpy as np
 
 from liedeploy.io.adapter_header import FORMAT, parse_adapter_header
+from liedeploy.io.dtypes import FLOAT_DTYPES, numpy_storage, torch_name
 from liedeploy.errors import AdapterFileError
 from liedeploy.io.safetensors_header import SafetensorsFile
 
 __all__ = ["describe_file", "weight_sparsity"]
 
-_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def _array(f: SafetensorsFile, info: dict) -> np.ndarray:
@@ -27,7 +26,7 @@ def _array(f: SafetensorsFile, info: dict) -> np.ndarray:
     buf = np.empty(b1 - b0, dtype=np.uint8)
     if b1 > b0:
         f.read_into(b0, buf)
-    return buf.view(_NP[info["dtype"]]).reshape(info["shape"])
+    return buf.view(numpy_storage(info["dtype"])).reshape(info["shape"])
 
 
 def _finite(a: np.ndarray, dtype: str) -> bool:
@@ -68,13 +67,12 @@ def _describe_adapter(f: SafetensorsFile) -> dict:
         "created_by": info.metadata.get("created_by", "?"),
         "config": info.config,
         "num_parameters": sum(t["parameters"] for t in targets) + sum(t["parameters"] for t in full),
-        "factor_dtype": ",".join(_ST_TO_TORCH.get(d, d) for d in factor_dtypes),
+        "factor_dtype": ",".join(torch_name(d) for d in factor_dtypes),
         "targets": targets,
         "full": full,
     }
 
 
-_ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def weight_sparsity(a: np.ndarray, dtype: str, n: int = 2, m: int = 4) -> dict:
@@ -107,7 +105,7 @@ def _describe_weights(f: SafetensorsFile, *, sparsity: bool = True) -> dict:
     if sparsity:
         per, zeros, elements, conform = {}, 0, 0, True
         for name, h in f.header.items():
-            if h["dtype"] not in _ST_TO_TORCH or len(h["shape"]) < 2:
+            if h["dtype"] not in FLOAT_DTYPES or len(h["shape"]) < 2:
                 continue
             s = weight_sparsity(_array(f, h), h["dtype"])
             per[name] = {"sparsity": s["zeros"] / max(s["elements"], 1), "2:4": s.get("2:4", False)}

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import time
 from typing import Optional, Sequence, Union
 
@@ -28,20 +27,17 @@ import torch
 
 from liedeploy.core.adapter_file import AdapterFile, check_against_base, read_adapter
 from liedeploy.core.algebra import check_finite, fold_sum
+from liedeploy.io.sharded import layout_of, publish_sharded, shard_names
+from liedeploy.io.dtypes import CLI_DTYPES, FLOAT_DTYPES, st_to_torch
 from liedeploy.errors import AdapterFileError, LieError
-from liedeploy.io.atomic import Staging, kill_point, safe_file_name, terminate_on_signals
+from liedeploy.io.atomic import Staging, kill_point, terminate_on_signals
 from liedeploy.progress import progress_bar
 from liedeploy.io.safetensors_header import open_base_layout
-from liedeploy.io.safetensors_io import DTYPE_NAMES, ST_DTYPES, SafetensorsFile, resolve_shards
+from liedeploy.io.safetensors_io import DTYPE_NAMES, ST_DTYPES, SafetensorsFile
 
 __all__ = ["merge_files", "DTYPE_ALIASES"]
 
-DTYPE_ALIASES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-_FLOAT = {"F64", "F32", "F16", "BF16"}
+DTYPE_ALIASES = {alias: st_to_torch(st) for alias, st in CLI_DTYPES.items()}  # --dtype values
 
 
 def _copy_range(src, dst, offset: int, count: int) -> None:
@@ -137,7 +133,7 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
         else:
             info = header[k]
             dt, shape = info["dtype"], info["shape"]
-            if out_dtype is not None and dt in _FLOAT:
+            if out_dtype is not None and dt in FLOAT_DTYPES:
                 dt = DTYPE_NAMES[out_dtype]
         nbytes = math.prod(shape) * ST_DTYPES[dt].itemsize
         new_header[k] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + nbytes]}
@@ -231,28 +227,6 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
     return n_merged, len(blob) + 8 + offset
 
 
-def _old_outputs(out_index: str) -> list:
-    """File names an existing OUT index uses (the old output, removed after the new one is in place)."""
-    if not os.path.isfile(out_index):
-        return []
-    try:
-        return sorted(os.path.basename(p) for p in resolve_shards(out_index))
-    except LieError:
-        return []
-
-
-def _shard_names(shards: dict, out_dir: str, token: str) -> dict:
-    """Output file names: the base's shard names, or fresh ones where a file of that name exists."""
-    names = {}
-    for s in shards:
-        name = safe_file_name(os.path.basename(s), "shard file name")
-        if os.path.lexists(os.path.join(out_dir, name)):
-            stem, ext = os.path.splitext(name)
-            name = f"{stem}.{token}{ext}"
-        names[s] = name
-    return names
-
-
 def merge_files(
     base: str,
     adapters: Sequence[Union[str, AdapterFile]],
@@ -314,20 +288,11 @@ def merge_files(
         stack.enter_context(terminate_on_signals())
         stage = stack.enter_context(Staging(out, inputs=inputs))
         files = {s: stack.enter_context(SafetensorsFile(s)) for s in shards}  # one descriptor per input
-        shapes, dtypes = {}, {}
-        for s, f in files.items():
-            if sharded:
-                lacking = sorted(set(shards[s]) - set(f.header))
-                if lacking:
-                    raise AdapterFileError(f"{base}: names tensor {lacking[0]} in shard {os.path.basename(s)}, which lacks it")
-            for k, v in f.header.items():
-                if k in shapes:
-                    raise AdapterFileError(f"{base}: tensor {k} is stored in more than one shard")
-                shapes[k], dtypes[k] = tuple(v["shape"]), v["dtype"]
+        shapes, dtypes = layout_of(base, files, shards)
         for a in loaded:
             check_against_base(a, shapes, None)
             for P in a.targets:
-                if dtypes[P] not in _FLOAT:
+                if dtypes[P] not in FLOAT_DTYPES:
                     raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
         plan = _Plan(loaded, scales, allow_mixed_maps)
         for P in plan.full:
@@ -341,7 +306,7 @@ def merge_files(
         n_merged = n_tensors = written = 0
         pool = stack.enter_context(cf.ThreadPoolExecutor(1))
         bar = stack.enter_context(progress_bar(desc="merge", total=total, enabled=progress, unit="B"))
-        names = _shard_names(shards, stage.folder, secrets.token_hex(4)) if sharded else {base: stage.name}
+        names = shard_names(shards, stage.folder) if sharded else {base: stage.name}
         counter = [0]
         added = [P for P in plan.full if P not in shapes]  # full tensors the base lacks: in the first shard
         for i, (s, f) in enumerate(files.items()):
@@ -355,20 +320,13 @@ def merge_files(
                 index["metadata"] = {}
             index.setdefault("metadata", {})
             index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
-            index["weight_map"] = {k: names[s] for s, ks in shards.items() for k in ks}
             first = names[next(iter(shards))]
-            index["weight_map"].update({P: first for P in added})
             if dtype is not None:
                 index["metadata"]["total_size"] = sum(
-                    math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in _FLOAT else ST_DTYPES[dtypes[k]].itemsize)
+                    math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in FLOAT_DTYPES else ST_DTYPES[dtypes[k]].itemsize)
                     for k in shapes
                 )
-            with open(stage.path(stage.name), "w") as fh:
-                json.dump(index, fh, indent=2)
-            old = [n for n in _old_outputs(stage.out) if n not in names.values()]
-            protected = {os.path.abspath(p) for p in inputs}
-            old = [n for n in old if os.path.abspath(os.path.join(stage.folder, n)) not in protected]
-            stage.publish(list(names.values()), last=stage.name, obsolete=old, hook=kill_point)
+            publish_sharded(stage, index, names, shards, inputs, extra={P: first for P in added}, hook=kill_point)
         else:
             stage.publish([stage.name], last=stage.name, hook=kill_point)
     return {

@@ -69,8 +69,10 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
     Returns a summary ``{"out", "targets", "layer_types"}``.
     """
     from liedeploy._version import __version__
-    from liedeploy.core.adapter_file import FORMAT
-    from liedeploy.io.atomic import atomic_path
+    from re import escape as re_exact
+
+    from liedeploy.core.config import LieConfig
+    from liedeploy.io.adapter_format import write_adapter_file
     from liedeploy.io.safetensors_io import BaseTensors
 
     cfg, tensors = _read_peft(peft_dir)
@@ -111,26 +113,21 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
                                        f"the base weight {list(W)}")
         if tuple(lie_B.shape[:1]) != W[:1] or lie_A.shape[1] != math.prod(W[1:]):
             raise AdapterFileError(f"{peft_dir}: factors of {mod} do not fit the base weight {list(W)}")
-        out_t[f"{P}.lie_B"] = lie_B.contiguous()
-        out_t[f"{P}.lie_A"] = lie_A.contiguous()
+        out_t[P] = (lie_B.contiguous(), lie_A.contiguous())
         targets[P] = {"shape": list(W), "scale": 1.0}
         hashes[P] = base_tensors.sha256(P)
         kinds[P] = kind
     if not targets:
         raise AdapterFileError(f"{peft_dir}: holds no HiRA factors")
-    ranks = Counter(out_t[f"{P}.lie_B"].shape[1] for P in targets)
-    r = ranks.most_common(1)[0][0]
-    config = {"r": int(r), "alpha": float(r), "expmap": "first_order", "targets": sorted(targets), "version": 1,
-              "rank_pattern": {}, "alpha_pattern": {}, "filter_fn": None}
-    meta = {"format": FORMAT, "format_version": "1", "expmap": "first_order",
-            "targets": json.dumps(targets, sort_keys=True), "base_sha256": json.dumps(hashes, sort_keys=True),
-            "config": json.dumps(config, sort_keys=True),
-            "name": name or os.path.basename(os.path.normpath(peft_dir)),
-            "created_by": f"liedeploy {__version__} (from PEFT HiRA)", "layer_types": json.dumps(kinds, sort_keys=True)}
-    from safetensors.torch import save_file
-
-    with atomic_path(out, inputs=[base, os.path.join(peft_dir, "adapter_model.safetensors")]) as tmp:
-        save_file(out_t, tmp, metadata=meta)
+    ranks = Counter(out_t[P][0].shape[1] for P in targets)
+    r = int(ranks.most_common(1)[0][0])
+    config = LieConfig(r=r, alpha=float(r), expmap="first_order", targets=sorted(targets),
+                       rank_pattern={re_exact(P): int(out_t[P][0].shape[1]) for P in targets if out_t[P][0].shape[1] != r},
+                       alpha_pattern={re_exact(P): float(out_t[P][0].shape[1]) for P in targets if out_t[P][0].shape[1] != r})
+    write_adapter_file(out, out_t, targets=targets, base_sha256=hashes, expmap="first_order",
+                       config_json=config.to_json(), name=name or os.path.basename(os.path.normpath(peft_dir)),
+                       layer_types=kinds, created_by=f"liedeploy {__version__} (from PEFT HiRA)",
+                       inputs=[base, os.path.join(peft_dir, "adapter_model.safetensors")])
     return {"out": out, "targets": sorted(targets), "layer_types": kinds}
 
 

@@ -8,6 +8,7 @@ pruned base keeps every zero in every task's merged model (W * exp(dW) is zero w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -17,13 +18,14 @@ from typing import Optional
 import numpy as np
 
 from liedeploy.io.atomic import Staging, kill_point, terminate_on_signals
+from liedeploy.io.dtypes import FLOAT_DTYPES, numpy_storage
+from liedeploy.io.sharded import layout_of, publish_sharded, shard_names
 from liedeploy.errors import ConfigError
 from liedeploy.io.safetensors_header import SafetensorsFile, open_base_layout
 from liedeploy.files.sparsity import as_float, magnitude_mask, nm_applicable, nm_conforms, nm_mask, zero_mask
 
 __all__ = ["prune_files", "parse_pattern"]
 
-_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -46,7 +48,7 @@ def _prune_file(src: SafetensorsFile, dst_path: str, keep_fn, select, report: di
             if b1 > b0:
                 src.read_into(b0, buf)
             if select(k, info):
-                a = buf.view(_NP[info["dtype"]]).reshape(info["shape"])
+                a = buf.view(numpy_storage(info["dtype"])).reshape(info["shape"])
                 keep = keep_fn(as_float(a, info["dtype"]))
                 if keep is None:
                     report["skipped"][k] = "its reduction axis does not divide into groups"
@@ -92,35 +94,25 @@ def prune_files(base: str, out: str, *, sparsity: Optional[float] = None, patter
             return magnitude_mask(v, float(sparsity))
 
     def select(name, info):
-        if info["dtype"] not in _NP or len(info["shape"]) < 2 or math.prod(info["shape"]) == 0:
+        if info["dtype"] not in FLOAT_DTYPES or len(info["shape"]) < 2 or math.prod(info["shape"]) == 0:
             return False
         return rx.fullmatch(name) is not None if rx is not None else True
 
     index, shards = open_base_layout(base, out)
     sharded = index is not None
     report = {"tensors": {}, "skipped": {}, "_zeros": 0, "_elements": 0}
-    import json
-    import secrets
-
-    with terminate_on_signals(), Staging(out, inputs=[base] + list(shards)) as stage:
-        names = {}
-        token = secrets.token_hex(4)
-        for s in shards:
-            name = os.path.basename(s) if sharded else stage.name
-            if sharded and os.path.lexists(os.path.join(stage.folder, name)):
-                stem, ext = os.path.splitext(name)
-                name = f"{stem}.{token}{ext}"
-            names[s] = name
+    inputs = [base] + list(shards)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(terminate_on_signals())
+        stage = stack.enter_context(Staging(out, inputs=inputs))
+        files = {s: stack.enter_context(SafetensorsFile(s)) for s in shards}  # one descriptor per input
+        layout_of(base, files, shards)
+        names = shard_names(shards, stage.folder) if sharded else {base: stage.name}
         counter = [0]
-        for s in shards:
-            with SafetensorsFile(s) as f:
-                _prune_file(f, stage.path(names[s]), keep_fn, select, report, counter)
+        for s, f in files.items():
+            _prune_file(f, stage.path(names[s]), keep_fn, select, report, counter)
         if sharded:
-            index = dict(index)
-            index["weight_map"] = {k: names[s] for s, ks in shards.items() for k in ks}
-            with open(stage.path(stage.name), "w") as fh:
-                json.dump(index, fh, indent=2)
-            stage.publish(list(names.values()), last=stage.name, hook=kill_point)
+            publish_sharded(stage, index, names, shards, inputs, hook=kill_point)
         else:
             stage.publish([stage.name], last=stage.name, hook=kill_point)
     zeros, elements = report.pop("_zeros"), report.pop("_elements")

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from liedeploy.io.dtypes import FLOAT_DTYPES, FULL_DTYPES
 from liedeploy.errors import AdapterFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSIONS", "EXPMAP_NAMES", "FULL_DTYPES", "AdapterHeader", "parse_adapter_header"]
@@ -19,8 +20,6 @@ __all__ = ["FORMAT", "FORMAT_VERSIONS", "EXPMAP_NAMES", "FULL_DTYPES", "AdapterH
 FORMAT = "liedeploy.adapter"
 FORMAT_VERSIONS = ("1", "2")
 EXPMAP_NAMES = ("exact", "first_order")
-FULL_DTYPES = ("F32", "F16", "BF16")
-_FACTOR_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 @dataclass
@@ -131,7 +130,7 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
                 f"target shape {list(info['shape'])} (expected B [{m}, r] and A [r, {n}])"
             )
         for key, h in ((f"{P}.lie_B", hb), (f"{P}.lie_A", ha)):
-            if h["dtype"] not in _FACTOR_DTYPES:
+            if h["dtype"] not in FLOAT_DTYPES:
                 raise AdapterFileError(f"{path}: factor {key} has dtype {h['dtype']}, expected a floating-point type")
         if P not in hashes:
             raise AdapterFileError(f"{path}: 'base_sha256' has no entry for target {P}")

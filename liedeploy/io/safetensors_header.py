@@ -16,12 +16,12 @@ import json
 import os
 import stat
 import struct
+from liedeploy.io.dtypes import DTYPE_SIZES
 from liedeploy.errors import AdapterFileError
 
-__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_header", "read_index", "resolve_shards", "open_base_layout", "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_regular", "read_header", "read_index", "resolve_shards", "open_base_layout", "MAX_HEADER_BYTES"]
 
 # safetensors dtype names -> bytes per element (the dtypes a weight file may hold)
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -241,6 +241,19 @@ def open_base_layout(base: str, out: str) -> tuple:
     if not out.endswith(".safetensors.index.json"):
         raise ConfigError(f"{base} is sharded: OUT must be a *.safetensors.index.json path, got {out}")
     return read_index(base)
+
+
+def read_regular(path: str, limit: int, what: str = "file") -> bytes:
+    """The bytes of a small regular file, at most ``limit`` of them.
+
+    Refuses (one sentence naming ``path``) anything :func:`open_regular` refuses (FIFOs, devices,
+    folders: never a hang, never an endless read) and a file longer than ``limit``.
+    """
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise AdapterFileError(f"{path}: the {what} is larger than {limit} bytes")
+    return data
 
 
 def resolve_shards(path: str) -> dict:

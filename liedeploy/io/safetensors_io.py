@@ -1,7 +1,7 @@
-"""safetensors helpers that need torch: dtype tables, tensor hashing, sharded indexes.
+"""safetensors helpers that need torch: torch dtypes by safetensors name, tensor hashing, base files.
 
-Header parsing lives in :mod:`liedeploy.safetensors_header` (no torch) and atomic outputs in
-:mod:`liedeploy.atomic`; both are re-exported here for the modules that use all three.
+Header parsing lives in :mod:`liedeploy.io.safetensors_header` (no torch) and atomic outputs in
+:mod:`liedeploy.io.atomic`; both are re-exported here for the modules that use all three.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import hashlib
 import torch
 
 from liedeploy.io.atomic import atomic_path
-from liedeploy.io.safetensors_header import DTYPE_SIZES, SafetensorsFile, read_header, read_index, resolve_shards
+from liedeploy.io.dtypes import DTYPE_SIZES, DTYPES, st_to_torch
+from liedeploy.io.safetensors_header import SafetensorsFile, read_header, read_index, resolve_shards
 
 __all__ = [
     "read_header",
@@ -26,19 +27,8 @@ __all__ = [
     "BaseTensors",
 ]
 
-# safetensors dtype strings <-> torch dtypes (the ones a weight file may hold).
-ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors dtype strings <-> torch dtypes, from the one table in liedeploy.io.dtypes
+ST_DTYPES = {name: st_to_torch(name) for name in DTYPES}
 DTYPE_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
-import numpy as np
-
-from liedeploy.errors import ServingError
-from liedeploy.serving.specs import TensorSpec, flatten_named
-
 __all__ = ["Backend", "STATS_KEYS", "run_mixed_by_task", "discover_task_files", "BACKENDS", "register_backend", "get_backend_factory"]
 
 # name -> factory(ServeConfig) -> Backend. The built-in ones (torch, ort, trt) are registered by
@@ -28,7 +23,7 @@ def register_backend(name: str, factory) -> None:
 
 def get_backend_factory(name: str):
     """The factory registered as ``name`` (the built-in backends are registered on first use)."""
-    import liedeploy.serving.backends  # noqa: F401  (registers torch, ort, trt)
+    import liedeploy.serving.backends  # noqa: F401 (registers torch, ort, trt)
 
     return BACKENDS.get(name)
 
@@ -80,18 +75,10 @@ def run_mixed_by_task(run, tasks: Sequence[Optional[str]], inputs: dict) -> dict
 
     Tasks whose outputs have other shapes per sample (a head of their own) cannot share a batch.
     """
-    groups: dict = {}
-    for i, t in enumerate(tasks):
-        groups.setdefault(t, []).append(i)
-    out: dict = {}
-    for t, idx in groups.items():
-        for k, v in run(t, {n: a[idx] for n, a in inputs.items()}).items():
-            if k not in out:
-                out[k] = np.empty((len(tasks),) + v.shape[1:], dtype=v.dtype)
-            elif out[k].shape[1:] != v.shape[1:]:
-                raise ServingError(f"task {t!r} gives output {k} of another shape than the other tasks of the batch")
-            out[k][idx] = v
-    return out
+    from liedeploy.core.mixed import run_mixed
+
+    n = len(next(iter(inputs.values()))) if inputs else len(tasks)
+    return run_mixed(run, tasks, n, lambda idx: {k: a[idx] for k, a in inputs.items()})
 
 
 def discover_task_files(folder: str, suffix: str) -> dict:

@@ -39,8 +39,7 @@ _FLOAT = ("max_delay_ms", "max_wait_ms", "request_timeout", "target_ongoing_requ
 
 def parse_args(args: dict) -> dict:
     """Builder arguments (strings, as ``serve run`` passes them) -> typed settings; ConfigError if malformed."""
-    from liedeploy.cli.serve_cmd import parse_size
-    from liedeploy.serving.specs import parse_input_flag
+    from liedeploy.serving.specs import parse_input_flag, parse_size
 
     known = {"model", "weights", "adapters", "input_shape", "input", "model_kwargs", "device", "cache_bytes",
              "max_body", "admin_token_file", "affinity", *_INT, *_FLOAT}
@@ -77,7 +76,10 @@ def parse_args(args: dict) -> dict:
             out[k] = str(args[k])
     for k in ("cache_bytes", "max_body"):
         if k in args:
-            out[k] = parse_size(str(args[k]), k)
+            try:
+                out[k] = parse_size(str(args[k]))
+            except ValueError as exc:
+                raise ConfigError(f"build_app argument {k} {exc}") from None
     if "input_shape" not in out and "inputs" not in out:
         raise ConfigError("build_app needs input_shape=1,3,224,224 or input=NAME:DATATYPE:SHAPE[;...]")
     return out
@@ -254,12 +256,10 @@ def _deployments():
     class Ingress:
         def __init__(self, replicas, settings: dict):
             from liedeploy.serving.app import ServingState
+            from liedeploy.serving.server import read_admin_token
 
             cfg = _serve_config(settings)
-            token = None
-            if cfg.admin_token_file:
-                with open(cfg.admin_token_file) as f:
-                    token = f.read().strip() or None
+            token = read_admin_token(cfg.admin_token_file)
             workers = max(2, 2 * int(settings.get("num_replicas", settings.get("max_replicas", 1))))
             self.state = ServingState(
                 RayRoutedBackend(replicas, settings), cfg.adapters, admin_token=token, max_body=cfg.max_body,

@@ -16,7 +16,9 @@ from typing import Optional
 
 from liedeploy.errors import ConfigError, LieError, require
 
-__all__ = ["ServeConfig", "build_backend", "build_state", "serve"]
+__all__ = ["ServeConfig", "build_backend", "build_state", "serve", "read_admin_token"]
+
+MAX_TOKEN_BYTES = 4096
 
 
 @dataclass
@@ -69,18 +71,32 @@ def build_backend(cfg: ServeConfig):
     return factory(cfg)
 
 
+def read_admin_token(path: Optional[str]) -> Optional[str]:
+    """The admin bearer token in ``path`` (``None`` without a path: admin calls are then refused).
+
+    The one reader for ``liedeploy serve`` and the Ray application. Refuses, in one sentence: a
+    path that is not a regular file (a FIFO, a device: never a hang or an endless read), a file
+    over 4 KiB, an empty file (an empty token would silently turn admin off).
+    """
+    if not path:
+        return None
+    from liedeploy.io.safetensors_header import read_regular
+
+    try:
+        token = read_regular(path, MAX_TOKEN_BYTES, "admin token file").decode("utf-8").strip()
+    except LieError as exc:
+        raise ConfigError(f"cannot read the admin token: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the admin token file is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"{path}: the admin token file is empty")
+    return token
+
+
 def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None):
     from liedeploy.serving.app import ServingState
 
-    token = None
-    if cfg.admin_token_file:
-        try:
-            with open(cfg.admin_token_file) as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{cfg.admin_token_file}: cannot read the admin token ({exc.strerror})") from None
-        if not token:
-            raise ConfigError(f"{cfg.admin_token_file}: the admin token file is empty")
+    token = read_admin_token(cfg.admin_token_file)
     if cfg.adapters and not os.path.isdir(cfg.adapters):
         raise ConfigError(f"--adapters {cfg.adapters}: not a folder")
     backend = backend or build_backend(cfg)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from liedeploy.errors import ConfigError
 
-__all__ = ["TensorSpec", "DATATYPES", "NUMPY_TO_DATATYPE", "parse_input_flag", "default_input", "flatten_named"]
+__all__ = ["TensorSpec", "DATATYPES", "NUMPY_TO_DATATYPE", "parse_input_flag", "default_input"]
 
 # OIP v2 datatype -> numpy dtype (BYTES and BF16 have no numpy tensor form here)
 DATATYPES = {
@@ -59,26 +59,17 @@ def default_input(shape: Sequence[int]) -> TensorSpec:
     return TensorSpec("input", "FP32", (-1,) + tuple(int(s) for s in shape[1:]))
 
 
-def flatten_named(out: Any, prefix: str = "") -> list:
-    """``[(name, tensor)]`` of a model output with stable names.
 
-    A tensor is ``output``; a tuple or list gives ``output_0``, ``output_1``...; a dict or a
-    transformers ModelOutput gives its keys (nested: ``hidden_states.0``). ``None`` entries are skipped.
-    """
-    import torch
 
-    if isinstance(out, torch.Tensor):
-        return [(prefix or "output", out)]
-    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
-        out = {k: out[k] for k in out.keys()}
-    if isinstance(out, dict):
-        items = []
-        for k, v in out.items():
-            items += flatten_named(v, f"{prefix}.{k}" if prefix else str(k))
-        return items
-    if isinstance(out, (list, tuple)):
-        items = []
-        for i, v in enumerate(out):
-            items += flatten_named(v, f"{prefix}.{i}" if prefix else f"output_{i}")
-        return items
-    return []
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text) -> int:
+    """``"512MiB"``, ``"2GB"``, ``"1000000"`` -> bytes (ValueError when malformed)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"must be a size such as 512MiB, 2GB or 1000000, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

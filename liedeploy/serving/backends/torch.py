@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from liedeploy.serving.backend import discover_task_files, run_mixed_by_task
-from liedeploy.serving.specs import TensorSpec, flatten_named
+from liedeploy.core.outputs import flatten_named
+from liedeploy.serving.specs import TensorSpec
 
 __all__ = ["TorchBackend"]
 
