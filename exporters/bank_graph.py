@@ -27,7 +27,7 @@ from liedeploy.errors import ConfigError, ExportError, LieError
 from liedeploy.core.merge import merge_
 from liedeploy.io.safetensors_io import atomic_path, tensor_sha256
 
-from liedeploy.exporters.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, _quiet, _require, verify_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, quiet_export, require_onnx, verify_onnx
 
 __all__ = ["export_bank_graph", "write_onnx_adapter", "BankSession", "bank_manifest"]
 
@@ -69,7 +69,7 @@ def bank_manifest(path: str) -> dict:
 
 def write_onnx_adapter(adapter: AdapterFile, manifest: dict, path: str) -> str:
     """Write ``adapter`` as an ONNX Runtime adapter file for the bank graph described by ``manifest``."""
-    ort = _require("onnxruntime")
+    ort = require_onnx("onnxruntime")
     if adapter.expmap != "exact":
         raise LieError(f"{adapter.path}: the bank graph computes W * exp(dW); a first_order adapter must be merged instead")
     targets = manifest["targets"]
@@ -116,8 +116,8 @@ def export_bank_graph(
     beside ``path`` for every adapter, and ``path + ".report.json"``. Checked in ONNX Runtime: no
     adapter gives the base model's output, each adapter gives its merged model's output.
     """
-    onnx = _require("onnx")
-    _require("onnxruntime")
+    onnx = require_onnx("onnx")
+    require_onnx("onnxruntime")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     x = example_inputs[0]
@@ -167,7 +167,7 @@ def export_bank_graph(
         tmp_dir = stage.dir
         tmp_path = stage.path(fname)
         wrapper = _BankModule(base, names).eval()
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_export():
             program = torch.onnx.export(
                 wrapper, (x, *factors), dynamo=True, opset_version=int(opset), input_names=input_names,
                 dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
@@ -233,7 +233,7 @@ class BankSession:
     """
 
     def __init__(self, path: str, sess_options=None, providers: Sequence[str] = ("CPUExecutionProvider",)):
-        ort = _require("onnxruntime")
+        ort = require_onnx("onnxruntime")
         self.path = path
         self.manifest = bank_manifest(path)
         if sess_options is None:
@@ -243,8 +243,8 @@ class BankSession:
         self.input_name = self.session.get_inputs()[0].name
         self._adapters: dict = {}
 
-    def _load(self, adapter_path: str):
-        ort = _require("onnxruntime")
+    def load_adapter(self, adapter_path: str):
+        ort = require_onnx("onnxruntime")
         if adapter_path in self._adapters:
             return self._adapters[adapter_path]
         if not os.path.exists(adapter_path):
@@ -263,10 +263,10 @@ class BankSession:
         return adapter
 
     def run_options(self, adapter_path: Optional[str]):
-        ort = _require("onnxruntime")
+        ort = require_onnx("onnxruntime")
         ro = ort.RunOptions()
         if adapter_path is not None:
-            ro.add_active_adapter(self._load(adapter_path))
+            ro.add_active_adapter(self.load_adapter(adapter_path))
         return ro
 
     def run(self, x, adapter: Optional[str] = None):

@@ -27,7 +27,7 @@ from liedeploy.core.outputs import flatten_outputs
 from liedeploy.errors import ConfigError, ExportError, require
 from liedeploy.core.merge import merge_
 
-__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "check_export_inputs"]
+__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "check_export_inputs", "require_onnx", "quiet_export"]
 
 DEFAULT_OPSET = 18
 # (atol, rtol) per export dtype
@@ -35,7 +35,7 @@ DEFAULT_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}
 _TWO_GB = 2 * 1024**3
 
 
-def _require(module: str):
+def require_onnx(module: str):
     return require(module, "onnx", "ONNX export")
 
 
@@ -67,7 +67,7 @@ def verify_onnx(
     Returns a report ``{"ok", "atol", "rtol", "checks": [{"batch", "outputs": [{max_abs, max_rel}]}]}``;
     ``ok`` is False if any element is beyond ``atol + rtol * |torch|``.
     """
-    ort = _require("onnxruntime")
+    ort = require_onnx("onnxruntime")
     sess = session or ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()][: len(example_inputs)]
     report = {"ok": True, "atol": atol, "rtol": rtol, "checks": []}
@@ -141,7 +141,7 @@ def _find_cache(out: Any) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_export():
     """Silence the exporter's progress prints and warnings (the check report says what matters)."""
     import warnings
 
@@ -226,8 +226,8 @@ def export_onnx(
     Raises:
         LieError: the exported graph disagrees with torch beyond tolerance (numbers in the message).
     """
-    onnx = _require("onnx")
-    _require("onnxruntime")
+    onnx = require_onnx("onnx")
+    require_onnx("onnxruntime")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -255,7 +255,7 @@ def export_onnx(
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
             dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_export():
             program = torch.onnx.export(
                 prepared,
                 example_inputs,

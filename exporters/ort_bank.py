@@ -24,7 +24,7 @@ import numpy as np
 from liedeploy.io.atomic import safe_file_name
 from liedeploy.errors import LieError
 
-from liedeploy.exporters.onnx import _require
+from liedeploy.exporters.onnx import require_onnx
 from liedeploy.exporters.task_models import shared_initializers
 
 __all__ = ["OrtAdapterBank"]
@@ -46,7 +46,7 @@ class OrtAdapterBank:
 
     def __init__(self, task_models: Optional[str] = None, bank_graph: Optional[str] = None, *,
                  max_sessions: int = 8, threads: int = 0):
-        ort = _require("onnxruntime")
+        ort = require_onnx("onnxruntime")
         if task_models is None and bank_graph is None:
             raise LieError("OrtAdapterBank needs task_models=FOLDER and/or bank_graph=PATH")
         self._ort = ort
@@ -104,7 +104,7 @@ class OrtAdapterBank:
         """Add a long-tail task served by the bank graph (an ``.onnx_adapter`` for it)."""
         if self.bank is None:
             raise LieError("add needs a bank graph: construct OrtAdapterBank(bank_graph=...)")
-        self.bank._load(onnx_adapter)  # refuses an adapter made for another graph
+        self.bank.load_adapter(onnx_adapter)  # refuses an adapter made for another graph
         with self._lock:
             self._adapters[name] = onnx_adapter
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from liedeploy.errors import ConfigError, ExportError
 
-from liedeploy.exporters.onnx import _require
+from liedeploy.exporters.onnx import require_onnx
 
 __all__ = ["quantize_int8", "load_calibration", "INT8_TOLERANCE"]
 
@@ -43,7 +43,7 @@ def load_calibration(path: str, example_shape: tuple) -> np.ndarray:
 def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, *, batch: int = 8,
                   tolerance: float = INT8_TOLERANCE) -> dict:
     """Write the int8 QDQ model of ``fp32_path`` at ``out_path`` and check it against the fp32 graph."""
-    ort = _require("onnxruntime")
+    ort = require_onnx("onnxruntime")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     sess = ort.InferenceSession(fp32_path, providers=["CPUExecutionProvider"])

@@ -26,7 +26,7 @@ from liedeploy.io.atomic import Staging, kill_point, safe_file_name
 from liedeploy.errors import ConfigError, ExportError, OutputPathError
 from liedeploy.core.merge import merge_
 
-from liedeploy.exporters.onnx import DEFAULT_OPSET, _require, export_onnx, verify_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, require_onnx, export_onnx, verify_onnx
 
 __all__ = ["export_task_models", "shared_initializers"]
 
@@ -101,7 +101,7 @@ def export_task_models(
 
     Returns a report with, per file, the check results and its own bytes on disk.
     """
-    onnx = _require("onnx")
+    onnx = require_onnx("onnx")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not os.path.isdir(out_dir):
@@ -167,7 +167,7 @@ def export_task_models(
 def _same_outputs(a: str, b: str, x) -> dict:
     import numpy as np
 
-    ort = _require("onnxruntime")
+    ort = require_onnx("onnxruntime")
     sa = ort.InferenceSession(a, providers=["CPUExecutionProvider"])
     sb = ort.InferenceSession(b, providers=["CPUExecutionProvider"])
     first = sa.get_inputs()[0]

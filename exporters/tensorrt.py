@@ -37,7 +37,7 @@ from liedeploy.io.atomic import atomic_path
 from liedeploy.errors import ExportError, LieError, MissingDependencyError
 from liedeploy.io.safetensors_io import BaseTensors
 
-from liedeploy.exporters.onnx import DEFAULT_OPSET, _require, export_onnx
+from liedeploy.exporters.onnx import DEFAULT_OPSET, require_onnx, export_onnx
 
 __all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt",
            "refittable_targets", "strip_size_report", "network_flags"]
@@ -95,7 +95,7 @@ def export_refit_onnx(model: nn.Module, example_inputs, path: str, *, opset: int
                       dynamic_batch: bool = False, fp16: bool = False, atol=None, rtol=None,
                       refit_adapters: Sequence[str] = ()) -> dict:
     """Export a refit-ready ONNX model and its manifest (``path + ".refit.json"``) of refittable weights."""
-    onnx = _require("onnx")
+    onnx = require_onnx("onnx")
     model = model.eval()
     targets = refittable_targets(model, refit_adapters)
 
@@ -139,7 +139,7 @@ def strip_size_report(onnx_path: str, manifest: dict) -> dict:
     manifest's, over all weights; ``all_refittable_kept_ratio``: the same when every weight is marked
     refittable (the plan without weights).
     """
-    onnx = _require("onnx")
+    onnx = require_onnx("onnx")
     from onnx import numpy_helper
 
     proto = onnx.load(onnx_path, load_external_data=True)

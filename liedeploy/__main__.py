@@ -1,3 +1,3 @@
-from liedeploy.cli import _entry
+from liedeploy.cli import entry
 
-_entry()
+entry()

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from liedeploy._version import __version__
 from liedeploy.errors import ConfigError, LieError
 
-__all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
+__all__ = ["main", "entry", "build_parser", "UsageError", "SUBCOMMANDS"]
 
 SUBCOMMANDS = ("merge", "export", "inspect", "demo", "serve", "prune", "convert")
 
@@ -83,5 +83,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-def _entry() -> None:  # console script
+def entry() -> None:  # console script
     sys.exit(main())

@@ -10,6 +10,6 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()):
     sys.path.append(sys.path.pop(0) or os.getcwd())
 
-from liedeploy.cli import _entry  # noqa: E402
+from liedeploy.cli import entry  # noqa: E402
 
-_entry()
+entry()

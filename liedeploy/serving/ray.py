@@ -74,6 +74,10 @@ def parse_args(args: dict) -> dict:
     for k in ("device", "admin_token_file"):
         if k in args:
             out[k] = str(args[k])
+    if out.get("admin_token_file"):  # refused at build time, as liedeploy serve refuses it at start
+        from liedeploy.serving.server import read_admin_token
+
+        read_admin_token(out["admin_token_file"])
     for k in ("cache_bytes", "max_body"):
         if k in args:
             try:
