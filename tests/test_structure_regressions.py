@@ -64,15 +64,23 @@ def test_convert_from_peft_writes_the_full_config(tmp_path):  # bug 5
 
 
 def test_an_empty_admin_token_file_is_refused_by_serve_and_ray_alike(tmp_path):  # bug 6
-    from liedeploy.serving.ray import parse_args
-    from liedeploy.serving.server import read_admin_token
+    pytest.importorskip("prometheus_client")
+    from liedeploy.serving.ray import ingress_state, parse_args
+    from liedeploy.serving.server import ServeConfig, build_state, read_admin_token
 
     empty = tmp_path / "token"
     empty.write_text("  \n")
     with pytest.raises(ConfigError, match="the admin token file is empty"):
         read_admin_token(str(empty))
+    w = str(tmp_path / "w.safetensors")
+    save_file({"fc.weight": torch.zeros(2, 2)}, w)
+    (tmp_path / "tasks").mkdir()
+    settings = parse_args({"model": "m:f", "weights": w, "adapters": str(tmp_path / "tasks"), "input_shape": "1,2",
+                           "admin_token_file": str(empty)})
     with pytest.raises(ConfigError, match="the admin token file is empty"):
-        parse_args({"model": "m:f", "weights": "w", "adapters": "a", "input_shape": "1,3", "admin_token_file": str(empty)})
+        ingress_state(None, settings)  # the Ray ingress
+    with pytest.raises(ConfigError, match="the admin token file is empty"):
+        build_state(ServeConfig(adapters=str(tmp_path / "tasks"), admin_token_file=str(empty)), backend=object())
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="is a FIFO, not a regular file"):

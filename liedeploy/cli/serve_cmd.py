@@ -52,10 +52,21 @@ def add_parser(sub) -> None:
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     p.add_argument("--max-wait-ms", type=float, default=200.0,
                    help="a request older than this is served first, folded task or not (the fairness bound)")
-    p.add_argument("--cache-bytes", metavar="SIZE", help="memory for folded tasks, e.g. 2GB (default: unbounded)")
+    p.add_argument("--cache-bytes", metavar="SIZE",
+                   help="memory for folded tasks, e.g. 2GB (default: a quarter of the memory available at start)")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before new ones get 503")
     p.add_argument("--max-body", default="64MiB", metavar="SIZE", help="largest request body (413 beyond)")
     p.add_argument("--admin-token-file", metavar="FILE", help="bearer token for the model repository (load/unload)")
+    p.add_argument("--max-inflight-bytes", metavar="SIZE",
+                   help="request bytes read or decoded at once before new ones get 503 (default: 4 x --max-body)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; beyond, the oldest idle or slow one is closed (default 512)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (default 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body (default 60)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle connection is kept between requests (default 5)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is answered 503")
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads")
     p.add_argument("--trt-slots", type=int, default=2, help="--backend trt: engines on the GPU, each refitted to one task")
@@ -77,6 +88,12 @@ def check(args) -> None:
                     ("--request-timeout", args.request_timeout)):
         if not v >= 0:
             raise UsageError(f"{flag} must be >= 0, got {v}")
+    for flag, v in (("--max-connections", args.max_connections), ("--header-timeout", args.header_timeout),
+                    ("--body-timeout", args.body_timeout), ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not v > 0:
+            raise UsageError(f"{flag} must be > 0, got {v}")
+    if args.max_inflight_bytes is not None:
+        parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
     if args.input_shape and args.input:
         raise UsageError("give either --input-shape (one FP32 input) or --input NAME:DATATYPE:SHAPE, not both")
     if args.backend in ("torch", "trt"):
@@ -114,6 +131,9 @@ def run(args) -> int:
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
         max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
-        trt_slots=args.trt_slots,
+        trt_slots=args.trt_slots, max_connections=args.max_connections, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, keep_alive=args.keep_alive_timeout,
+        max_inflight_bytes=(parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
+                            if args.max_inflight_bytes is not None else None),
     )
     return serve(cfg, log=lambda s: print(s, flush=True))

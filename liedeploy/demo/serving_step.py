@@ -30,7 +30,8 @@ def run_demo_serve(summary: dict, out_dir: str, seed: int = 0, images: int = 8,
 
     from liedeploy.bank.adapter_bank import AdapterBank
     from liedeploy.demo.pipeline import TASKS, DigitsNet, load_digits_tensors, task_labels
-    from liedeploy.serving.app import ServingState, create_app
+    from liedeploy.serving.app import create_app
+    from liedeploy.serving.state import ServingState
     from liedeploy.serving.backends.torch import TorchBackend
     from liedeploy.serving.specs import default_input
 

@@ -10,6 +10,11 @@ takes, in order:
 
 Batches run on worker threads (never on the event loop); results go back to each request's
 asyncio future with ``call_soon_threadsafe``.
+
+One request never poisons its batch: when a batch of several requests fails with anything but a
+task error, its requests are run again one by one; the ones that fail alone are answered 400 with
+the model's reason, the others get their outputs. A task error (the task's file cannot be folded)
+makes the task unavailable (503) for every request of it.
 """
 
 from __future__ import annotations
@@ -24,16 +29,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from liedeploy.errors import LieError
-from liedeploy.serving.protocol import ProtocolError
+from liedeploy.serving.errors import BadRequest, QueueFull
 
-__all__ = ["Batcher", "Pending", "QueueFull"]
+__all__ = ["Batcher", "Pending"]
 
 _NOTHING = object()  # no batch is due (None is a task: the base model)
-
-
-class QueueFull(ProtocolError):
-    def __init__(self, limit: int):
-        super().__init__(503, f"the request queue is full ({limit} requests waiting); retry later", retry_after=1)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Batcher:
         fut = loop.create_future()
         with self._cv:
             if self._count >= self.max_queue:
-                raise QueueFull(self.max_queue)
+                raise QueueFull(f"the request queue is full ({self.max_queue} requests waiting); retry later")
             self._queues.setdefault(task, deque()).append(Pending(task, inputs, n, fut, loop))
             self._rows[task] = self._rows.get(task, 0) + n
             self._count += 1
@@ -189,9 +189,11 @@ class Batcher:
             for p in batch:
                 _resolve(p, exc=exc)
             return
-        except Exception as exc:  # noqa: BLE001 - delivered to the request, the worker keeps going
-            for p in batch:
-                _resolve(p, exc=exc)
+        except Exception as exc:  # noqa: BLE001 - one request's fault: find it, answer the others
+            if len(batch) == 1:
+                _resolve(batch[0], exc=_refused(exc))
+            else:
+                self._isolate(task, batch, started)
             return
         ran = time.monotonic() - started
         start = 0
@@ -200,6 +202,31 @@ class Batcher:
             start += p.n
         if self.on_batch:
             self.on_batch(task, start, [started - p.arrived for p in batch], ran)
+
+
+    def _isolate(self, task, batch: list, started: float) -> None:
+        """Run the requests of a failed batch one by one: 400 for those that fail alone."""
+        done = 0
+        for p in batch:
+            try:
+                out = self.backend.run(task, p.inputs)
+            except LieError as exc:
+                if self.on_task_error:
+                    self.on_task_error(task, exc)
+                _resolve(p, exc=exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the model refused this request's values
+                _resolve(p, exc=_refused(exc))
+                continue
+            _resolve(p, result=out)
+            done += p.n
+        if self.on_batch and done:
+            self.on_batch(task, done, [started - p.arrived for p in batch], time.monotonic() - started)
+
+
+def _refused(exc: Exception) -> BadRequest:
+    why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return BadRequest(f"the model cannot run this request ({type(exc).__name__}{': ' + why if why else ''})")
 
 
 def _resolve(p: Pending, result=None, exc=None) -> None:

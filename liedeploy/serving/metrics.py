@@ -10,7 +10,8 @@ from typing import Callable
 
 __all__ = ["ServerMetrics", "OUTCOMES"]
 
-OUTCOMES = ("ok", "bad_request", "not_found", "too_large", "queue_full", "unavailable", "draining", "error")
+OUTCOMES = ("ok", "bad_request", "not_found", "too_large", "queue_full", "unavailable", "draining", "client_abort",
+            "error")
 
 
 class ServerMetrics:

@@ -27,9 +27,10 @@ from typing import Optional
 
 from liedeploy.errors import ConfigError, LieError, require
 
-__all__ = ["build_app", "RayRoutedBackend", "parse_args", "REPLICA_KEY"]
+__all__ = ["build_app", "RayRoutedBackend", "parse_args", "ingress_state", "REPLICA_KEY"]
 
 from liedeploy.serving.app import REPLICA_KEY  # noqa: E402  (a backend output that names the replica, sent as a header)
+from liedeploy.serving.state import task_file  # noqa: E402
 _STATS_KEY = "__liedeploy_stats__"
 
 _INT = ("num_replicas", "max_tasks_per_replica", "max_batch", "max_queue", "min_replicas", "max_replicas", "threads",
@@ -74,10 +75,6 @@ def parse_args(args: dict) -> dict:
     for k in ("device", "admin_token_file"):
         if k in args:
             out[k] = str(args[k])
-    if out.get("admin_token_file"):  # refused at build time, as liedeploy serve refuses it at start
-        from liedeploy.serving.server import read_admin_token
-
-        read_admin_token(out["admin_token_file"])
     for k in ("cache_bytes", "max_body"):
         if k in args:
             try:
@@ -100,6 +97,7 @@ class RayRoutedBackend:
     """The ingress's backend: tasks registered from headers here, batches run on the replicas."""
 
     kind = "torch"
+    file_suffix = ".safetensors"
 
     def __init__(self, replicas, settings: dict):
         from liedeploy.io.safetensors_io import BaseTensors
@@ -117,6 +115,11 @@ class RayRoutedBackend:
 
     def tasks(self) -> list:
         return self.registry.names
+
+    def discover(self, folder: str) -> dict:
+        from liedeploy.serving.backend import discover_task_files
+
+        return discover_task_files(folder, self.file_suffix)
 
     def add(self, task: str, path: str) -> None:
         self.registry.put(self.registry.read(task, path, lazy=True), replace=True)
@@ -143,7 +146,7 @@ class RayRoutedBackend:
     def _call(self, task, method: str, *args):
         from ray.exceptions import RayActorError, RayTaskError
 
-        from liedeploy.serving.protocol import ProtocolError
+        from liedeploy.serving.errors import Unavailable
 
         if self.affinity:
             handle = getattr(self.replicas.options(multiplexed_model_id=task or "base"), method)
@@ -165,7 +168,7 @@ class RayRoutedBackend:
                 last = exc
             time.sleep(0.2 * (attempt + 1))
         why = str(last).strip().splitlines()[-1][:200] if str(last).strip() else type(last).__name__
-        raise ProtocolError(503, f"no replica could run the request ({why}); retry", retry_after=1)
+        raise Unavailable(f"no replica could run the request ({why}); retry")
 
     def run(self, task, inputs: dict) -> dict:
         out = self._call(task, "infer", inputs)
@@ -197,6 +200,24 @@ class _Resident:
             pass
 
 
+def ingress_state(replicas, settings: dict):
+    """The ingress's :class:`~liedeploy.serving.state.ServingState`, built as ``liedeploy serve``
+    builds its own (the same admin-token reader and limits), over :class:`RayRoutedBackend`."""
+    from liedeploy.serving.server import read_admin_token
+    from liedeploy.serving.state import ServingState
+
+    cfg = _serve_config(settings)
+    token = read_admin_token(cfg.admin_token_file)
+    workers = max(2, 2 * int(settings.get("num_replicas", settings.get("max_replicas", 1))))
+    state = ServingState(
+        RayRoutedBackend(replicas, settings), cfg.adapters, admin_token=token, max_body=cfg.max_body,
+        max_inflight_bytes=cfg.max_inflight_bytes, request_timeout=cfg.request_timeout,
+        batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0, max_queue=cfg.max_queue,
+                      max_wait=cfg.max_wait_ms / 1000.0, workers=workers))
+    state.scan()
+    return state
+
+
 def _deployments():
     serve = require("ray.serve", "ray", "the Ray Serve application")
 
@@ -214,7 +235,7 @@ def _deployments():
             backend, adapters = self.backend, self.adapters
 
             async def load(task: str) -> _Resident:  # a plain function: the LRU lives on it, per replica
-                path = os.path.join(adapters, f"{task}.safetensors")
+                path = task_file(adapters, task, backend.file_suffix)
                 await asyncio.to_thread(backend.add, task, path)
                 await asyncio.to_thread(backend.prefetch, task)
                 return _Resident(backend, task)
@@ -241,7 +262,7 @@ def _deployments():
         async def infer_any(self, task: Optional[str], inputs: dict) -> dict:
             """Without affinity (a measurement baseline): this replica folds ``task`` into its bank."""
             if task is not None and task not in self.backend.tasks():
-                path = os.path.join(self.adapters, f"{task}.safetensors")
+                path = task_file(self.adapters, task, self.backend.file_suffix)
                 await asyncio.to_thread(self.backend.add, task, path)
             out = await asyncio.to_thread(self.backend.run, task, inputs)
             out[REPLICA_KEY] = self.replica_id
@@ -259,18 +280,7 @@ def _deployments():
 
     class Ingress:
         def __init__(self, replicas, settings: dict):
-            from liedeploy.serving.app import ServingState
-            from liedeploy.serving.server import read_admin_token
-
-            cfg = _serve_config(settings)
-            token = read_admin_token(cfg.admin_token_file)
-            workers = max(2, 2 * int(settings.get("num_replicas", settings.get("max_replicas", 1))))
-            self.state = ServingState(
-                RayRoutedBackend(replicas, settings), cfg.adapters, admin_token=token, max_body=cfg.max_body,
-                request_timeout=cfg.request_timeout,
-                batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0, max_queue=cfg.max_queue,
-                              max_wait=cfg.max_wait_ms / 1000.0, workers=workers))
-            self.state.scan()
+            self.state = ingress_state(replicas, settings)
 
         def __serve_build_asgi_app__(self):
             from liedeploy.serving.app import create_app

@@ -16,7 +16,7 @@ from typing import Optional
 
 from liedeploy.errors import ConfigError, LieError, require
 
-__all__ = ["ServeConfig", "build_backend", "build_state", "serve", "read_admin_token"]
+__all__ = ["ServeConfig", "build_backend", "build_state", "serve", "read_admin_token", "default_cache_bytes"]
 
 MAX_TOKEN_BYTES = 4096
 
@@ -42,6 +42,11 @@ class ServeConfig:
     max_queue: int = 1024
     max_body: int = 64 << 20
     admin_token_file: Optional[str] = None
+    max_inflight_bytes: Optional[int] = None  # default: 4 x max_body
+    max_connections: int = 512
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keep_alive: float = 5.0
     request_timeout: float = 60.0
     drain_timeout: float = 30.0
     threads: Optional[int] = None
@@ -71,6 +76,30 @@ def build_backend(cfg: ServeConfig):
     return factory(cfg)
 
 
+def default_cache_bytes() -> int:
+    """The folded-task cache bound when ``--cache-bytes`` is not given: a quarter of the memory
+    available at start (``MemAvailable``; 1 GiB where it cannot be read), at least 64 MiB."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    return max(64 << 20, (avail if avail else 4 << 30) // 4)
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "unbounded"
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n / (1 << k):.1f} {unit}"
+    return f"{n} B"
+
+
 def read_admin_token(path: Optional[str]) -> Optional[str]:
     """The admin bearer token in ``path`` (``None`` without a path: admin calls are then refused).
 
@@ -94,14 +123,14 @@ def read_admin_token(path: Optional[str]) -> Optional[str]:
 
 
 def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None):
-    from liedeploy.serving.app import ServingState
+    from liedeploy.serving.state import ServingState
 
     token = read_admin_token(cfg.admin_token_file)
     if cfg.adapters and not os.path.isdir(cfg.adapters):
         raise ConfigError(f"--adapters {cfg.adapters}: not a folder")
     backend = backend or build_backend(cfg)
     state = ServingState(backend, cfg.adapters, admin_token=token,
-                         max_body=cfg.max_body, request_timeout=cfg.request_timeout, replica_id=replica_id,
+                         max_body=cfg.max_body, max_inflight_bytes=cfg.max_inflight_bytes, request_timeout=cfg.request_timeout, replica_id=replica_id,
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0))
     state.scan()
@@ -128,6 +157,9 @@ def serve(cfg: ServeConfig, log=print) -> int:
         sock.close()
         raise LieError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
     t0 = time.monotonic()
+    default_cache = cfg.cache_bytes is None and cfg.backend == "torch"
+    if default_cache:
+        cfg.cache_bytes = default_cache_bytes()
     state = build_state(cfg)
     app = create_app(state)
     sock.listen(2048)  # connections queue from now on, even before the loop accepts them
@@ -155,13 +187,22 @@ def serve(cfg: ServeConfig, log=print) -> int:
             if early:
                 self.handle_exit(early[0], None)
 
+    from liedeploy.serving.limits import ConnectionLimits, guarded_protocol
+
+    limits = ConnectionLimits(cfg.max_connections, cfg.header_timeout, cfg.body_timeout)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)))
+                            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout)),
+                            http=guarded_protocol(limits), timeout_keep_alive=max(1, int(round(cfg.keep_alive))),
+                            h11_max_incomplete_event_size=64 << 10)
     server = Server(config)
     refused = ", ".join(f"{t} ({r})" for t, r in state.unavailable.items())
     log(f"liedeploy serve: {len(state.backend.tasks())} task(s) registered"
         + (f", unavailable: {refused}" if refused else "")
         + f"; backend {state.backend.kind}; ready in {time.monotonic() - t0:.1f} s")
+    log(f"liedeploy serve: limits: cache {_size(cfg.cache_bytes)}{' (default: a quarter of available memory)' if default_cache else ''}, "
+        f"body {_size(cfg.max_body)}, bytes in flight {_size(state.inflight_bytes.limit)}, "
+        f"{cfg.max_connections} connections, head/body/keep-alive timeouts {cfg.header_timeout:g}/{cfg.body_timeout:g}/"
+        f"{cfg.keep_alive:g} s")
     log(f"liedeploy serve: listening on http://{cfg.host}:{port}")
     sys.stdout.flush()
     try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from liedeploy.errors import ConfigError
 
-__all__ = ["TensorSpec", "DATATYPES", "NUMPY_TO_DATATYPE", "parse_input_flag", "default_input"]
+__all__ = ["TensorSpec", "DATATYPES", "NUMPY_TO_DATATYPE", "parse_input_flag", "default_input", "parse_size"]
 
 # OIP v2 datatype -> numpy dtype (BYTES and BF16 have no numpy tensor form here)
 DATATYPES = {
@@ -22,11 +22,16 @@ NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """``name``, OIP ``datatype`` and ``shape`` (-1 for the batch axis and any free axis)."""
+    """``name``, OIP ``datatype`` and ``shape`` (-1 for the batch axis and any free axis).
+
+    ``bounds``: ``(lo, hi)`` for integer ids the model looks up in an embedding of ``hi`` rows
+    (found by the backend at start); values outside are refused before batching.
+    """
 
     name: str
     datatype: str
     shape: tuple
+    bounds: Optional[tuple] = None
 
     def to_json(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
