@@ -24,6 +24,15 @@ def _common(req: ExportRequest) -> dict:
     return dict(opset=req.opset, dynamic_batch=req.dynamic_batch, atol=req.atol, rtol=req.rtol)
 
 
+def _worst(details: dict) -> float:
+    return ExportReport("", "", True, [], details).max_abs_error
+
+
+def _tasks_summary(req: ExportRequest, where: str) -> str:
+    return (f"{req.out}: exported and checked in ONNX Runtime, base and {len(req.adapters)} task(s); "
+            f"files in {where}")
+
+
 @register_exporter
 class OnnxExporter(Exporter):
     name = "onnx"
@@ -34,7 +43,9 @@ class OnnxExporter(Exporter):
 
         details = export_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, quantize=req.options.get("quantize"),
                               calibration=req.options.get("calibration"), **_common(req))
-        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".report.json"], details)
+        summary = (f"{req.out}: exported and checked in ONNX Runtime (max abs error "
+                   f"{_worst(details):.3g}); report in {req.out}.report.json")
+        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".report.json"], details, summary)
 
 
 @register_exporter
@@ -49,7 +60,8 @@ class BankGraphExporter(Exporter):
 
         details = export_bank_graph(req.model, req.example_inputs, req.out, list(req.adapters), **_common(req))
         folder = os.path.dirname(os.path.abspath(req.out))
-        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".bank.json", folder], details)
+        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".bank.json", folder], details,
+                            _tasks_summary(req, folder))
 
 
 @register_exporter
@@ -72,7 +84,7 @@ class TaskModelsExporter(Exporter):
                                      quantize=req.options.get("quantize"), calibration=req.options.get("calibration"),
                                      **_common(req))
         files = sorted(os.path.join(req.out, f) for f in os.listdir(req.out) if f.endswith(".onnx"))
-        return ExportReport(self.name, req.out, bool(details["ok"]), files, details)
+        return ExportReport(self.name, req.out, bool(details["ok"]), files, details, _tasks_summary(req, req.out))
 
 
 @register_exporter
@@ -90,7 +102,8 @@ class RefitOnnxExporter(Exporter):
 
         details = export_refit_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16,
                                     refit_adapters=req.options.get("refit_adapters", ()), **_common(req))
-        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, details["refit_manifest"]], details)
+        return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, details["refit_manifest"]], details,
+                            f"{req.out}: exported; refit manifest in {details['refit_manifest']}")
 
 
 @register_exporter
@@ -109,4 +122,11 @@ class TensorRTExporter(Exporter):
         details = export_tensorrt(req.model, req.example_inputs, req.out, opset=req.opset,
                                   dynamic_batch=req.dynamic_batch, fp16=req.fp16, strip=bool(req.options.get("strip")),
                                   refit_adapters=req.options.get("refit_adapters", ()))
-        return ExportReport(self.name, req.out, bool(details.get("ok", True)), [req.out, details.get("refit_manifest")], details)
+        return ExportReport(self.name, req.out, bool(details.get("ok", True)), [req.out, details.get("refit_manifest")],
+                            details, f"{req.out}: exported; refit manifest in {details.get('refit_manifest')}")
+
+    def prepare(self, req: ExportRequest) -> None:
+        from liedeploy.exporters.tensorrt import require_tensorrt
+
+        require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
+        super().prepare(req)

@@ -147,7 +147,8 @@ def quiet_export():
 
     import torch.onnx._internal.exporter._registration  # noqa: F401  (its import-time warnings, silenced below)
 
-    names = ["torch.onnx"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.onnx")]
+    names = ["torch.onnx", "onnxscript", "onnx_ir"] + [n for n in logging.root.manager.loggerDict
+                                                      if n.startswith(("torch.onnx", "onnxscript", "onnx_ir"))]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from liedeploy.io.atomic import safe_file_name
-from liedeploy.errors import LieError
+from liedeploy.exporters.onnx_files import read_onnx_file
+from liedeploy.errors import AdapterFileError, LieError
 
 from liedeploy.exporters.onnx import require_onnx
 from liedeploy.exporters.task_models import shared_initializers
@@ -58,12 +59,20 @@ class OrtAdapterBank:
         self._adapters: dict = {}
         self._shared_values: dict = {}
         self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0, "evictions": 0, "build_seconds": 0.0}
+        self.refused: dict = {}  # task -> why its file cannot be served
         if task_models is not None:
             if not os.path.exists(os.path.join(task_models, "base.onnx")):
                 raise LieError(f"{task_models}: no base.onnx (write it with export_task_models / --task-models)")
+            read_onnx_file(os.path.join(task_models, "base.onnx"))  # the base must be usable: refused otherwise
             for f in sorted(os.listdir(task_models)):
-                if f.endswith(".onnx"):
-                    self._task_files[f[: -len(".onnx")]] = os.path.join(task_models, f)
+                if f.endswith(".onnx") and not f.startswith("."):
+                    path = os.path.join(task_models, f)
+                    try:
+                        read_onnx_file(path)
+                    except AdapterFileError as exc:  # one bad file: that task only
+                        self.refused[f[: -len(".onnx")]] = str(exc)
+                        continue
+                    self._task_files[f[: -len(".onnx")]] = path
             self._load_shared(task_models)
         self.bank = None
         if bank_graph is not None:
@@ -127,7 +136,11 @@ class OrtAdapterBank:
         for name, value in self._shared_values.items():
             so.add_initializer(name, value)
         t0 = time.perf_counter()
-        sess = self._ort.InferenceSession(self._task_files[task], so, providers=["CPUExecutionProvider"])
+        try:
+            sess = self._ort.InferenceSession(self._task_files[task], so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT's own refusals: this task cannot be served
+            why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise AdapterFileError(f"{self._task_files[task]}: ONNX Runtime cannot load it ({why})") from None
         with self._lock:
             self.stats["sessions_built"] += 1
             self.stats["build_seconds"] += time.perf_counter() - t0
@@ -144,9 +157,12 @@ class OrtAdapterBank:
             return list(self._sessions)
 
     def add_task_model(self, name: str, path: str) -> None:
-        """Add (or replace) a hot task served by its merged model (a ``<task>.onnx`` of the task-models folder)."""
-        if not os.path.isfile(path):
-            raise LieError(f"{path}: no such file")
+        """Add (or replace) a hot task served by its merged model (a ``<task>.onnx`` of the task-models folder).
+
+        The file is checked first (:func:`~liedeploy.exporters.onnx_files.read_onnx_file`): a special
+        file, a file that is not ONNX, or external data outside its folder is refused in one sentence.
+        """
+        read_onnx_file(path)
         with self._lock:
             self._task_files[name] = path
             self._sessions.pop(name, None)

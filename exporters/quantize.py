@@ -25,13 +25,28 @@ INT8_TOLERANCE = 0.25
 
 
 def load_calibration(path: str, example_shape: tuple) -> np.ndarray:
-    """Calibration inputs from a ``.npy`` (never a pickle): ``(N, *example_shape[1:])`` float32."""
+    """Calibration inputs from a ``.npy`` (never a pickle): ``(N, *example_shape[1:])`` float32.
+
+    Only a regular file is opened (a FIFO or a device is refused at once); a ``.npz`` archive or a
+    pickle is refused in one sentence naming the file.
+    """
+
+    from liedeploy.errors import LieError
+    from liedeploy.io.safetensors_header import open_regular
+
     try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such calibration file") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not a numpy .npy array ({str(exc).splitlines()[0]})") from None
+        with open_regular(path) as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ConfigError(f"{path}: not a numpy .npy array (an .npz archive or another format; save one array "
+                                  "with numpy.save)")
+            f.seek(0)
+            arr = np.load(f, allow_pickle=False)
+    except ConfigError:
+        raise
+    except LieError as exc:
+        raise ConfigError(f"calibration file: {exc}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"{path}: not a numpy .npy array ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if arr.ndim != len(example_shape) or tuple(arr.shape[1:]) != tuple(example_shape[1:]) or len(arr) < 1:
         raise ConfigError(f"{path}: calibration inputs have shape {list(arr.shape)}; the model takes "
                           f"[N, {', '.join(map(str, example_shape[1:]))}]")
@@ -68,8 +83,16 @@ def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, *, bat
         def rewind(self):
             self.i = 0
 
-    quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT's quantizer warns on the root logger once per tensor (advice, not faults)
+    try:
+        quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     q = ort.InferenceSession(out_path, providers=["CPUExecutionProvider"])
     xs = calibration[: max(step, min(len(calibration), 64))]
     if fixed_batch:

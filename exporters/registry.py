@@ -39,13 +39,15 @@ class ExportRequest:
 
 @dataclass
 class ExportReport:
-    """What every exporter returns: where the files are, whether the check passed, the details."""
+    """What every exporter returns: where the files are, whether the check passed, the details,
+    and the one-line ``summary`` the CLI prints."""
 
     exporter: str
     out: str
     ok: bool
     files: list
     details: dict
+    summary: str = ""
 
     def to_dict(self) -> dict:
         return {"exporter": self.exporter, "out": self.out, "ok": self.ok, "files": self.files, **self.details}
@@ -87,6 +89,24 @@ class Exporter(ABC):
             raise ConfigError(f"the {self.name} export needs adapter files")
         if request.adapters and not self.takes_adapters:
             raise ConfigError(f"the {self.name} export takes no adapter files")
+
+    def prepare(self, request: ExportRequest) -> None:
+        """Once ``check`` passed and before the model is built: refuse a missing stack, load what the
+        options name (the calibration inputs of ``--quantize int8``), create the output folder."""
+        import os
+
+        if request.options.get("quantize") and isinstance(request.options.get("calibration"), str):
+            from liedeploy.exporters.quantize import load_calibration
+
+            request.options["calibration"] = load_calibration(request.options["calibration"],
+                                                              tuple(request.example_inputs[0].shape))
+        folder = request.out if self.out_is_folder else os.path.dirname(os.path.abspath(request.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            from liedeploy.errors import OutputPathError
+
+            raise OutputPathError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
 
     @abstractmethod
     def export(self, request: ExportRequest) -> ExportReport:

@@ -104,8 +104,9 @@ def export_task_models(
     onnx = require_onnx("onnx")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not os.path.isdir(out_dir):
-        raise OutputPathError(f"{out_dir}: the output folder does not exist")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputPathError(f"{out_dir}: exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
     afs = [read_adapter(a) for a in adapters]
     # task names come from the files' metadata: reduced to plain file names, never used as paths
     names = [safe_file_name(af.name, "task name") for af in afs]

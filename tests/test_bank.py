@@ -217,7 +217,7 @@ def test_lazy_registration_reads_factors_only_when_folded(bank_setup, monkeypatc
     base, refs, paths = bank_setup
     reads = []
     real = reg.read_adapter
-    monkeypatch.setattr(reg, "read_adapter", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(reg, "read_adapter", lambda p, **kw: reads.append(p) or real(p, **kw))
     bank = AdapterBank(copy.deepcopy(base), adapters=paths, lazy=True)
     assert reads == [] and bank.tasks == list(paths)
     x = torch.randn(2, 3, 6, 6)

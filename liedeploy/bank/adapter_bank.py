@@ -32,7 +32,7 @@ from liedeploy.core.algebra import check_finite, fold_sum
 from liedeploy.bank.byte_lru import ByteLRU
 from liedeploy.errors import LieError
 from liedeploy.bank.replica import build_replica
-from liedeploy.io.safetensors_io import tensor_sha256
+from liedeploy.io.safetensors_io import DTYPE_NAMES, tensor_sha256
 from liedeploy.bank.storage_pool import StoragePool
 from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
 
@@ -91,7 +91,8 @@ class AdapterBank:
         self._hashes: dict = {}
         self._lock = threading.RLock()
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
-                                     self._hash if verify_base else None)
+                                     self._hash if verify_base else None,
+                                     {k: DTYPE_NAMES[v.dtype] for k, v in self._tensors.items() if v.dtype in DTYPE_NAMES})
         self.cache = ByteLRU(cache_bytes)
         self.pool = StoragePool()
         self._folded: dict[str, _Folded] = {}
@@ -170,6 +171,12 @@ class AdapterBank:
             return t
 
     def _fold(self, entry: TaskEntry) -> _Folded:
+        # outside inference mode even when called inside it: the folded tensors go back to the
+        # storage pool, and an inference tensor there could not be folded into again later
+        with torch.inference_mode(False), torch.no_grad():
+            return self._fold_tensors(entry)
+
+    def _fold_tensors(self, entry: TaskEntry) -> _Folded:
         af = entry.adapter()
         tensors, recyclable, nbytes = {}, [], 0
         for n in af.targets:

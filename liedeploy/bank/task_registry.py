@@ -17,18 +17,63 @@ from liedeploy.io.adapter_header import AdapterHeader, parse_adapter_header
 from liedeploy.errors import AdapterFileError, LieError
 from liedeploy.io.safetensors_header import SafetensorsFile
 
-__all__ = ["TaskEntry", "TaskRegistry"]
+__all__ = ["TaskEntry", "TaskRegistry", "check_full_tensors"]
+
+
+def _full_specs(adapter) -> dict:
+    """``{P: (shape, safetensors dtype)}`` of an adapter's full tensors (header or tensors)."""
+    from liedeploy.io.dtypes import torch_to_st
+
+    out = {}
+    for P, v in adapter.full.items():
+        if isinstance(v, dict):
+            out[P] = (tuple(v["shape"]), v["dtype"])
+        else:
+            out[P] = (tuple(v.shape), torch_to_st(v.dtype))
+    return out
+
+
+def check_full_tensors(path: str, full: Mapping[str, tuple], shapes: Mapping[str, tuple],
+                       dtypes: Optional[Mapping[str, str]], modules: set) -> None:
+    """Refuse, at registration, full tensors (format "2") the base's modules cannot use.
+
+    A replacing tensor keeps every axis of the base tensor but the first (a head may have another
+    number of classes, never other inputs), has the base tensor's dtype, and a replaced weight and
+    the bias of its module agree on that first axis. A tensor the base lacks must belong to a module
+    of the base.
+    """
+    for P, (shape, dtype) in sorted(full.items()):
+        mod = P.rpartition(".")[0]
+        if P not in shapes:
+            if mod not in modules:
+                raise AdapterFileError(f"{path}: full tensor {P} belongs to no module of the base ({mod!r})")
+            continue
+        base = tuple(shapes[P])
+        if len(shape) != len(base) or shape[1:] != base[1:]:
+            raise AdapterFileError(f"{path}: full tensor {P} has shape {list(shape)} but the base's module takes "
+                                   f"{list(base)} (only the first axis, the number of outputs, may differ)")
+        if dtypes is not None and P in dtypes and dtypes[P] != dtype:
+            raise AdapterFileError(f"{path}: full tensor {P} is {dtype} but the base's is {dtypes[P]}")
+    for P, (shape, _) in full.items():
+        mod, _, attr = P.rpartition(".")
+        if attr != "weight" or not shape:
+            continue
+        bias = f"{mod}.bias" if mod else "bias"
+        rows = full[bias][0][0] if bias in full and full[bias][0] else (shapes[bias][0] if bias in shapes and shapes[bias] else None)
+        if rows is not None and rows != shape[0]:
+            raise AdapterFileError(f"{path}: full tensor {P} has {shape[0]} outputs but {bias} has {rows}")
 
 
 class TaskEntry:
     """One registered task: its file, its validated header, its factors once read."""
 
-    __slots__ = ("name", "path", "header", "_adapter", "_lock")
+    __slots__ = ("name", "path", "header", "identity", "_adapter", "_lock")
 
-    def __init__(self, name: str, path: str, header: Union[AdapterHeader, AdapterFile], adapter: Optional[AdapterFile]):
+    def __init__(self, name: str, path: str, header: Union[AdapterHeader, AdapterFile], adapter: Optional[AdapterFile],
+                 identity: Optional[tuple] = None):
         self.name, self.path, self.header, self._adapter = name, path, header, adapter
+        self.identity = identity  # the registered file's (device, inode, size, mtime): a replaced file is refused
         self._lock = threading.Lock()
-
 
     def adapter(self) -> AdapterFile:
         """The task's factors (and full tensors): given at registration, or read from its file now.
@@ -39,7 +84,7 @@ class TaskEntry:
         if self._adapter is not None:
             return self._adapter
         with self._lock:
-            af = read_adapter(self.path)
+            af = read_adapter(self.path, identity=self.identity)
         if af.base_sha256 != self.header.base_sha256 or af.targets != self.header.targets or set(af.full) != set(self.header.full):
             raise AdapterFileError(f"{self.path}: the file changed since the task {self.name!r} was registered; reload it")
         return af
@@ -60,28 +105,37 @@ class TaskRegistry:
     Args:
         shapes: ``{state_dict name: shape}`` of the base.
         sha256: ``name -> hex digest`` of a base tensor (cached by the caller), or None to skip.
+        dtypes: ``{state_dict name: safetensors dtype}`` of the base, to check full tensors' dtypes.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple], sha256: Optional[Callable[[str], str]] = None):
+    def __init__(self, shapes: Mapping[str, tuple], sha256: Optional[Callable[[str], str]] = None,
+                 dtypes: Optional[Mapping[str, str]] = None):
         self.shapes = dict(shapes)
         self.sha256 = sha256
+        self.dtypes = dict(dtypes) if dtypes is not None else None
+        self._modules = {k.rpartition(".")[0] for k in self.shapes}
         self._entries: dict = {}
         self._lock = threading.RLock()
 
     def read(self, name: str, source: Union[str, AdapterFile], *, lazy: bool = True) -> TaskEntry:
         """Validate ``source`` against the base and return its entry (not yet registered)."""
         if isinstance(source, AdapterFile):
-            check_against_base(source, self.shapes, self.sha256)
+            self._check(source)
             return TaskEntry(name, source.path, source, source)
         path = os.fspath(source)
         if lazy:
             with SafetensorsFile(path) as f:
                 header = parse_adapter_header(path, f.header, f.metadata)
-            check_against_base(header, self.shapes, self.sha256)
-            return TaskEntry(name, path, header, None)
+                identity = f.identity
+            self._check(header)
+            return TaskEntry(name, path, header, None, identity)
         af = read_adapter(path)
-        check_against_base(af, self.shapes, self.sha256)
+        self._check(af)
         return TaskEntry(name, path, af, af)
+
+    def _check(self, adapter) -> None:
+        check_against_base(adapter, self.shapes, self.sha256)
+        check_full_tensors(adapter.path, _full_specs(adapter), self.shapes, self.dtypes, self._modules)
 
     def put(self, entry: TaskEntry, *, replace: bool = False) -> Optional[TaskEntry]:
         """Register ``entry``; returns the entry it replaced (``replace=True``), if any."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 __all__ = ["add_parser", "run"]
 
@@ -161,32 +160,15 @@ def run(args) -> int:
     from liedeploy.exporters.registry import get_exporter
 
     exporter = get_exporter(exporter_name(args))
-    if args.trt:
-        from liedeploy.exporters.tensorrt import require_tensorrt
-
-        require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
     shape = parse_shape(args.input_shape)
-    model = build_model(args.model, json.loads(args.model_kwargs), args.weights)
     if args.input_dtype == "int64":
         example = torch.zeros(shape, dtype=torch.int64)
     else:
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     req = _request(args)
-    req.model, req.example_inputs = model, (example,)
-    if args.quantize:
-        from liedeploy.exporters.quantize import load_calibration
-
-        req.options["calibration"] = load_calibration(args.calibration, shape)
+    req.example_inputs = (example,)
+    exporter.prepare(req)  # a missing stack, the calibration file, the output folder: before the model is built
+    req.model = build_model(args.model, json.loads(args.model_kwargs), args.weights)
     report = exporter.export(req)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
-    if exporter.name in ("onnx-bank", "onnx-tasks"):
-        where = os.path.dirname(os.path.abspath(args.out)) if args.bank else args.out
-        print(f"{args.out}: exported and checked in ONNX Runtime, base and {len(req.adapters)} task(s); files in {where}")
-    elif exporter.name in ("onnx-refit", "trt"):
-        print(f"{args.out}: exported; refit manifest in {report.details['refit_manifest']}")
-    else:
-        print(f"{args.out}: exported and checked in ONNX Runtime (max abs error {report.max_abs_error:.3g}); "
-              f"report in {args.out}.report.json")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary)
     return 0

@@ -73,8 +73,11 @@ def render(info: dict) -> str:
         if sp and sp["weights"]:
             out.append(f"sparsity of weights (rank >= 2): {100 * sp['total']:.1f}% zeros in all; "
                        f"2:4 on every weight: {'yes' if sp['all_2:4'] else 'no'}")
+            # the sparse weights, and, when some are sparse, every weight that is not 2:4 (the ones that
+            # make the summary "no"), so the table always shows why
+            pruned = any(w["sparsity"] > 0 for w in sp["weights"].values())
             rows = [(n, f"{100 * w['sparsity']:.1f}%", "yes" if w["2:4"] else "no") for n, w in sorted(sp["weights"].items())
-                    if w["sparsity"] > 0]
+                    if w["sparsity"] > 0 or (pruned and not w["2:4"])]
             if rows:
                 out.append(_table(rows, ["weight", "zeros", "2:4"]))
         other = {k: v for k, v in info.get("metadata", {}).items() if k != "liedeploy.merged_from"}

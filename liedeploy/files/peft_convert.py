@@ -42,14 +42,15 @@ def layer_types(model) -> dict:
 
 
 def _read_peft(folder: str) -> tuple[dict, dict]:
+    from liedeploy.io.safetensors_header import read_regular
+
     cfg_path = os.path.join(folder, "adapter_config.json")
     w_path = os.path.join(folder, "adapter_model.safetensors")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise AdapterFileError(f"{folder}: no adapter_config.json (a PEFT adapter folder holds one)") from None
-    except (ValueError, RecursionError):
+    if not os.path.lexists(cfg_path):
+        raise AdapterFileError(f"{folder}: no adapter_config.json (a PEFT adapter folder holds one)")
+    try:  # a regular file of at most 1 MiB: a FIFO or a device is refused at once, never read
+        cfg = json.loads(read_regular(cfg_path, 1 << 20, "PEFT adapter config").decode("utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError):
         raise AdapterFileError(f"{cfg_path}: not valid JSON") from None
     if not isinstance(cfg, dict) or str(cfg.get("peft_type", "")).upper() != "HIRA":
         raise AdapterFileError(f"{cfg_path}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; "
@@ -75,6 +76,8 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
     from liedeploy.io.adapter_format import write_adapter_file
     from liedeploy.io.safetensors_io import BaseTensors
 
+    import torch
+
     cfg, tensors = _read_peft(peft_dir)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     base_tensors = BaseTensors(base)
@@ -86,6 +89,10 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
         mod, _, part = key[len(_PREFIX):].rpartition(".")
         if part not in ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"):
             raise AdapterFileError(f"{peft_dir}: tensor {key} is not a HiRA factor (modules_to_save are not converted)")
+        if t.dim() < 2:
+            raise AdapterFileError(f"{peft_dir}: tensor {key} has shape {list(t.shape)}; a HiRA factor has at least 2 axes")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{peft_dir}: tensor {key} holds non-finite values (NaN or inf); nothing was written")
         modules.setdefault(mod, {})[part.replace("embedding_", "")] = (t, "embedding" in part)
     out_t, targets, hashes, kinds = {}, {}, {}, {}
     for mod, parts in sorted(modules.items()):

@@ -56,7 +56,7 @@ class AdapterFile:
         return sum(B.numel() + A.numel() for B, A in self.factors.values())
 
 
-def read_adapter(path: str, device: str | torch.device = "cpu") -> AdapterFile:
+def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Optional[tuple] = None) -> AdapterFile:
     """Read and validate an adapter file (format_version "1" or "2") without any model.
 
     The file is read once, through one descriptor. Refuses (:class:`AdapterFileError`, one
@@ -67,6 +67,9 @@ def read_adapter(path: str, device: str | torch.device = "cpu") -> AdapterFile:
     """
     path = os.fspath(path)
     with SafetensorsFile(path) as f:
+        if identity is not None and f.identity != identity:
+            raise AdapterFileError(f"{path}: the file was replaced or changed since it was registered; load it again "
+                                   "(POST /v2/repository/models/<task>/load, or bank.add(..., replace=True))")
         info = parse_adapter_header(path, f.header, f.metadata)
         data = f.read_all()
     try:

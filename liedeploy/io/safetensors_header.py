@@ -19,10 +19,14 @@ import struct
 from liedeploy.io.dtypes import DTYPE_SIZES
 from liedeploy.errors import AdapterFileError
 
-__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_regular", "read_header", "read_index", "resolve_shards", "open_base_layout", "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_SIZES", "SafetensorsFile", "open_regular", "read_regular", "read_header", "read_index", "resolve_shards", "open_base_layout", "MAX_HEADER_BYTES",
+           "MAX_NAME_CHARS"]
 
 # safetensors dtype names -> bytes per element (the dtypes a weight file may hold)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# the longest tensor name read: transformers' longest are ~150 characters; a bound keeps regex
+# target matching (prune --targets, LieConfig targets) linear in the number of tensors
+MAX_NAME_CHARS = 1024
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
@@ -131,6 +135,12 @@ class SafetensorsFile:
         p = f"/proc/self/fd/{self.file.fileno()}"
         return p if os.path.exists(p) else self.path
 
+    @property
+    def identity(self) -> tuple:
+        """``(device, inode, size, mtime_ns)`` of the open file: tells a file replaced on disk."""
+        st = os.fstat(self.file.fileno())
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
     def read_all(self) -> bytes:
         """The whole file, as bytes (for small files such as adapters)."""
         buf = bytearray(self.size)
@@ -182,6 +192,9 @@ class SafetensorsFile:
         avail = size - data_start
         spans = []
         for name, info in header.items():
+            if len(name) > MAX_NAME_CHARS:
+                raise AdapterFileError(f"{path}: has a tensor name of {len(name)} characters (at most {MAX_NAME_CHARS}: "
+                                       f"{name[:40]!r}...)")
             spans.append(self._entry(name, info, avail))
         spans.sort()
         pos = 0

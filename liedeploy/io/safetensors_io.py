@@ -59,10 +59,11 @@ class BaseTensors:
         shards = read_index(self.path)[1] if self.path.endswith(".index.json") else {self.path: None}
         self.where: dict = {}
         self.shapes: dict = {}
+        self.dtypes: dict = {}  # safetensors names
         for shard in shards:
             header, _, _ = read_header(shard)
             for k, v in header.items():
-                self.where[k], self.shapes[k] = shard, tuple(v["shape"])
+                self.where[k], self.shapes[k], self.dtypes[k] = shard, tuple(v["shape"]), v["dtype"]
         self._hashes: dict = {}
 
     def get(self, name: str) -> torch.Tensor:

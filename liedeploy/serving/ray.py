@@ -109,7 +109,7 @@ class RayRoutedBackend:
         self._inputs = cfg.input_specs()
         self.request_timeout = cfg.request_timeout
         base = BaseTensors(cfg.weights)  # headers only; a tensor's bytes are hashed once, when a task needs it
-        self.registry = TaskRegistry(base.shapes, base.sha256)
+        self.registry = TaskRegistry(base.shapes, base.sha256, base.dtypes)
         self._outputs: Optional[list] = None
         self._replica_stats: dict = {}
 

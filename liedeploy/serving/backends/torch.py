@@ -40,6 +40,7 @@ class TorchBackend:
         self._inputs = list(input_specs)
         self._out_specs: dict = {}
         self._out_specs[None] = self._probe(None)
+        self._inputs = self._with_bounds(self._inputs)
 
     # -- registry -------------------------------------------------------------------------
     def discover(self, folder: str) -> dict:
@@ -72,6 +73,43 @@ class TorchBackend:
     def _probe(self, task: Optional[str]) -> list:
         out = self.run(task, self._example())
         return [TensorSpec(n, _datatype(a), (-1,) + tuple(a.shape[1:])) for n, a in out.items()]
+
+    def _with_bounds(self, specs: list) -> list:
+        """The input specs, each integer input that feeds an embedding with the rows it may index.
+
+        Found by running the example once with a hook on every ``nn.Embedding``: an input whose
+        tensor (or a view of it) reaches an embedding gets ``bounds = (0, num_embeddings)``, so that
+        an id out of range is refused with 400 before it can fail a whole batch.
+        """
+        import dataclasses
+
+        import torch
+        from torch import nn
+
+        ints = [s for s in specs if np.dtype(s.dtype).kind in "iu"]
+        if not ints:
+            return specs
+        example = self._example()
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in example.items()}
+        seen: dict = {}
+
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                for name, t in tensors.items():
+                    if args[0].data_ptr() == t.data_ptr() and args[0].numel() == t.numel():
+                        seen[name] = min(seen.get(name, module.num_embeddings), module.num_embeddings)
+
+        handles = [m.register_forward_pre_hook(hook) for m in self.bank.base.modules() if isinstance(m, nn.Embedding)]
+        try:
+            with torch.inference_mode():
+                if len(self._inputs) == 1:
+                    self.bank.base(tensors[self._inputs[0].name])
+                else:
+                    self.bank.base(**tensors)
+        finally:
+            for h in handles:
+                h.remove()
+        return [dataclasses.replace(s, bounds=(0, int(seen[s.name]))) if s.name in seen else s for s in specs]
 
     def outputs(self, task: Optional[str]) -> list:
         if task not in self._out_specs:
