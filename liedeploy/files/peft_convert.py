@@ -48,8 +48,9 @@ def _read_peft(folder: str) -> tuple[dict, dict]:
     w_path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.lexists(cfg_path):
         raise AdapterFileError(f"{folder}: no adapter_config.json (a PEFT adapter folder holds one)")
-    try:  # a regular file of at most 1 MiB: a FIFO or a device is refused at once, never read
-        cfg = json.loads(read_regular(cfg_path, 1 << 20, "PEFT adapter config").decode("utf-8"))
+    raw = read_regular(cfg_path, 1 << 20, "PEFT adapter config")  # a FIFO or a device: refused at once, never read
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError, UnicodeDecodeError):
         raise AdapterFileError(f"{cfg_path}: not valid JSON") from None
     if not isinstance(cfg, dict) or str(cfg.get("peft_type", "")).upper() != "HIRA":

@@ -1,4 +1,4 @@
-"""The adapter file format (normative, ARCHITECTURE.md): read and validate a file, check it against a
+"""The adapter file format (normative; the README's "Adapter files"): read and validate a file, check it against a
 base, and write one. The only writer of adapter metadata: :func:`save_adapter` and
 ``convert --from-peft`` both go through :func:`write_adapter_file`.
 

@@ -4,7 +4,7 @@ HTTP only: each handler reads the request, calls the model repository
 (:class:`~liedeploy.serving.state.ServingState`), the protocol codec and the batcher, and raises
 on refusal; :func:`create_app` registers the routes and turns every exception into a response
 through :mod:`liedeploy.serving.errors` (the status comes from the exception's class). Paths,
-status codes and names follow ARCHITECTURE.md ("Serving over the network"). The same app serves
+status codes and names are those of the README's "Serving over the network" section. The same app serves
 ``liedeploy serve`` and the Ray Serve application.
 """
 
@@ -27,7 +27,13 @@ from liedeploy.serving.errors import (
     to_response_parts,
 )
 from liedeploy.serving.limits import read_body
-from liedeploy.serving.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response, json_dumps
+from liedeploy.serving.protocol import (
+    HEADER_LENGTH,
+    decode_infer_request,
+    encode_infer_response,
+    json_dumps,
+    precheck_infer_json,
+)
 from liedeploy.serving.state import BASE_TASK, ServingState
 
 __all__ = ["create_app", "REPLICA_KEY", "ROUTES"]
@@ -110,8 +116,12 @@ async def infer(state, request):
     body, reserved = await read_body(request, state.max_body, state.inflight_bytes)
     try:
         args = (body, request.headers.get(HEADER_LENGTH.lower()), state.backend.inputs())
-        req = await asyncio.to_thread(decode_infer_request, *args) if len(body) > OFF_LOOP_BYTES \
-            else decode_infer_request(*args)
+        if len(body) > OFF_LOOP_BYTES:
+            if args[1] is None:  # a large JSON body: refused from its head when it can be, before any parse
+                precheck_infer_json(body, args[2])
+            req = await asyncio.to_thread(decode_infer_request, *args)
+        else:
+            req = decode_infer_request(*args)
     finally:
         del body
         state.inflight_bytes.release(reserved)

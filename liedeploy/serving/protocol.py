@@ -19,7 +19,7 @@ import numpy as np
 from liedeploy.serving.errors import BadRequest
 from liedeploy.serving.specs import DATATYPES, NUMPY_TO_DATATYPE, TensorSpec
 
-__all__ = ["InferRequest", "decode_infer_request", "encode_infer_response", "HEADER_LENGTH", "json_loads", "json_dumps"]
+__all__ = ["InferRequest", "decode_infer_request", "precheck_infer_json", "encode_infer_response", "HEADER_LENGTH", "json_loads", "json_dumps"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -61,6 +61,106 @@ def _shape(raw, name: str) -> tuple:
     if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
         raise _bad(f"input {name!r} has shape {raw!r}: a shape is a list of non-negative integers")
     return tuple(raw)
+
+
+_WS = " \t\n\r"
+
+
+def precheck_infer_json(body: bytes, specs: Sequence[TensorSpec], prefix: int = 64 << 10) -> None:
+    """Refuse a large JSON infer request from its first ``prefix`` bytes, before parsing its data.
+
+    Reads, with the JSON decoder, the fields that come before each input's ``data`` (as
+    tritonclient and most clients write them): an unknown input, a wrong datatype, a shape the
+    model does not take, or a shape whose values cannot fit in the body's bytes (a JSON number
+    takes at least two bytes with its comma) is refused with the same sentence the full decoder
+    would give. Anything it cannot read in the prefix is left to :func:`decode_infer_request`.
+    """
+    text = body[:prefix].decode("utf-8", errors="ignore")
+    dec = json.JSONDecoder()
+    by_name = {s.name: s for s in specs}
+
+    def skip(i):
+        while i < len(text) and text[i] in _WS:
+            i += 1
+        return i
+
+    def obj_items(i):
+        """Yield ``(key, value start index)`` of the object starting at ``i``; the caller consumes values."""
+        i = skip(i)
+        if i >= len(text) or text[i] != "{":
+            return
+        i += 1
+        while True:
+            i = skip(i)
+            if i >= len(text) or text[i] == "}":
+                return
+            if text[i] == ",":
+                i = skip(i + 1)
+            try:
+                key, i = dec.raw_decode(text, i)
+            except ValueError:
+                return
+            i = skip(i)
+            if i >= len(text) or text[i] != ":" or not isinstance(key, str):
+                return
+            i = yield key, skip(i + 1)
+            if i is None:
+                return
+
+    try:
+        top = obj_items(0)
+        item = next(top)
+        while item is not None:
+            key, at = item
+            if key != "inputs":
+                _, end = dec.raw_decode(text, at)
+                item = top.send(end)
+                continue
+            if text[at: at + 1] != "[":
+                return
+            j = at + 1
+            while True:
+                j = skip(j)
+                if text[j: j + 1] == ",":
+                    j = skip(j + 1)
+                if text[j: j + 1] != "{":
+                    return
+                fields, inner = {}, obj_items(j)
+                field = next(inner)
+                while field is not None:
+                    fkey, fat = field
+                    if fkey == "data":
+                        _check_head(fields, by_name, len(body))
+                        return  # the values themselves are the full decoder's job
+                    value, fend = dec.raw_decode(text, fat)
+                    fields[fkey] = value
+                    field = inner.send(fend)
+                return
+    except BadRequest:
+        raise
+    except (StopIteration, ValueError, IndexError):  # not the usual layout: the full decoder decides
+        return
+
+
+def _check_head(fields: dict, by_name: dict, body_bytes: int) -> None:
+    name, dt, shape = fields.get("name"), fields.get("datatype"), fields.get("shape")
+    if not isinstance(name, str):
+        return
+    spec = by_name.get(name)
+    if spec is None:
+        raise _bad(f"unknown input {name!r}; this model takes {', '.join(by_name)}")
+    if dt is None:  # the full decoder checks the datatype first: without it, leave the rest to it
+        return
+    if dt != spec.datatype:
+        raise _bad(f"input {name!r} has datatype {dt!r}, the model takes {spec.datatype}")
+    if shape is None or (fields.get("parameters") or {}).get("binary_data_size") is not None:
+        return
+    shape = _shape(shape, name)
+    if len(shape) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(shape, spec.shape)):
+        raise _bad(f"input {name!r} has shape {list(shape)}, the model takes {list(spec.shape)} (-1: any size)")
+    count = math.prod(shape)
+    if 2 * count - 1 > body_bytes:
+        raise _bad(f"input {name!r} holds fewer values than its shape {list(shape)} needs ({count})")
 
 
 def decode_infer_request(body: bytes, header_length: Optional[str], specs: Sequence[TensorSpec]) -> InferRequest:

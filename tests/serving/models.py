@@ -47,3 +47,32 @@ def slow(delay="0.05"):
             return super().forward(x)
 
     return Slow()
+
+
+class Tokens(nn.Module):
+    """A BERT-like model: INT64 token ids looked up in an embedding of 100 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, input_ids):
+        return self.fc(self.emb(input_ids).mean(1))
+
+
+def tokens():
+    return Tokens()
+
+
+class Picky(Net):
+    """A Net whose forward refuses inputs above 1e6 (a model fault that no spec can foresee)."""
+
+    def forward(self, x):
+        if bool((x > 1e6).any()):
+            raise ValueError("input out of the range this model was trained on")
+        return super().forward(x)
+
+
+def picky():
+    return Picky()
