@@ -98,6 +98,66 @@ def write_onnx_adapter(adapter: AdapterFile, manifest: dict, path: str) -> str:
     return path
 
 
+def _read_bank_adapters(adapters, base: nn.Module, sd: dict, verify_base: bool) -> list:
+    """The adapters, read and checked: exact map, Lie targets only, made for this base, parameters."""
+    afs = [read_adapter(a) for a in adapters]
+    for af in afs:
+        if af.full:
+            raise ConfigError(
+                f"{af.path}: the task replaces {sorted(af.full)[0]} whole (a head of its own), and a bank graph shares "
+                "one set of weights between tasks: export it with --task-models instead"
+            )
+        check_against_base(af, {k: tuple(v.shape) for k, v in sd.items()},
+                           (lambda P: tensor_sha256(sd[P])) if verify_base else None)
+        if af.expmap != "exact":
+            raise LieError(f"{af.path}: the bank graph computes W * exp(dW); a first_order adapter must be merged instead")
+        for P in af.targets:
+            try:
+                base.get_parameter(P)
+            except AttributeError:
+                raise LieError(f"target {P} is a buffer, not a parameter: the bank graph adapts parameters only") from None
+    return afs
+
+
+def _factor_inputs(targets: dict, names: list, dynamic_batch: bool) -> tuple[list, tuple, list]:
+    """``(example factors, dynamic shapes, input names)``: per target a B and an A input of free rank."""
+    factors, dyn, r_ex = [], [], 2
+    batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
+    for i, P in enumerate(names):
+        m, n = targets[P][0], int(np.prod(targets[P][1:]))
+        factors += [torch.zeros(m, r_ex), torch.zeros(r_ex, n)]
+        r = torch.export.Dim(f"rank_{i}", min=1, max=65536)
+        dyn += [{1: r}, {0: r}]
+    dynamic_shapes = ({0: batch} if batch is not None else None, tuple(dyn))  # forward(x, *factors)
+    return factors, dynamic_shapes, ["input"] + [f"{P}.lie_{x}" for P in names for x in "BA"]
+
+
+def _export_bank_module(wrapper: nn.Module, args: tuple, path: str, *, opset, input_names, dynamic_shapes) -> None:
+    with torch.no_grad(), quiet_export():
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, opset_version=int(opset), input_names=input_names,
+            dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
+        )
+        program.save(path, external_data=False)
+
+
+def _add_zero_rank_defaults(onnx, path: str, targets: dict, names: list, input_names: list) -> None:
+    """Zero-rank initializers for every factor input: with no adapter active the graph is the base."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(path)
+    graph_inputs = {i.name for i in proto.graph.input}
+    missing = [n for n in input_names[1:] if n not in graph_inputs]
+    if missing:
+        raise LieError(f"the exporter dropped factor input {missing[0]} from the bank graph")
+    for P in names:
+        m, n = targets[P][0], int(np.prod(targets[P][1:]))
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros((m, 0), np.float32), f"{P}.lie_B"))
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros((0, n), np.float32), f"{P}.lie_A"))
+    onnx.save(proto, path)
+    onnx.checker.check_model(path)
+
+
 def export_bank_graph(
     model: nn.Module,
     example_inputs,
@@ -125,38 +185,10 @@ def export_bank_graph(
         raise LieError("a bank graph needs at least one adapter file")
     base = copy.deepcopy(model).eval()
     sd = base.state_dict()
-    afs = [read_adapter(a) for a in adapters]
-    for af in afs:
-        if af.full:
-            raise ConfigError(
-                f"{af.path}: the task replaces {sorted(af.full)[0]} whole (a head of its own), and a bank graph shares "
-                "one set of weights between tasks: export it with --task-models instead"
-            )
-        check_against_base(af, {k: tuple(v.shape) for k, v in sd.items()},
-                           (lambda P: tensor_sha256(sd[P])) if verify_base else None)
-        if af.expmap != "exact":
-            raise LieError(f"{af.path}: the bank graph computes W * exp(dW); a first_order adapter must be merged instead")
-    targets = {}
-    for af in afs:
-        for P in af.targets:
-            targets[P] = list(sd[P].shape)
+    afs = _read_bank_adapters(adapters, base, sd, verify_base)
+    targets = {P: list(sd[P].shape) for af in afs for P in af.targets}
     names = sorted(targets)
-    for P in names:
-        try:
-            base.get_parameter(P)
-        except AttributeError:
-            raise LieError(f"target {P} is a buffer, not a parameter: the bank graph adapts parameters only") from None
-    r_ex = 2
-    factors = []
-    dyn = []
-    batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
-    for i, P in enumerate(names):
-        m, n = targets[P][0], int(np.prod(targets[P][1:]))
-        factors += [torch.zeros(m, r_ex), torch.zeros(r_ex, n)]
-        r = torch.export.Dim(f"rank_{i}", min=1, max=65536)
-        dyn += [{1: r}, {0: r}]
-    dynamic_shapes = ({0: batch} if batch is not None else None, tuple(dyn))  # forward(x, *factors)
-    input_names = ["input"] + [f"{P}.lie_{x}" for P in names for x in "BA"]
+    factors, dynamic_shapes, input_names = _factor_inputs(targets, names, dynamic_batch)
     stems = [safe_file_name(os.path.splitext(os.path.basename(a))[0], "adapter file name") for a in adapters]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"adapter file names must be unique (each gets its own .onnx_adapter), got {stems}")
@@ -166,26 +198,9 @@ def export_bank_graph(
         fname = stage.name
         tmp_dir = stage.dir
         tmp_path = stage.path(fname)
-        wrapper = _BankModule(base, names).eval()
-        with torch.no_grad(), quiet_export():
-            program = torch.onnx.export(
-                wrapper, (x, *factors), dynamo=True, opset_version=int(opset), input_names=input_names,
-                dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
-            )
-            program.save(tmp_path, external_data=False)
-        proto = onnx.load(tmp_path)
-        graph_inputs = {i.name for i in proto.graph.input}
-        missing = [n for n in input_names[1:] if n not in graph_inputs]
-        if missing:
-            raise LieError(f"the exporter dropped factor input {missing[0]} from the bank graph")
-        from onnx import numpy_helper
-
-        for P in names:  # zero-rank defaults: with no adapter active the graph is the base
-            m, n = targets[P][0], int(np.prod(targets[P][1:]))
-            proto.graph.initializer.append(numpy_helper.from_array(np.zeros((m, 0), np.float32), f"{P}.lie_B"))
-            proto.graph.initializer.append(numpy_helper.from_array(np.zeros((0, n), np.float32), f"{P}.lie_A"))
-        onnx.save(proto, tmp_path)
-        onnx.checker.check_model(tmp_path)
+        _export_bank_module(_BankModule(base, names).eval(), (x, *factors), tmp_path, opset=opset,
+                            input_names=input_names, dynamic_shapes=dynamic_shapes)
+        _add_zero_rank_defaults(onnx, tmp_path, targets, names, input_names)
         manifest = {
             "format": "liedeploy.bank_graph", "format_version": "1", "targets": targets,
             "graph_id": _graph_id(targets), "base_sha256": {P: tensor_sha256(sd[P]) for P in names},

@@ -162,6 +162,39 @@ def quiet_export():
             lg.setLevel(level)
 
 
+def _check_options(opset, fp16: bool, atol, rtol, quantize, calibration) -> tuple[str, float, float]:
+    """``(export dtype, atol, rtol)`` (the dtype's default tolerances where not given); ConfigError otherwise."""
+    if not 7 <= int(opset) <= 23:
+        raise ConfigError(f"opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {opset}")
+    kind = "fp16" if fp16 else "fp32"
+    d_atol, d_rtol = DEFAULT_TOLERANCE[kind]
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be 'int8', got {quantize!r}")
+    if quantize and (fp16 or calibration is None):
+        raise ConfigError("--quantize int8 needs --calibration INPUTS.npy and an fp32 export (not --fp16)")
+    return kind, d_atol if atol is None else atol, d_rtol if rtol is None else rtol
+
+
+def _torch_export(prepared: nn.Module, example_inputs: tuple, path: str, *, opset, names, dynamic_shapes,
+                  external_data: bool, optimize: bool) -> None:
+    """torch.onnx's dynamo exporter, quiet, saved at ``path``."""
+    with torch.no_grad(), quiet_export():
+        program = torch.onnx.export(prepared, example_inputs, dynamo=True, opset_version=int(opset), input_names=names,
+                                    dynamic_shapes=dynamic_shapes, external_data=external_data, optimize=optimize)
+        program.save(path, external_data=external_data)
+
+
+def _refuse_mismatch(name: str, report: dict, atol: float, rtol: float) -> None:
+    worst = max(
+        (o for c in report["checks"] for o in c["outputs"] if "max_abs" in o),
+        key=lambda o: o["max_abs"], default={"max_abs": float("nan"), "max_rel": float("nan")},
+    )
+    raise ExportError(
+        f"the ONNX export of {name} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
+        f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
+    )
+
+
 def _prepare(model: nn.Module, fp16: bool) -> tuple[nn.Module, nn.Module]:
     """``(model to export, fp32 reference)``: merged copies; for fp16, weights and compute in fp16
     with fp32 inputs and outputs (casts at the graph's edges, by forward hooks: parameter names,
@@ -229,19 +262,8 @@ def export_onnx(
     """
     onnx = require_onnx("onnx")
     require_onnx("onnxruntime")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    if not 7 <= int(opset) <= 23:
-        raise ConfigError(f"opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {opset}")
-    kind = "fp16" if fp16 else "fp32"
-    d_atol, d_rtol = DEFAULT_TOLERANCE[kind]
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"quantize must be 'int8', got {quantize!r}")
-    if quantize and (fp16 or calibration is None):
-        raise ConfigError("--quantize int8 needs --calibration INPUTS.npy and an fp32 export (not --fp16)")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kind, atol, rtol = _check_options(opset, fp16, atol, rtol, quantize, calibration)
     prepared, reference = _prepare(model, fp16)
     names = list(input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(example_inputs))])
     n_bytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
@@ -256,18 +278,8 @@ def export_onnx(
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
             dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-        with torch.no_grad(), quiet_export():
-            program = torch.onnx.export(
-                prepared,
-                example_inputs,
-                dynamo=True,
-                opset_version=int(opset),
-                input_names=names,
-                dynamic_shapes=dynamic_shapes,
-                external_data=external_data,
-                optimize=optimize,
-            )
-            program.save(tmp_path, external_data=external_data)
+        _torch_export(prepared, example_inputs, tmp_path, opset=opset, names=names, dynamic_shapes=dynamic_shapes,
+                      external_data=external_data, optimize=optimize)
         onnx.checker.check_model(tmp_path, full_check=False)
         b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
         batches = (None, b + 2) if dynamic_batch else (None,)
@@ -279,14 +291,7 @@ def export_onnx(
              "onnx_bytes": sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in os.listdir(tmp_dir))}
         )
         if not report["ok"]:
-            worst = max(
-                (o for c in report["checks"] for o in c["outputs"] if "max_abs" in o),
-                key=lambda o: o["max_abs"], default={"max_abs": float("nan"), "max_rel": float("nan")},
-            )
-            raise ExportError(
-                f"the ONNX export of {base} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
-                f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
-            )
+            _refuse_mismatch(base, report, atol, rtol)
         if quantize:
             from liedeploy.exporters.quantize import quantize_int8
 

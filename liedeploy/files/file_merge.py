@@ -122,9 +122,10 @@ def _full_tensor(plan, k, out_dtype) -> torch.Tensor:
     return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
 
 
-def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged_from, bar, pool, counter, extra=()):
-    header, meta, data_start = src.header, src.metadata, src.data_start
-    order = sorted(header, key=lambda k: header[k]["data_offsets"][0]) + list(extra)
+def _output_header(src: SafetensorsFile, order: list, plan, out_dtype, merged_from) -> tuple[dict, bytes, int]:
+    """``(tensor entries, header bytes, data bytes)`` of a merged shard: the base's tensors in file
+    order (full tensors with their own shape and dtype), the base's metadata plus the merge record."""
+    header = src.header
     new_header, offset = {}, 0
     for k in order:
         if k in plan.full:  # replaced (or added) whole: its own shape and dtype
@@ -138,10 +139,41 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
         nbytes = math.prod(shape) * ST_DTYPES[dt].itemsize
         new_header[k] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    new_meta = dict(meta)
+    new_meta = dict(src.metadata)
     new_meta["liedeploy.merged_from"] = json.dumps(merged_from)
     blob = json.dumps({"__metadata__": new_meta, **new_header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    return new_header, blob + b" " * (-len(blob) % 8), offset
+
+
+class _HashCheck:
+    """Base-tensor hashes computed in a thread while the next tensor is read and folded; a
+    mismatch found later still aborts before anything is published."""
+
+    def __init__(self, adapters: list, pool):
+        self.adapters, self.pool = adapters, pool
+
+    def submit(self, view: torch.Tensor, name: str):
+        return self.pool.submit(lambda: hashlib.sha256(view.numpy()).hexdigest()), name
+
+    def settle(self, job) -> None:
+        if job is None:
+            return
+        future, name = job
+        got = future.result()
+        for a in self.adapters:
+            want = a.base_sha256.get(name)
+            if want is not None and got != want:
+                raise AdapterFileError(
+                    f"{a.path}: base tensor {name} differs from the one this adapter was trained on "
+                    f"(sha256 {got[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
+                )
+
+
+def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged_from, bar, pool, counter, extra=()):
+    header, data_start = src.header, src.data_start
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0]) + list(extra)
+    new_header, blob, offset = _output_header(src, order, plan, out_dtype, merged_from)
+    check = _HashCheck(hashes, pool)
     biggest_in = max([header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order if k in header] + [1])
     biggest_out = max([v["data_offsets"][1] - v["data_offsets"][0] for v in new_header.values()] + [1])
     # two input buffers: a tensor's bytes are hashed in a thread while the next one is read and
@@ -151,20 +183,6 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
     outbuf = torch.empty(biggest_out, dtype=torch.uint8)
     n_merged = 0
     turn = 0
-
-    def settle(job) -> None:
-        if job is None:
-            return
-        future, name = job
-        got = future.result()
-        for a in hashes:
-            want = a.base_sha256.get(name)
-            if want is not None and got != want:
-                raise AdapterFileError(
-                    f"{a.path}: base tensor {name} differs from the one this adapter was trained on "
-                    f"(sha256 {got[:12]}... vs {want[:12]}...); pass --no-verify-base to merge anyway"
-                )
-
     fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
     with open(fd, "wb", buffering=0) as dst:
         dst.write(len(blob).to_bytes(8, "little") + blob)
@@ -196,7 +214,7 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
             if pending:
                 _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
                 pending = None
-            settle(busy[turn])  # the buffer is free once its last hash is checked
+            check.settle(busy[turn])  # the buffer is free once its last hash is checked
             busy[turn] = None
             view = inbufs[turn][: b1 - b0]
             src.read_into(b0, view.numpy())
@@ -206,7 +224,7 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
             O = outbuf[: o1 - o0].view(ST_DTYPES[new["dtype"]]).reshape(shape)
             if k in plan.targets:
                 if hashes:
-                    busy[turn] = (pool.submit(lambda v=view: hashlib.sha256(v.numpy()).hexdigest()), k)
+                    busy[turn] = check.submit(view, k)
                     turn = (turn + 1) % len(inbufs)
                 finite = plan.fold(k, W, O)
                 plan.check(k, O, finite, W)
@@ -223,8 +241,52 @@ def _merge_shard(src: SafetensorsFile, dst_path, plan, hashes, out_dtype, merged
         if pending:
             _copy_range(src.file, dst, data_start + pending[0], pending[1] - pending[0])
         for job in busy:
-            settle(job)
+            check.settle(job)
     return n_merged, len(blob) + 8 + offset
+
+
+def _read_request(adapters, scales, dtype) -> tuple[list, list, Optional[torch.dtype]]:
+    """``(read adapters, one finite scale each, the output dtype or None)``; LieError otherwise."""
+    if not adapters:
+        raise LieError("merge needs at least one adapter file")
+    loaded = [a if isinstance(a, AdapterFile) else read_adapter(os.fspath(a)) for a in adapters]
+    scales = [1.0] * len(loaded) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(loaded):
+        raise LieError(f"got {len(scales)} scales for {len(loaded)} adapters: give one --scale per adapter")
+    if not all(math.isfinite(s) for s in scales):
+        raise LieError(f"scales must be finite numbers, got {scales}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_ALIASES:
+            raise LieError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+        dtype = DTYPE_ALIASES[dtype]
+    return loaded, scales, dtype
+
+
+def _plan_against_base(loaded, scales, allow_mixed_maps, shapes, dtypes) -> "_Plan":
+    """The merge plan, once every adapter fits the base (names, shapes, floating dtypes)."""
+    for a in loaded:
+        check_against_base(a, shapes, None)
+        for P in a.targets:
+            if dtypes[P] not in FLOAT_DTYPES:
+                raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
+    plan = _Plan(loaded, scales, allow_mixed_maps)
+    for P in plan.full:
+        if P in plan.targets:
+            raise LieError(f"{plan.full[P][1]} replaces {P} whole and another adapter adapts it; merge them separately")
+    return plan
+
+
+def _merged_index(index: dict, merged_from: list, dtype, shapes: dict, dtypes: dict) -> dict:
+    """The output index's metadata: the merge record and, with a new dtype, the new total size."""
+    index = dict(index)
+    index["metadata"] = dict(index["metadata"]) if isinstance(index.get("metadata"), dict) else {}
+    index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
+    if dtype is not None:
+        index["metadata"]["total_size"] = sum(
+            math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in FLOAT_DTYPES else ST_DTYPES[dtypes[k]].itemsize)
+            for k in shapes
+        )
+    return index
 
 
 def merge_files(
@@ -267,20 +329,7 @@ def merge_files(
     """
     t0 = time.perf_counter()
     base, out = os.fspath(base), os.fspath(out)
-    if not adapters:
-        raise LieError("merge needs at least one adapter file")
-    loaded = [a if isinstance(a, AdapterFile) else read_adapter(os.fspath(a)) for a in adapters]
-    if scales is None:
-        scales = [1.0] * len(loaded)
-    scales = [float(s) for s in scales]
-    if len(scales) != len(loaded):
-        raise LieError(f"got {len(scales)} scales for {len(loaded)} adapters: give one --scale per adapter")
-    if not all(math.isfinite(s) for s in scales):
-        raise LieError(f"scales must be finite numbers, got {scales}")
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_ALIASES:
-            raise LieError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
-        dtype = DTYPE_ALIASES[dtype]
+    loaded, scales, dtype = _read_request(adapters, scales, dtype)
     index, shards = open_base_layout(base, out)
     sharded = index is not None
     inputs = [base] + list(shards) + [a.path for a in loaded]
@@ -289,15 +338,7 @@ def merge_files(
         stage = stack.enter_context(Staging(out, inputs=inputs))
         files = {s: stack.enter_context(SafetensorsFile(s)) for s in shards}  # one descriptor per input
         shapes, dtypes = layout_of(base, files, shards)
-        for a in loaded:
-            check_against_base(a, shapes, None)
-            for P in a.targets:
-                if dtypes[P] not in FLOAT_DTYPES:
-                    raise AdapterFileError(f"{a.path}: target {P} has dtype {dtypes[P]} in the base, not a floating-point type")
-        plan = _Plan(loaded, scales, allow_mixed_maps)
-        for P in plan.full:
-            if P in plan.targets:
-                raise LieError(f"{plan.full[P][1]} replaces {P} whole and another adapter adapts it; merge them separately")
+        plan = _plan_against_base(loaded, scales, allow_mixed_maps, shapes, dtypes)
         merged_from = [
             {"name": a.name, "sha256": a.file_sha256, "scale": s, "expmap": a.expmap}
             for a, s in zip(loaded, scales)
@@ -316,16 +357,8 @@ def merge_files(
             n_tensors += len(f.header)
             written += w
         if sharded:
-            if not isinstance(index.get("metadata", {}), dict):
-                index["metadata"] = {}
-            index.setdefault("metadata", {})
-            index["metadata"]["liedeploy.merged_from"] = json.dumps(merged_from)
+            index = _merged_index(index, merged_from, dtype, shapes, dtypes)
             first = names[next(iter(shards))]
-            if dtype is not None:
-                index["metadata"]["total_size"] = sum(
-                    math.prod(shapes[k]) * (dtype.itemsize if dtypes[k] in FLOAT_DTYPES else ST_DTYPES[dtypes[k]].itemsize)
-                    for k in shapes
-                )
             publish_sharded(stage, index, names, shards, inputs, extra={P: first for P in added}, hook=kill_point)
         else:
             stage.publish([stage.name], last=stage.name, hook=kill_point)

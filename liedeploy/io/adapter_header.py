@@ -60,6 +60,29 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
     Raises:
         AdapterFileError: one sentence naming ``path`` and the problem.
     """
+    ver, expmap = _check_format(path, meta)
+    targets_raw, hashes, config, full_raw = _read_metadata(path, meta, ver)
+    targets = {P: _target(path, P, info) for P, info in targets_raw.items()}
+    full = {P: _full_entry(path, P, info, targets) for P, info in full_raw.items()}
+    _check_tensor_names(path, header, targets, full, ver)
+    _check_factors(path, header, targets, hashes)
+    _check_full_tensors(path, header, full)
+    name = meta.get("name", "")
+    return AdapterHeader(
+        path=path,
+        format_version=ver,
+        name=name if isinstance(name, str) and name else path.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+        expmap=expmap,
+        targets=targets,
+        base_sha256={k: v for k, v in hashes.items()},
+        full=full,
+        config=config if isinstance(config, dict) else {},
+        metadata=dict(meta),
+    )
+
+
+def _check_format(path: str, meta: dict) -> tuple[str, str]:
+    """``(format_version, expmap)`` after checking ``format``."""
     fmt = meta.get("format")
     if fmt is None:
         raise AdapterFileError(f"{path}: not a liedeploy adapter (metadata 'format' is missing)")
@@ -74,6 +97,11 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
     expmap = meta.get("expmap")
     if expmap not in EXPMAP_NAMES:
         raise AdapterFileError(f"{path}: unknown expmap {expmap!r} (expected 'exact' or 'first_order')")
+    return ver, expmap
+
+
+def _read_metadata(path: str, meta: dict, ver: str) -> tuple[dict, dict, dict, dict]:
+    """``(targets, base_sha256, config, full)`` as JSON values of the right kinds."""
     targets_raw = _json_meta(path, meta, "targets")
     hashes = _json_meta(path, meta, "base_sha256")
     config = _json_meta(path, meta, "config") if "config" in meta else {}
@@ -90,28 +118,34 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
         raise AdapterFileError(f"{path}: adapter metadata 'targets' must be a non-empty JSON object")
     if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
         raise AdapterFileError(f"{path}: adapter metadata 'base_sha256' must be a JSON object of hex strings")
-    targets = {}
-    for P, info in targets_raw.items():
-        if not isinstance(info, dict) or "shape" not in info or "scale" not in info:
-            raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number")
-        shape = _shape(path, "target", P, info["shape"])
-        scale = info["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number")
-        scale = float(scale)
-        if len(shape) < 2 or not math.isfinite(scale):
-            raise AdapterFileError(f"{path}: target {P} has shape {list(shape)} and scale {scale}: need rank >= 2 and a finite scale")
-        targets[P] = {"shape": shape, "scale": scale}
-    full = {}
-    for P, info in full_raw.items():
-        if not isinstance(info, dict) or "shape" not in info or "dtype" not in info:
-            raise AdapterFileError(f"{path}: full tensor {P} in 'full' needs a 'shape' list and a 'dtype'")
-        if P in targets:
-            raise AdapterFileError(f"{path}: {P} is both a Lie target and a full tensor; it can only be one")
-        shape = _shape(path, "full tensor", P, info["shape"])
-        if info["dtype"] not in FULL_DTYPES:
-            raise AdapterFileError(f"{path}: full tensor {P} has dtype {info['dtype']!r} in 'full' (expected F32, F16 or BF16)")
-        full[P] = {"shape": shape, "dtype": info["dtype"]}
+    return targets_raw, hashes, config, full_raw
+
+
+def _target(path: str, P: str, info) -> dict:
+    if not isinstance(info, dict) or "shape" not in info or "scale" not in info:
+        raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number")
+    shape = _shape(path, "target", P, info["shape"])
+    scale = info["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise AdapterFileError(f"{path}: target {P} in 'targets' needs a 'shape' list and a 'scale' number")
+    scale = float(scale)
+    if len(shape) < 2 or not math.isfinite(scale):
+        raise AdapterFileError(f"{path}: target {P} has shape {list(shape)} and scale {scale}: need rank >= 2 and a finite scale")
+    return {"shape": shape, "scale": scale}
+
+
+def _full_entry(path: str, P: str, info, targets: dict) -> dict:
+    if not isinstance(info, dict) or "shape" not in info or "dtype" not in info:
+        raise AdapterFileError(f"{path}: full tensor {P} in 'full' needs a 'shape' list and a 'dtype'")
+    if P in targets:
+        raise AdapterFileError(f"{path}: {P} is both a Lie target and a full tensor; it can only be one")
+    shape = _shape(path, "full tensor", P, info["shape"])
+    if info["dtype"] not in FULL_DTYPES:
+        raise AdapterFileError(f"{path}: full tensor {P} has dtype {info['dtype']!r} in 'full' (expected F32, F16 or BF16)")
+    return {"shape": shape, "dtype": info["dtype"]}
+
+
+def _check_tensor_names(path: str, header: dict, targets: dict, full: dict, ver: str) -> None:
     expected = {f"{P}.lie_{x}" for P in targets for x in "AB"} | set(full)
     extra = sorted(set(header) - expected)
     if extra:
@@ -120,6 +154,9 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
     missing = sorted(expected - set(header))
     if missing:
         raise AdapterFileError(f"{path}: tensor {missing[0]} is missing")
+
+
+def _check_factors(path: str, header: dict, targets: dict, hashes: dict) -> None:
     for P, info in targets.items():
         m, n = info["shape"][0], math.prod(info["shape"][1:])
         hb, ha = header[f"{P}.lie_B"], header[f"{P}.lie_A"]
@@ -134,6 +171,9 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
                 raise AdapterFileError(f"{path}: factor {key} has dtype {h['dtype']}, expected a floating-point type")
         if P not in hashes:
             raise AdapterFileError(f"{path}: 'base_sha256' has no entry for target {P}")
+
+
+def _check_full_tensors(path: str, header: dict, full: dict) -> None:
     for P, info in full.items():
         h = header[P]
         if tuple(h["shape"]) != info["shape"] or h["dtype"] != info["dtype"]:
@@ -141,15 +181,3 @@ def parse_adapter_header(path: str, header: dict, meta: dict) -> AdapterHeader:
                 f"{path}: full tensor {P} is stored as {h['dtype']} {list(h['shape'])}, but 'full' says "
                 f"{info['dtype']} {list(info['shape'])}"
             )
-    name = meta.get("name", "")
-    return AdapterHeader(
-        path=path,
-        format_version=ver,
-        name=name if isinstance(name, str) and name else path.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-        expmap=expmap,
-        targets=targets,
-        base_sha256={k: v for k, v in hashes.items()},
-        full=full,
-        config=config if isinstance(config, dict) else {},
-        metadata=dict(meta),
-    )

@@ -165,6 +165,36 @@ def _check_head(fields: dict, by_name: dict, body_bytes: int) -> None:
 
 def decode_infer_request(body: bytes, header_length: Optional[str], specs: Sequence[TensorSpec]) -> InferRequest:
     """Parse an infer request body (JSON, or JSON + binary tensors) into checked numpy inputs."""
+    req, rest = _split_body(body, header_length)
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _bad("the request needs a non-empty 'inputs' list")
+    by_name = {s.name: s for s in specs}
+    inputs, offset, batch = {}, 0, None
+    for item in raw_inputs:
+        name, arr, offset = _decode_input(item, by_name, rest, offset)
+        if name in inputs:
+            raise _bad(f"input {name!r} is given twice")
+        if batch is not None and arr.shape[0] != batch:
+            raise _bad(f"inputs disagree on the batch size ({batch} and {arr.shape[0]})")
+        batch = arr.shape[0]
+        inputs[name] = arr
+    missing = [s.name for s in specs if s.name not in inputs]
+    if missing:
+        raise _bad(f"input {missing[0]!r} is missing")
+    if offset != len(rest):
+        raise _bad(f"the body holds {len(rest) - offset} bytes of binary data that no input claims")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("the request 'parameters' must be an object")
+    outs, binary = _requested_outputs(req, params)
+    rid = req.get("id")
+    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, batch=int(batch), outputs=outs,
+                        binary=binary, binary_default=bool(params.get("binary_data_output", False)))
+
+
+def _split_body(body: bytes, header_length: Optional[str]) -> tuple[dict, memoryview]:
+    """``(request JSON object, binary part)`` of a body (Triton's binary extension splits them)."""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -183,88 +213,88 @@ def decode_infer_request(body: bytes, header_length: Optional[str], specs: Seque
         raise _bad("the request body is not valid JSON") from None
     if not isinstance(req, dict):
         raise _bad("the request must be a JSON object with 'inputs'")
-    raw_inputs = req.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _bad("the request needs a non-empty 'inputs' list")
-    by_name = {s.name: s for s in specs}
-    inputs, offset, batch = {}, 0, None
-    for item in raw_inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise _bad("each input must be an object with a 'name', 'datatype', 'shape' and 'data'")
-        name = item["name"]
-        spec = by_name.get(name)
-        if spec is None:
-            raise _bad(f"unknown input {name!r}; this model takes {', '.join(by_name)}")
-        if name in inputs:
-            raise _bad(f"input {name!r} is given twice")
-        dt = item.get("datatype")
-        if dt != spec.datatype:
-            raise _bad(f"input {name!r} has datatype {dt!r}, the model takes {spec.datatype}")
-        shape = _shape(item.get("shape"), name)
-        if len(shape) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(shape, spec.shape)):
-            raise _bad(f"input {name!r} has shape {list(shape)}, the model takes {list(spec.shape)} (-1: any size)")
-        if not shape or shape[0] < 1:
-            raise _bad(f"input {name!r} has an empty batch")
-        if batch is not None and shape[0] != batch:
-            raise _bad(f"inputs disagree on the batch size ({batch} and {shape[0]})")
-        batch = shape[0]
-        dtype = np.dtype(DATATYPES[dt])
-        count = math.prod(shape)
-        params = item.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _bad(f"input {name!r} has 'parameters' that are not an object")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise _bad(f"input {name!r} has binary_data_size {size!r}, not a byte count")
-            if size != count * dtype.itemsize:
-                raise _bad(f"input {name!r} has {size} bytes of binary data, its shape {list(shape)} of {dt} needs "
-                           f"{count * dtype.itemsize}")
-            if offset + size > len(rest):
-                raise _bad(f"input {name!r} needs {size} bytes of binary data, the body holds {len(rest) - offset}")
-            arr = np.frombuffer(rest[offset: offset + size], dtype=dtype.newbyteorder("<")).astype(dtype, copy=True)
-            offset += size
-        else:
-            data = item.get("data")
-            if data is None:
-                raise _bad(f"input {name!r} has neither 'data' nor binary data")
-            try:
-                arr = np.asarray(data, dtype=dtype)
-            except (ValueError, TypeError, OverflowError):
-                raise _bad(f"input {name!r}: its data are not {dt} values") from None
-            if arr.dtype == np.object_ or arr.size != count:
-                raise _bad(f"input {name!r} holds {arr.size} values, its shape {list(shape)} needs {count}")
-            if dtype.kind == "f" and isinstance(data, list) and _has_bool(data):
-                raise _bad(f"input {name!r}: its data are not {dt} values")
-        if spec.bounds is not None and arr.size:
-            lo, hi = spec.bounds
-            bad = arr[(arr < lo) | (arr >= hi)]
-            if bad.size:
-                raise _bad(f"input {name!r} holds {int(bad.flat[0])}, outside [{lo}, {hi}) (what the model's "
-                           "embedding takes)")
-        inputs[name] = arr.reshape(shape)
-    missing = [s.name for s in specs if s.name not in inputs]
-    if missing:
-        raise _bad(f"input {missing[0]!r} is missing")
-    if offset != len(rest):
-        raise _bad(f"the body holds {len(rest) - offset} bytes of binary data that no input claims")
-    params = req.get("parameters") or {}
+    return req, rest
+
+
+def _decode_input(item, by_name: dict, rest: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    """``(name, array, new binary offset)`` of one input entry, checked against its spec."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise _bad("each input must be an object with a 'name', 'datatype', 'shape' and 'data'")
+    name = item["name"]
+    spec = by_name.get(name)
+    if spec is None:
+        raise _bad(f"unknown input {name!r}; this model takes {', '.join(by_name)}")
+    dt = item.get("datatype")
+    if dt != spec.datatype:
+        raise _bad(f"input {name!r} has datatype {dt!r}, the model takes {spec.datatype}")
+    shape = _shape(item.get("shape"), name)
+    if len(shape) != len(spec.shape) or any(w != -1 and g != w for g, w in zip(shape, spec.shape)):
+        raise _bad(f"input {name!r} has shape {list(shape)}, the model takes {list(spec.shape)} (-1: any size)")
+    if not shape or shape[0] < 1:
+        raise _bad(f"input {name!r} has an empty batch")
+    dtype = np.dtype(DATATYPES[dt])
+    params = item.get("parameters") or {}
     if not isinstance(params, dict):
-        raise _bad("the request 'parameters' must be an object")
-    outs, binary = None, {}
-    if req.get("outputs") is not None:
-        if not isinstance(req["outputs"], list):
+        raise _bad(f"input {name!r} has 'parameters' that are not an object")
+    if params.get("binary_data_size") is not None:
+        arr, offset = _binary_values(name, params["binary_data_size"], shape, dt, dtype, rest, offset)
+    else:
+        arr = _json_values(name, item.get("data"), shape, dt, dtype)
+    _check_bounds(name, arr, spec)
+    return name, arr.reshape(shape), offset
+
+
+def _binary_values(name, size, shape, dt, dtype, rest: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    count = math.prod(shape)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _bad(f"input {name!r} has binary_data_size {size!r}, not a byte count")
+    if size != count * dtype.itemsize:
+        raise _bad(f"input {name!r} has {size} bytes of binary data, its shape {list(shape)} of {dt} needs "
+                   f"{count * dtype.itemsize}")
+    if offset + size > len(rest):
+        raise _bad(f"input {name!r} needs {size} bytes of binary data, the body holds {len(rest) - offset}")
+    arr = np.frombuffer(rest[offset: offset + size], dtype=dtype.newbyteorder("<")).astype(dtype, copy=True)
+    return arr, offset + size
+
+
+def _json_values(name, data, shape, dt, dtype) -> np.ndarray:
+    count = math.prod(shape)
+    if data is None:
+        raise _bad(f"input {name!r} has neither 'data' nor binary data")
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise _bad(f"input {name!r}: its data are not {dt} values") from None
+    if arr.dtype == np.object_ or arr.size != count:
+        raise _bad(f"input {name!r} holds {arr.size} values, its shape {list(shape)} needs {count}")
+    if dtype.kind == "f" and isinstance(data, list) and _has_bool(data):
+        raise _bad(f"input {name!r}: its data are not {dt} values")
+    return arr
+
+
+def _check_bounds(name: str, arr: np.ndarray, spec: TensorSpec) -> None:
+    if spec.bounds is not None and arr.size:
+        lo, hi = spec.bounds
+        bad = arr[(arr < lo) | (arr >= hi)]
+        if bad.size:
+            raise _bad(f"input {name!r} holds {int(bad.flat[0])}, outside [{lo}, {hi}) (what the model's "
+                       "embedding takes)")
+
+
+def _requested_outputs(req: dict, params: dict) -> tuple[Optional[list], dict]:
+    """``(output names asked for or None for all, {name: binary?})``."""
+    if req.get("outputs") is None:
+        return None, {}
+    if not isinstance(req["outputs"], list):
+        raise _bad("'outputs' must be a list of objects with a 'name'")
+    outs, binary = [], {}
+    for o in req["outputs"]:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise _bad("'outputs' must be a list of objects with a 'name'")
-        outs = []
-        for o in req["outputs"]:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise _bad("'outputs' must be a list of objects with a 'name'")
-            outs.append(o["name"])
-            p = o.get("parameters") or {}
-            binary[o["name"]] = bool(p.get("binary_data", params.get("binary_data_output", False))) if isinstance(p, dict) else False
-    rid = req.get("id")
-    return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, batch=int(batch), outputs=outs,
-                        binary=binary, binary_default=bool(params.get("binary_data_output", False)))
+        outs.append(o["name"])
+        p = o.get("parameters") or {}
+        binary[o["name"]] = bool(p.get("binary_data", params.get("binary_data_output", False))) if isinstance(p, dict) else False
+    return outs, binary
 
 
 def _has_bool(data) -> bool:
