@@ -121,7 +121,8 @@ class TensorRTExporter(Exporter):
 
         details = export_tensorrt(req.model, req.example_inputs, req.out, opset=req.opset,
                                   dynamic_batch=req.dynamic_batch, fp16=req.fp16, strip=bool(req.options.get("strip")),
-                                  refit_adapters=req.options.get("refit_adapters", ()))
+                                  refit_adapters=req.options.get("refit_adapters", ()),
+                                  max_batch=req.options.get("max_batch"), opt_batch=req.options.get("opt_batch"))
         return ExportReport(self.name, req.out, bool(details.get("ok", True)), [req.out, details.get("refit_manifest")],
                             details, f"{req.out}: exported; refit manifest in {details.get('refit_manifest')}")
 

@@ -5,7 +5,7 @@ Two export modes, chosen per task from measurements (benchmarks/bench_onnx.py, R
   initializers every task shares with the base are loaded once into OrtValues and handed to every
   session with ``SessionOptions.add_initializer``, so they are not read or held once per task
   (ONNX Runtime still keeps its own pre-packed copy of weights per session).
-  Fastest: weights are constants (1.6x-4x faster than the bank graph here).
+  Fastest: weights are constants (the ratio to the bank graph is in the README's measured table).
 - long tail: one bank graph (``export_bank_graph``) whose ``.onnx_adapter`` per task is activated
   per run; memory per task = its factors, but every call recomputes W * exp(BA).
 At most ``max_sessions`` hot sessions are kept (LRU); other tasks run on the bank graph.

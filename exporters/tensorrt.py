@@ -34,13 +34,14 @@ from torch import nn
 from liedeploy.core.adapter_file import read_adapter
 from liedeploy.core.algebra import fold
 from liedeploy.io.atomic import atomic_path
-from liedeploy.errors import ExportError, LieError, MissingDependencyError
+from liedeploy.errors import ConfigError, ExportError, LieError, MissingDependencyError
 from liedeploy.io.safetensors_io import BaseTensors
 
 from liedeploy.exporters.onnx import DEFAULT_OPSET, require_onnx, export_onnx
 
 __all__ = ["export_refit_onnx", "export_tensorrt", "refit_weights", "TrtTaskSwitcher", "require_tensorrt",
-           "refittable_targets", "strip_size_report", "network_flags"]
+           "refittable_targets", "strip_size_report", "network_flags", "batch_profile", "check_serving_profile",
+           "complete_missing", "tensorrt_version"]
 
 MANIFEST_SUFFIX = ".refit.json"
 
@@ -53,9 +54,23 @@ def require_tensorrt():
             "TensorRT is not installed: pip install 'liedeploy[trt]' on a machine with an NVIDIA GPU, or export "
             "with --onnx --for-trt and build the engine with trtexec --onnx=MODEL.onnx --refit"
         ) from None
+    if tensorrt_version(trt) < (10, 12):
+        raise MissingDependencyError(
+            f"TensorRT {getattr(trt, '__version__', '?')} is installed; liedeploy needs 10.12 or later (REFIT_INDIVIDUAL, "
+            "strongly typed networks): pip install 'liedeploy[trt]'"
+        )
     if not torch.cuda.is_available():
         raise LieError("TensorRT needs a CUDA device and none is visible (torch.cuda.is_available() is False)")
     return trt
+
+
+def tensorrt_version(trt) -> tuple:
+    """``(major, minor)`` of an imported TensorRT module (``(0, 0)`` when it does not say)."""
+    parts = str(getattr(trt, "__version__", "0.0")).split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return 0, 0
 
 
 def network_flags(trt) -> int:
@@ -191,9 +206,68 @@ def refit_weights(base: str, adapter: Optional[str], manifest: dict, previous: O
     return out
 
 
+def batch_profile(example_batch: int, dynamic_batch: bool, max_batch: Optional[int], opt_batch: Optional[int]) -> tuple:
+    """``(min, opt, max)`` batch sizes of the engine's optimization profile; ConfigError when they
+    do not make sense. A fixed-batch engine (no ``--dynamic-batch``) has min = opt = max = the
+    example's batch."""
+    if not dynamic_batch:
+        if max_batch is not None or opt_batch is not None:
+            raise ConfigError("--max-batch and --opt-batch set the batch range of --dynamic-batch engines; add --dynamic-batch")
+        return example_batch, example_batch, example_batch
+    hi = 64 if max_batch is None else int(max_batch)
+    opt = min(example_batch, hi) if opt_batch is None else int(opt_batch)
+    if not 1 <= opt <= hi:
+        raise ConfigError(f"--opt-batch must be between 1 and --max-batch ({hi}), got {opt}")
+    return 1, opt, hi
+
+
+def check_serving_profile(engine_path: str, inputs: dict, max_batch: int) -> None:
+    """Refuse, in one sentence naming the export flag, an engine the server cannot feed batches.
+
+    Args:
+        inputs: ``{input name: (engine shape with -1 for dynamic axes, (min, opt, max) profile
+            shapes or None)}``, as ``ICudaEngine.get_tensor_shape`` and
+            ``get_tensor_profile_shape(name, 0)`` give them.
+        max_batch: ``liedeploy serve --max-batch``.
+    """
+    for name, (shape, profile) in inputs.items():
+        if not shape or shape[0] != -1:
+            raise ConfigError(
+                f"{engine_path}: input {name} has a fixed batch of {shape[0] if shape else 1}, and the server batches "
+                f"up to {max_batch} samples: build it with 'liedeploy export --trt --dynamic-batch --max-batch {max_batch}'"
+            )
+        top = profile[2][0] if profile else None
+        if top is not None and top < max_batch:
+            raise ConfigError(
+                f"{engine_path}: its profile takes at most {top} samples of {name} and --max-batch is {max_batch}: build "
+                f"it with 'liedeploy export --trt --dynamic-batch --max-batch {max_batch}' or serve with --max-batch {top}"
+            )
+
+
+def complete_missing(missing: Sequence[str], manifest: dict) -> tuple[set, list]:
+    """TensorRT's two-step refit: the weights ``Refitter.get_missing_weights()`` still asks for.
+
+    Returns ``(state_dict names to supply, names no manifest entry provides)``. Every refittable
+    weight is in the manifest, so the first set is computed (from the base and the task) and
+    supplied; only the second is refused.
+    """
+    by_init: dict = {}
+    for P, w in manifest["weights"].items():
+        by_init.setdefault(w["initializer"], P)
+    supply, unknown = set(), []
+    for name in missing:
+        if name in by_init:
+            supply.add(by_init[name])
+        else:
+            unknown.append(name)
+    return supply, unknown
+
+
 def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int = DEFAULT_OPSET,
-                    dynamic_batch: bool = False, fp16: bool = False, max_batch: int = 64,
-                    workspace_bytes: int = 4 << 30, strip: bool = False, refit_adapters: Sequence[str] = ()) -> dict:
+                    dynamic_batch: bool = False, fp16: bool = False, max_batch: Optional[int] = None,
+                    opt_batch: Optional[int] = None, workspace_bytes: int = 4 << 30, strip: bool = False,
+                    refit_adapters: Sequence[str] = (), tf32: bool = True,
+                    optimization_level: Optional[int] = None) -> dict:
     """Build a strongly typed engine at ``path`` with only the adapted weights refittable.
 
     Writes the refit-ready ONNX and its manifest beside it. ``strip``: a weight-stripped plan
@@ -202,6 +276,7 @@ def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int =
     trt = require_tensorrt()  # refuse before writing anything
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    lo, opt, hi = batch_profile(int(example_inputs[0].shape[0]), dynamic_batch, max_batch, opt_batch)
     onnx_path = os.path.splitext(path)[0] + ".onnx"
     report = export_refit_onnx(model, example_inputs, onnx_path, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16,
                                refit_adapters=refit_adapters)
@@ -217,6 +292,10 @@ def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int =
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 math in fp32: exact comparisons with torch
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if optimization_level is not None:  # 0-5: lower builds faster (TensorRT's default is 3)
+        config.builder_optimization_level = int(optimization_level)
     if strip:
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
     for name in manifest["refittable"]:
@@ -227,7 +306,7 @@ def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int =
         for i in range(network.num_inputs):
             inp = network.get_input(i)
             shape = list(example_inputs[i].shape)
-            profile.set_shape(inp.name, [1] + shape[1:], shape, [max_batch] + shape[1:])
+            profile.set_shape(inp.name, [lo] + shape[1:], [opt] + shape[1:], [hi] + shape[1:])
         config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -236,7 +315,7 @@ def export_tensorrt(model: nn.Module, example_inputs, path: str, *, opset: int =
         with open(tmp, "wb") as f:
             f.write(plan)
     report.update({"engine": path, "engine_bytes": os.path.getsize(path), "stripped": bool(strip),
-                   "refittable": len(manifest["refittable"])})
+                   "refittable": len(manifest["refittable"]), "batch_profile": [lo, opt, hi]})
     return report
 
 
@@ -272,6 +351,7 @@ class TrtTaskSwitcher:
         self._trt = trt
         self._active_targets: set = set()
         self.active: Optional[str] = None
+        self.stats = {"refits": 0, "missing_supplied": 0}  # missing: weights TensorRT asked for after the first set
         self._stripped = True  # a stripped plan needs every refittable weight once: refit the base first
         self.activate(None, full=True)
 
@@ -296,8 +376,21 @@ class TrtTaskSwitcher:
             if not refitter.set_named_weights(name, trt.Weights(arr)):
                 raise LieError(f"TensorRT refused refit weights {name} (shape {list(arr.shape)}, dtype {arr.dtype})")
         missing = list(refitter.get_missing_weights())
-        if missing:
-            raise LieError(f"TensorRT needs more weights to refit: {', '.join(missing[:3])}")
+        if missing:  # TensorRT's two-step protocol: supply what it still asks for, then ask again
+            supply, unknown = complete_missing(missing, self.manifest)
+            if unknown:
+                raise LieError(f"TensorRT needs weights to refit that no manifest entry provides: {', '.join(unknown[:3])}")
+            more = refit_weights(self.base, adapter, self.manifest, previous=supply | self._active_targets,
+                                 prototypes=self._prototypes(refitter))
+            self.stats["missing_supplied"] += len(missing)
+            for name in missing:
+                arr = more[name]
+                keep.append(arr)
+                if not refitter.set_named_weights(name, trt.Weights(arr)):
+                    raise LieError(f"TensorRT refused refit weights {name} (shape {list(arr.shape)}, dtype {arr.dtype})")
+            still = list(refitter.get_missing_weights())
+            if still:
+                raise LieError(f"TensorRT still needs weights to refit after they were supplied: {', '.join(still[:3])}")
         with self.lock:
             if self.stream is not None:
                 self.stream.synchronize()  # never refit under work enqueued on this engine
@@ -305,6 +398,7 @@ class TrtTaskSwitcher:
                 torch.cuda.synchronize()
             if not refitter.refit_cuda_engine():
                 raise LieError("TensorRT failed to refit the engine")
+            self.stats["refits"] += 1
         af = read_adapter(adapter) if adapter else None
         self._active_targets = (set(af.targets) | set(af.full)) if af else set()
         self.active = adapter

@@ -50,3 +50,9 @@ def save_base():
         return str(path)
 
     return save
+
+
+def save_state_dict(model, path, metadata=None):
+    """The model's state dict as a safetensors file (contiguous tensors); returns the path as a string."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return str(path)

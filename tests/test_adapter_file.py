@@ -7,26 +7,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from liedeploy import AdapterFileError, LieConfig, apply_adapters_, load_adapter, read_adapter, save_adapter
 from liedeploy.core.adapt import iter_adapters
 from liedeploy.io.safetensors_io import tensor_sha256
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, groups=3, padding=1)
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
+from tests.models import ConvHead
 
 
 def _trained(seed=0, expmap="exact"):
     torch.manual_seed(seed)
-    model = Net()
+    model = ConvHead()
     apply_adapters_(model, LieConfig(r=2, alpha=3, expmap=expmap, targets=["conv", "fc"]))
     with torch.no_grad():
         for _, _, _, lie in iter_adapters(model):
@@ -54,9 +44,9 @@ def test_format_v1_exactly(adapter):
     targets = json.loads(meta["targets"])
     assert targets == {"conv.weight": {"shape": [6, 1, 3, 3], "scale": 1.5}, "fc.weight": {"shape": [4, 6], "scale": 1.5}}
     hashes = json.loads(meta["base_sha256"])
-    base = Net()
+    base = ConvHead()
     torch.manual_seed(0)
-    base = Net()
+    base = ConvHead()
     assert hashes["fc.weight"] == tensor_sha256(base.fc.weight)
     import hashlib
 
@@ -71,7 +61,7 @@ def test_round_trip_bit_exact(adapter):
     model, path = adapter
     x = torch.randn(2, 3, 5, 5)
     torch.manual_seed(0)
-    fresh = Net()
+    fresh = ConvHead()
     load_adapter(fresh, path)
     a = {n: (l.lie_B, l.lie_A, l.scale, l.expmap) for n, _, _, l in iter_adapters(model)}
     b = {n: (l.lie_B, l.lie_A, l.scale, l.expmap) for n, _, _, l in iter_adapters(fresh)}
@@ -108,7 +98,7 @@ def _rewrite(path, out, tensors=None, meta_update=None, drop=()):
 def _refused(path, match):
     with pytest.raises(AdapterFileError) as err:
         torch.manual_seed(0)
-        load_adapter(Net(), path)
+        load_adapter(ConvHead(), path)
     msg = str(err.value)
     assert msg.startswith(str(path) + ": ") and "\n" not in msg
     assert match in msg, msg
@@ -202,11 +192,11 @@ def test_refuses_target_absent_and_wrong_base(tmp_path, adapter):
     # a base with other weights: same architecture, another seed
     with pytest.raises(AdapterFileError, match=r"base tensor conv\.weight differs from the one this adapter was trained on"):
         torch.manual_seed(123)
-        load_adapter(Net(), path)
+        load_adapter(ConvHead(), path)
     torch.manual_seed(123)
-    other = Net()
+    other = ConvHead()
     torch.manual_seed(123)
-    fresh = Net()
+    fresh = ConvHead()
     loaded = load_adapter(other, path, verify_base=False)  # the escape hatch: the adapter on this other base
     af = read_adapter(path)
     for P, (B, A) in af.factors.items():
@@ -227,7 +217,7 @@ def test_never_unpickles(tmp_path, monkeypatch, adapter):
     monkeypatch.setattr(pickle, "loads", boom)
     monkeypatch.setattr(torch, "load", boom)
     torch.manual_seed(0)
-    load_adapter(Net(), path)
+    load_adapter(ConvHead(), path)
     p = tmp_path / "x.pt"
     p.write_bytes(b"\x80\x04" + b"\x00" * 64)
     _refused(p, "it is a pickle file")
@@ -267,7 +257,7 @@ def test_base_hash_is_recomputed_after_in_place_change(adapter, monkeypatch):
     real = af_mod.tensor_sha256
     monkeypatch.setattr(af_mod, "tensor_sha256", lambda t: calls.append(1) or real(t))
     torch.manual_seed(0)
-    model = Net()
+    model = ConvHead()
     load_adapter(model, path)  # attaching the parametrization bumps the base tensors' version once
     load_adapter(model, path)
     n = len(calls)

@@ -8,22 +8,12 @@ from torch import nn
 
 from liedeploy import AdapterBank, AdapterFileError, LieConfig, LieError, apply_adapters_, load_adapter, merge_, save_adapter
 from liedeploy.core.adapt import iter_adapters
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, groups=1)
-        self.norm = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.norm(self.conv(x)).relu().mean((2, 3)))
+from tests.models import ConvNormHead
 
 
 def _base(seed=0):
     torch.manual_seed(seed)
-    return Net().eval()
+    return ConvNormHead().eval()
 
 
 def _task(base, path, seed):
@@ -147,7 +137,7 @@ def test_mixed_batch_with_structured_outputs(bank_setup):
             y = self.net(x)
             return {"logits": y, "extra": (y * 2, y.sum(1))}
 
-    from liedeploy import read_adapter  # the adapter names parameters of Net: rename them for the wrapper
+    from liedeploy import read_adapter  # the adapter names parameters of ConvNormHead: rename them for the wrapper
     from safetensors.torch import load_file, save_file
 
     af = read_adapter(paths["t0"])

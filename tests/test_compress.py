@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from liedeploy import AdapterBank, LieConfig, apply_adapters_, merge_, merge_files, save_adapter
@@ -16,28 +16,19 @@ from liedeploy.cli import main
 from liedeploy.files.sparsity import nm_conforms
 
 from .layer_cases import CASES, make_case
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 12)
-        self.out = nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.out(self.fc(self.conv(x).relu().mean((2, 3))).relu())
+from tests.models import ConvMLP
+from tests.conftest import save_state_dict
 
 
 def _pruned(tmp_path, method):
     torch.manual_seed(0)
-    base = Net().eval()
+    base = ConvMLP().eval()
     path = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
+    save_state_dict(base, path)
     out = str(tmp_path / f"pruned-{method.replace(':', '-')}.safetensors")
     flag = ["--pattern", method] if ":" in method else ["--sparsity", method]
     assert main(["prune", path, "-o", out, "--json"] + flag) == 0
-    model = Net().eval()
+    model = ConvMLP().eval()
     model.load_state_dict(load_file(out))
     return model, out
 
@@ -134,7 +125,7 @@ def test_int8_export_qdq_per_channel_checked(tmp_path, capsys):
     big = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
     w = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in big.state_dict().items()}, w)
+    save_state_dict(big, w)
     calib = str(tmp_path / "calib.npy")
     np.save(calib, np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
     (tmp_path / "models.py").write_text("import torch.nn as nn\n"

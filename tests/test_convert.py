@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from liedeploy import LieConfig, LieError, apply_adapters_, load_adapter, save_adapter  # noqa: E402
 from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
+from tests.conftest import save_state_dict
 
 
 class M(nn.Module):
@@ -48,7 +49,7 @@ def test_from_peft_matches_peft_forward(tmp_path):
     torch.manual_seed(0)
     base = M().eval()
     bpath = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, bpath)
+    save_state_dict(base, bpath)
     pm = get_peft_model(copy.deepcopy(base), HiraConfig(r=2, target_modules=["emb", "lin", "c1d", "conv"]))
     with torch.no_grad():
         for n, p in pm.named_parameters():

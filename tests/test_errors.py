@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import liedeploy
 from liedeploy import ConfigError, LieConfig, LieError, MissingDependencyError
 from liedeploy.cli import main
 from liedeploy.errors import require
+from tests.conftest import save_state_dict
 
 
 def test_config_validation_is_a_lie_error():
@@ -37,7 +37,7 @@ def test_missing_dependency_is_an_import_error_and_a_lie_error():
 @pytest.fixture
 def weights(tmp_path):
     path = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in nn.Linear(4, 2).state_dict().items()}, path)
+    save_state_dict(nn.Linear(4, 2), path)
     return path
 
 
@@ -97,7 +97,7 @@ def test_llama_with_its_cache_is_refused_up_front_and_exports_without(tmp_path, 
 
     torch.manual_seed(0)
     w = str(tmp_path / "llama.safetensors")
-    save_file({k: v.contiguous() for k, v in llama().state_dict().items()}, w)
+    save_state_dict(llama(), w)
     argv = ["export", "--onnx", "--model", "tests.exporters.arch:llama", "--weights", w, "--input-shape", "1,8",
             "--input-dtype", "int64", "-o", str(tmp_path / "llama.onnx")]
     assert main(argv) == 1

@@ -16,17 +16,8 @@ from torch import nn
 from liedeploy import AdapterFileError, LieError, OutputPathError, merge_files
 from liedeploy.cli import main
 from liedeploy.io.safetensors_header import read_header
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-        self.c = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+from tests.models import MLP3
+from tests.conftest import save_state_dict
 
 
 def _adapter(model, path, seed=1, name=None):
@@ -65,7 +56,7 @@ def _read_sharded(index):
 @pytest.fixture
 def setup(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     base = _sharded(tmp_path / "base", model)
     a = _adapter(model, str(tmp_path / "a.safetensors"), 1)
     b = _adapter(model, str(tmp_path / "b.safetensors"), 2)
@@ -86,7 +77,7 @@ def test_shard_paths_leaving_the_index_folder_are_refused(tmp_path, bad):
 
 def test_same_shard_name_in_two_folders_is_refused(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     keys = sorted(model.state_dict())
     base = _sharded(tmp_path / "base", model, {"x/s.safetensors": keys[:3], "y/s.safetensors": keys[3:]})
     a = _adapter(model, str(tmp_path / "a.safetensors"))
@@ -220,7 +211,7 @@ def test_full_disk_message_is_one_line(tmp_path, tiny_disk, capsys):
 # -- 5. OUT is never an input or a special file --------------------------------------------------
 def test_out_that_is_an_input_or_special_is_refused_before_writing(tmp_path, capsys):
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     base = str(tmp_path / "base.safetensors")
     save_file(model.state_dict(), base)
     a = _adapter(model, str(tmp_path / "a.safetensors"))
@@ -269,7 +260,7 @@ def test_base_is_read_from_one_descriptor(tmp_path, monkeypatch):
     import liedeploy.files.file_merge as fm
 
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     base = str(tmp_path / "base.safetensors")
     save_file(model.state_dict(), base)
     a = _adapter(model, str(tmp_path / "a.safetensors"))
@@ -341,7 +332,7 @@ def test_merge_output_is_readable_by_safetensors_whatever_the_base(tmp_path):
     from safetensors import safe_open
 
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     base = str(tmp_path / "base.safetensors")
     save_file(model.state_dict(), base, metadata={"k": "v"})
     a = _adapter(model, str(tmp_path / "a.safetensors"))
@@ -358,7 +349,7 @@ def test_task_models_never_write_outside_out(tmp_path, name):
     from liedeploy.exporters.task_models import export_task_models
 
     torch.manual_seed(0)
-    model = Net().eval()
+    model = MLP3().eval()
     work = tmp_path / "w" / "x"
     work.mkdir(parents=True)
     a = _adapter(model, str(tmp_path / "a.safetensors"), name=name)
@@ -380,7 +371,7 @@ def test_planted_module_in_cwd_does_not_shadow_installed_packages(tmp_path):
         "def net():\n    return torch.nn.Sequential(torch.nn.Linear(4, 2))\n"
     )
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 2)).state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_state_dict(nn.Sequential(nn.Linear(4, 2)), str(tmp_path / "w.safetensors"))
     proc = subprocess.run([sys.executable, "-m", "liedeploy.cli", "export", "--onnx", "--model", "mymodels:net",
                            "--weights", "w.safetensors", "--input-shape", "1,4", "-o", "m.onnx"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -395,7 +386,7 @@ def test_python_m_entry_point_exists():
 
 def test_lie_error_in_merge_names_nan_base(tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = MLP3()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["a.weight"][0, 0] = float("nan")
     base = str(tmp_path / "base.safetensors")

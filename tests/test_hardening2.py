@@ -13,6 +13,7 @@ from torch import nn
 
 from liedeploy import AdapterBank, AdapterFileError, ConfigError
 from liedeploy.cli import main
+from tests.conftest import save_state_dict
 
 
 def _peft_folder(tmp_path, *, nan=False, flat=False):
@@ -20,7 +21,7 @@ def _peft_folder(tmp_path, *, nan=False, flat=False):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     bpath = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, bpath)
+    save_state_dict(base, bpath)
     folder = tmp_path / "hira"
     peft.get_peft_model(base, peft.HiraConfig(r=2, target_modules=["0"])).save_pretrained(str(folder))
     if nan or flat:
@@ -150,7 +151,7 @@ def test_export_task_models_creates_its_folder_and_prints_no_evaluation_noise(tm
     torch.manual_seed(0)
     base = factory()
     w = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, w)
+    save_state_dict(base, w)
     a = write_adapter(base, tmp_path / "a.safetensors", ["0"])
     out = tmp_path / "new" / "folder"
     assert main(["export", "--onnx", "--model", "tests.exporters.arch:conv3d", "--weights", w,

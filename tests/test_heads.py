@@ -14,6 +14,7 @@ from liedeploy import (AdapterBank, AdapterFileError, LieConfig, LieError, apply
                        unmerge_)
 from liedeploy.core.adapt import adapted_names, iter_adapters
 from liedeploy.cli import main
+from tests.conftest import save_state_dict
 
 
 class Backbone(nn.Module):
@@ -85,7 +86,7 @@ def test_modules_to_save_train_and_save_whole(tmp_path):
 def test_merge_files_bank_and_inspect_with_heads(tmp_path, capsys):
     base = _base()
     bpath = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, bpath)
+    save_state_dict(base, bpath)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     ra, rb = _task(base, a, classes=10, seed=1), _task(base, b, classes=2, seed=2)
     x = torch.randn(4, 3, 6, 6)

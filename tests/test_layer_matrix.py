@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from liedeploy import AdapterBank, LieConfig, apply_adapters_, load_adapter, merge_, merge_files, remove_adapters_
 from liedeploy import save_adapter, unmerge_
@@ -20,6 +19,7 @@ from liedeploy.core.adapt import iter_adapters
 from liedeploy.core.state import lie_state
 
 from .layer_cases import CASES, make_case, randomize_factors
+from tests.conftest import save_state_dict
 
 
 def _reference_weight(W, lie):
@@ -73,7 +73,7 @@ def test_every_layer_kind_through_every_path(case, tmp_path):
         assert torch.equal(merged[0].parametrizations.weight.original, base[0].weight)
 
         # merge_files: the merged file holds the same weight as merge_
-        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+        save_state_dict(base, str(tmp_path / "base.safetensors"))
         merge_files(str(tmp_path / "base.safetensors"), [path], str(tmp_path / "merged.safetensors"))
         from safetensors.torch import load_file
 

@@ -8,6 +8,7 @@ from liedeploy.core.adapt import adapted_names, iter_adapters
 from liedeploy.core.merge import is_merged
 
 from .layer_cases import make_case, randomize_factors
+from tests.conftest import save_state_dict
 
 
 @pytest.mark.parametrize(
@@ -58,12 +59,11 @@ def test_1000_merge_unmerge_cycles_are_bit_exact(dtype):
 
 
 def test_unmerge_from_kept_copy_on_cpu_and_from_file(tmp_path):
-    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8))
     base_file = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base_file)
+    save_state_dict(model, base_file)
     pristine = model[0].weight.detach().clone()
     apply_adapters_(model, LieConfig(targets=["0"]))
     randomize_factors(model)

@@ -15,14 +15,17 @@ from liedeploy import AdapterFileError, ConfigError
 from liedeploy.cli import main
 from liedeploy.files.prune import prune_files
 
-from .test_hardening import Net, _read_sharded, _sharded
+from tests.models import MLP3
+
+from .test_hardening import _read_sharded, _sharded
+from tests.conftest import save_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_prune_three_times_into_one_sharded_out_leaves_no_orphan(tmp_path):  # bug 4
     torch.manual_seed(0)
-    base = _sharded(tmp_path / "base", Net())
+    base = _sharded(tmp_path / "base", MLP3())
     out = str(tmp_path / "out" / "p.safetensors.index.json")
     os.makedirs(os.path.dirname(out))
     for _ in range(3):
@@ -34,7 +37,7 @@ def test_prune_three_times_into_one_sharded_out_leaves_no_orphan(tmp_path):  # b
 
 def test_prune_checks_shards_like_merge(tmp_path):  # bug 4: the "shard lacks tensor" check
     torch.manual_seed(0)
-    base = _sharded(tmp_path / "base", Net())
+    base = _sharded(tmp_path / "base", MLP3())
     idx = json.load(open(base))
     idx["weight_map"]["ghost.weight"] = "s0.safetensors"
     open(base, "w").write(json.dumps(idx))
@@ -51,7 +54,7 @@ def test_convert_from_peft_writes_the_full_config(tmp_path):  # bug 5
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     bpath = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, bpath)
+    save_state_dict(base, bpath)
     pm = peft.get_peft_model(base, peft.HiraConfig(r=2, target_modules=["0", "2"]))
     pm.save_pretrained(str(tmp_path / "hira"))
     out = str(tmp_path / "lie.safetensors")
@@ -98,7 +101,7 @@ def test_for_trt_graph_is_never_published_without_its_manifest(tmp_path, step): 
     torch.manual_seed(0)
     base = factory()
     w = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, w)
+    save_state_dict(base, w)
     a = _write_adapter(base, tmp_path / "a.safetensors", ["0"])
     out = str(tmp_path / "out" / "m.onnx")
     os.makedirs(os.path.dirname(out))

@@ -56,6 +56,11 @@ def add_parser(sub) -> None:
                         "default: every weight of rank >= 2")
     p.add_argument("--strip", action="store_true",
                    help="with --trt: a weight-stripped plan, refitted at load from the base file (and an adapter)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="--trt --dynamic-batch: the largest batch the engine takes (default 64; serve's --max-batch "
+                        "must not exceed it)")
+    p.add_argument("--opt-batch", type=int, metavar="N",
+                   help="--trt --dynamic-batch: the batch TensorRT tunes kernels for (default: the example's)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(run=run, check=check)
 
@@ -111,7 +116,8 @@ def _request(args):
     return ExportRequest(out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                          atol=args.atol, rtol=args.rtol, adapters=list(args.bank or args.task_models or []),
                          options={"strip": args.strip, "refit_adapters": list(args.refit_targets or []),
-                                  "quantize": args.quantize, "calibration": args.calibration})
+                                  "quantize": args.quantize, "calibration": args.calibration,
+                                  "max_batch": args.max_batch, "opt_batch": args.opt_batch})
 
 
 def check(args) -> None:
@@ -140,6 +146,15 @@ def check(args) -> None:
                          "--fp16, --trt, --for-trt or --bank")
     if args.refit_targets and not (args.trt or args.for_trt):
         raise UsageError("--refit-targets applies to --trt and --onnx --for-trt")
+    if (args.max_batch is not None or args.opt_batch is not None) and not args.trt:
+        raise UsageError("--max-batch and --opt-batch set a TensorRT engine's batch range: they apply to --trt")
+    if args.trt:
+        from liedeploy.exporters.tensorrt import batch_profile
+
+        try:
+            batch_profile(parse_shape(args.input_shape)[0], args.dynamic_batch, args.max_batch, args.opt_batch)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     if not 7 <= args.opset <= 23:
         raise UsageError(f"--opset must be between 7 and 23 (TensorRT's parser accepts <= 20), got {args.opset}")
     for flag, v in (("--atol", args.atol), ("--rtol", args.rtol)):

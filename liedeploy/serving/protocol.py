@@ -23,7 +23,7 @@ __all__ = ["InferRequest", "decode_infer_request", "precheck_infer_json", "encod
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-try:  # a maintained fast parser (10x the standard library on OIP tensors), where installed
+try:  # a maintained fast parser, where installed
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the serve extra installs it
     _orjson = None

@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -17,6 +16,7 @@ from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 
 from .arch import ARCHS  # noqa: E402
+from tests.conftest import save_state_dict
 
 
 def _tasks(tmp_path, name="resnet", ranks=(2, 4), targets=None):
@@ -113,7 +113,7 @@ def test_task_models_share_unchanged_weights(tmp_path):
 def test_cli_bank(tmp_path, capsys):
     base, paths, _ = _tasks(tmp_path, name="conv3d", ranks=(2,))
     w = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, w)
+    save_state_dict(base, w)
     out = str(tmp_path / "bank.onnx")
     assert main(["export", "--onnx", "--model", "tests.exporters.arch:conv3d", "--weights", w,
                  "--input-shape", "1,2,4,8,8", "-o", out, "--bank"] + paths + ["--json"]) == 0

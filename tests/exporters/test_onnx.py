@@ -15,6 +15,7 @@ from liedeploy.core.adapt import iter_adapters  # noqa: E402
 from liedeploy.cli import main  # noqa: E402
 
 from .arch import ARCHS  # noqa: E402
+from tests.conftest import save_state_dict
 
 
 def _adapted(name, seed=0):
@@ -95,7 +96,7 @@ def test_cli_export_strict_weights(tmp_path, capsys, monkeypatch):
     model, _ = _adapted("conv3d")
     merge_(model)
     w = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, w)
+    save_state_dict(model, w)
     out = str(tmp_path / "c.onnx")
     args = ["export", "--onnx", "--model", "tests.exporters.arch:conv3d", "--weights", w, "--input-shape", "1,2,4,8,8", "-o", out]
     assert main(args + ["--json"]) == 0

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -20,6 +19,7 @@ from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.helpers import ServerProcess  # noqa: E402
 from tests.serving.models import Net, Tokens  # noqa: E402
 from tests.serving.test_server import _http, _infer_json  # noqa: E402
+from tests.conftest import save_state_dict
 
 
 def _post_json(url, payload, timeout=30):
@@ -50,13 +50,13 @@ def farm(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
     base = Net().eval()
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(d / "base.safetensors"))
+    save_state_dict(base, str(d / "base.safetensors"))
     tasks = d / "tasks"
     tasks.mkdir()
     for i in range(3):
         _write_adapter(base, tasks / f"t{i}.safetensors", ["conv", "fc"], std=0.3, seed=10 + i)
     tok = Tokens().eval()
-    save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, str(d / "tokens.safetensors"))
+    save_state_dict(tok, str(d / "tokens.safetensors"))
     ttasks = d / "ttasks"
     ttasks.mkdir()
     _write_adapter(tok, ttasks / "a.safetensors", ["fc"], std=0.3, seed=3)

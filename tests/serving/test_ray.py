@@ -22,6 +22,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 from liedeploy import load_adapter, merge_  # noqa: E402
 from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.models import Net  # noqa: E402
+from tests.conftest import save_state_dict
 
 pytestmark = pytest.mark.slow
 N_TASKS = 20
@@ -36,7 +37,7 @@ def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("ray")
     torch.manual_seed(0)
     base = Net().eval()
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(d / "base.safetensors"))
+    save_state_dict(base, str(d / "base.safetensors"))
     tasks = d / "tasks"
     tasks.mkdir()
     refs = {"base": base}

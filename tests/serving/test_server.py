@@ -13,7 +13,6 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -24,6 +23,7 @@ from liedeploy import load_adapter, merge_  # noqa: E402
 from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.helpers import ServerProcess  # noqa: E402
 from tests.serving.models import Net, TwoInputs  # noqa: E402
+from tests.conftest import save_state_dict
 
 N_TASKS = 20
 ONE_TASK_BYTES = (8 * 3 * 9 + 5 * 8) * 4
@@ -50,7 +50,7 @@ def farm(tmp_path_factory):
     d = tmp_path_factory.mktemp("farm")
     torch.manual_seed(0)
     base = Net().eval()
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(d / "base.safetensors"))
+    save_state_dict(base, str(d / "base.safetensors"))
     tasks = d / "tasks"
     tasks.mkdir()
     refs = {}
@@ -323,7 +323,7 @@ def test_two_named_inputs_and_structured_outputs(tmp_path):
     torch.manual_seed(0)
     base = TwoInputs().eval()
     w = str(tmp_path / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, w)
+    save_state_dict(base, w)
     (tmp_path / "tasks").mkdir()
     p = _write_adapter(base, tmp_path / "tasks" / "t.safetensors", ["emb", "proj"], std=0.3)
     ref = merge_(load_adapter(copy.deepcopy(base), p)).eval()
@@ -353,7 +353,12 @@ def test_metrics_scrape_parses(server):
     assert status == 200
     text = body.decode()
     assert _metric(text, "liedeploy_registered_tasks") == N_TASKS
-    assert _metric(text, "liedeploy_requests_total", {"outcome": "ok"}) >= 0
+    ok = _metric(text, "liedeploy_requests_total", {"outcome": "ok"})
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    assert _infer_json(server.url, "task0", x)[0] == 200
+    assert _infer_json(server.url, "nope", x)[0] == 404
+    text = _http(f"{server.url}/metrics")[2].decode()
+    assert _metric(text, "liedeploy_requests_total", {"outcome": "ok"}) == ok + 1
     for name in ("liedeploy_request_seconds_count", "liedeploy_queue_seconds_count", "liedeploy_batch_size_count",
                  "liedeploy_folds_total", "liedeploy_fold_seconds_total", "liedeploy_cache_hits_total",
                  "liedeploy_cache_misses_total", "liedeploy_resident_tasks", "liedeploy_queue_depth"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from liedeploy.errors import ConfigError, LieError
 
-from liedeploy.exporters.tensorrt import MANIFEST_SUFFIX, TrtTaskSwitcher, require_tensorrt
+from liedeploy.exporters.tensorrt import MANIFEST_SUFFIX, TrtTaskSwitcher, check_serving_profile, require_tensorrt
 
 __all__ = ["SlotLRU", "TrtRunner", "TrtBackend"]
 
@@ -97,14 +97,20 @@ class TrtRunner:
         bound = {}
         for name in self.inputs:
             t = torch.as_tensor(feeds[name]).cuda(non_blocking=True).to(self.dtypes[name]).contiguous()
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            if not self.context.set_input_shape(name, tuple(t.shape)):  # outside the profile: never run
+                raise LieError(f"TensorRT refused input {name} of shape {list(t.shape)} (outside the engine's "
+                               "optimization profile)")
+            if not self.context.set_tensor_address(name, t.data_ptr()):
+                raise LieError(f"TensorRT refused the address of input {name}")
             bound[name] = t
         outs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise LieError(f"TensorRT could not infer the shape of output {name} ({list(shape)})")
             o = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, o.data_ptr())
+            if not self.context.set_tensor_address(name, o.data_ptr()):
+                raise LieError(f"TensorRT refused the address of output {name}")
             outs[name] = o
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -113,13 +119,28 @@ class TrtRunner:
         return {k: v.float().cpu().numpy() for k, v in outs.items()}
 
 
+def _profile_of(engine, trt) -> dict:
+    """``{input: (engine shape, (min, opt, max) of profile 0 or None)}`` of an engine."""
+    out = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+            continue
+        shape = tuple(engine.get_tensor_shape(name))
+        profile = None
+        if engine.num_optimization_profiles > 0 and -1 in shape:
+            profile = tuple(tuple(s) for s in engine.get_tensor_profile_shape(name, 0))
+        out[name] = (shape, profile)
+    return out
+
+
 class TrtBackend:
     """:class:`liedeploy.serving.backend.Backend` over K slots of one refittable engine."""
 
     kind = "trt"
     file_suffix = ".safetensors"
 
-    def __init__(self, engine_path: str, base: str, input_specs: Sequence, *, slots: int = 2):
+    def __init__(self, engine_path: str, base: str, input_specs: Sequence, *, slots: int = 2, max_batch: int = 8):
         trt = require_tensorrt()
         import torch
 
@@ -135,6 +156,8 @@ class TrtBackend:
             engine = runtime.deserialize_cuda_engine(plan)
             if engine is None:
                 raise LieError(f"{engine_path}: TensorRT could not load this engine")
+            if not self.runners:  # a fixed batch, or a profile below --max-batch: refused at start
+                check_serving_profile(engine_path, _profile_of(engine, trt), max_batch)
             stream = torch.cuda.Stream()
             self.switchers.append(TrtTaskSwitcher(engine_path, base, manifest, engine=engine, stream=stream))
             self.runners.append(TrtRunner(engine, stream))
@@ -150,7 +173,7 @@ class TrtBackend:
         if not engine or not os.path.exists(engine):
             raise ConfigError("--backend trt serves an engine built by 'liedeploy export --trt': put it beside the base "
                               "weights as BASE.engine (or pass --model-kwargs '{\"engine\": \"PATH\"}')")
-        return cls(engine, cfg.weights, cfg.input_specs(), slots=cfg.trt_slots)
+        return cls(engine, cfg.weights, cfg.input_specs(), slots=cfg.trt_slots, max_batch=cfg.max_batch)
 
     def discover(self, folder: str) -> dict:
         from liedeploy.serving.backend import discover_task_files
