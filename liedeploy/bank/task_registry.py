@@ -37,31 +37,46 @@ def check_full_tensors(path: str, full: Mapping[str, tuple], shapes: Mapping[str
                        dtypes: Optional[Mapping[str, str]], modules: set) -> None:
     """Refuse, at registration, full tensors (format "2") the base's modules cannot use.
 
-    A replacing tensor keeps every axis of the base tensor but the first (a head may have another
-    number of classes, never other inputs), has the base tensor's dtype, and a replaced weight and
-    the bias of its module agree on that first axis. A tensor the base lacks must belong to a module
-    of the base.
+    For a module whose weight has rank >= 2 (Linear, Conv, Embedding), a task may change the first
+    axis (a head with another number of classes): the weight keeps every other axis, and the bias,
+    replaced or not, has as many entries as the weight has rows. Any other replaced tensor (a norm's
+    weight, bias or statistics) keeps the base's shape exactly. Every replaced tensor has the base's
+    dtype. A tensor the base lacks must belong to a module of the base.
     """
-    for P, (shape, dtype) in sorted(full.items()):
-        mod = P.rpartition(".")[0]
-        if P not in shapes:
-            if mod not in modules:
-                raise AdapterFileError(f"{path}: full tensor {P} belongs to no module of the base ({mod!r})")
-            continue
-        base = tuple(shapes[P])
-        if len(shape) != len(base) or shape[1:] != base[1:]:
-            raise AdapterFileError(f"{path}: full tensor {P} has shape {list(shape)} but the base's module takes "
-                                   f"{list(base)} (only the first axis, the number of outputs, may differ)")
-        if dtypes is not None and P in dtypes and dtypes[P] != dtype:
-            raise AdapterFileError(f"{path}: full tensor {P} is {dtype} but the base's is {dtypes[P]}")
-    for P, (shape, _) in full.items():
+    by_module: dict = {}
+    for P in full:
         mod, _, attr = P.rpartition(".")
-        if attr != "weight" or not shape:
-            continue
+        by_module.setdefault(mod, {})[attr] = P
+    for mod, attrs in sorted(by_module.items()):
+        wname = f"{mod}.weight" if mod else "weight"
+        base_w = tuple(shapes[wname]) if wname in shapes else None
+        rows = None
+        if base_w is not None and len(base_w) >= 2:
+            new_w = tuple(full[wname][0]) if wname in full else base_w
+            if len(new_w) != len(base_w) or new_w[1:] != base_w[1:]:
+                raise AdapterFileError(f"{path}: full tensor {wname} has shape {list(new_w)} but the base's module takes "
+                                       f"{list(base_w)} (only the first axis, the number of outputs, may differ)")
+            rows = new_w[0]
+        for attr, P in sorted(attrs.items()):
+            shape, dtype = tuple(full[P][0]), full[P][1]
+            if P not in shapes:
+                if mod not in modules:
+                    raise AdapterFileError(f"{path}: full tensor {P} belongs to no module of the base ({mod!r})")
+                continue
+            base = tuple(shapes[P])
+            if rows is not None and P != wname and len(base) == 1:
+                if shape != (rows,):
+                    raise AdapterFileError(f"{path}: full tensor {P} has shape {list(shape)} but its module has {rows} "
+                                           f"outputs")
+            elif rows is None and shape != base:
+                raise AdapterFileError(f"{path}: full tensor {P} has shape {list(shape)} but the base's module takes "
+                                       f"{list(base)}")
+            if dtypes is not None and P in dtypes and dtypes[P] != dtype:
+                raise AdapterFileError(f"{path}: full tensor {P} is {dtype} but the base's is {dtypes[P]}")
         bias = f"{mod}.bias" if mod else "bias"
-        rows = full[bias][0][0] if bias in full and full[bias][0] else (shapes[bias][0] if bias in shapes and shapes[bias] else None)
-        if rows is not None and rows != shape[0]:
-            raise AdapterFileError(f"{path}: full tensor {P} has {shape[0]} outputs but {bias} has {rows}")
+        if rows is not None and bias in shapes and bias not in full and tuple(shapes[bias]) != (rows,):
+            raise AdapterFileError(f"{path}: full tensor {wname} has {rows} outputs but the base's {bias} has "
+                                   f"{shapes[bias][0]}; replace the bias too")
 
 
 class TaskEntry:
