@@ -11,6 +11,15 @@ takes, in order:
 Batches run on worker threads (never on the event loop); results go back to each request's
 asyncio future with ``call_soon_threadsafe``.
 
+Folds overlap inference: a prefetch thread folds the cold task with the most queued samples while
+the workers run batches of folded tasks, so cores are not idle while requests wait for a fold.
+A worker never folds: it runs folded tasks (the oldest first once a request has waited
+``max_wait``), and a cold task once the prefetch thread has folded it; the prefetch thread takes
+the cold task waiting longest once one has waited ``max_wait``, else the one with the most queued
+samples. A fold that fails leaves the task to a worker, whose batch reports the error. The prefetch thread runs torch with
+``fold_threads`` intra-op threads (default 1: on a small machine the workers keep the other
+cores; a fold and a batch then run side by side).
+
 One request never poisons its batch: when a batch of several requests fails with anything but a
 task error, its requests are run again one by one; the ones that fail alone are answered 400 with
 the model's reason, the others get their outputs. A task error (the task's file cannot be folded)
@@ -66,7 +75,7 @@ class Batcher:
 
     def __init__(self, backend, *, max_batch: int = 8, max_delay: float = 0.005, max_queue: int = 1024,
                  max_wait: float = 0.2, workers: int = 1, on_batch: Optional[Callable] = None,
-                 on_task_error: Optional[Callable] = None):
+                 on_task_error: Optional[Callable] = None, prefetch: bool = True, fold_threads: Optional[int] = 1):
         self.backend = backend
         self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
         self.on_batch, self.on_task_error = on_batch, on_task_error
@@ -76,8 +85,17 @@ class Batcher:
         self._running = 0
         self._cv = threading.Condition()
         self._stop = False
+        self._folding: set = set()  # tasks the prefetch thread is folding now
+        # tasks the prefetch thread could not make resident (the fold failed, or the cache cannot
+        # hold the task): a worker runs them as they are, folding inline, and reports any error
+        self._inline: set = set()
+        self.fold_threads = fold_threads
+        self.prefetched = 0
+        self._prefetching = bool(prefetch)
         self._threads = [threading.Thread(target=self._work, name=f"liedeploy-batcher-{i}", daemon=True)
                          for i in range(max(1, workers))]
+        if prefetch:
+            self._threads.append(threading.Thread(target=self._prefetch_loop, name="liedeploy-prefetch", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -126,15 +144,64 @@ class Batcher:
                 next_due = due if next_due is None else min(next_due, due)
         if not ready:
             return _NOTHING, (None if next_due is None else max(0.0, next_due - now))
-        starving = [r for r in ready if now - r[1] >= self.max_wait]
+        # folded tasks, and those the prefetch thread could not make resident
+        resident = {r[0] for r in ready if r[0] in self._inline or self.backend.is_resident(r[0])}
+        starving = [r for r in ready if now - r[1] >= self.max_wait and (r[0] in resident or not self._prefetching)]
         if starving:
             return min(starving, key=lambda r: r[1])[0], 0.0
-        resident = [r for r in ready if self.backend.is_resident(r[0])]
         if resident:
-            return min(resident, key=lambda r: r[1])[0], 0.0
+            return min((r for r in ready if r[0] in resident), key=lambda r: r[1])[0], 0.0
+        if self._prefetching:  # cold tasks are folded by the prefetch thread: a worker never folds
+            due = min(r[1] for r in ready) + self.max_wait  # inline, so a folded task's next request
+            return _NOTHING, max(0.0, min(due - now, 0.05))  # never waits behind a fold
         return max(ready, key=lambda r: (r[2], -r[1]))[0], 0.0
 
+    # -- prefetch: folds beside the batches ---------------------------------------------------
+    def _cold_candidate(self):
+        """The queued task that is neither folded nor being folded: the one waiting longest when a
+        request has waited ``max_wait``, else the one with the most queued samples."""
+        best, now = None, time.monotonic()
+        for task, q in self._queues.items():
+            if task is None or not q or task in self._folding or task in self._inline or self.backend.is_resident(task):
+                continue
+            starving = now - q[0].arrived >= self.max_wait
+            key = (starving, -q[0].arrived if starving else self._rows[task], -q[0].arrived)
+            if best is None or key > best[0]:
+                best = (key, task)
+        return _NOTHING if best is None else best[1]
+
+    def _prefetch_loop(self) -> None:
+        if self.fold_threads:
+            try:
+                import torch
+
+                torch.set_num_threads(int(self.fold_threads))  # this thread's intra-op pool only
+            except ImportError:  # pragma: no cover - a backend without torch
+                pass
+        while True:
+            with self._cv:
+                while True:
+                    if self._stop:
+                        return
+                    task = self._cold_candidate()
+                    if task is not _NOTHING:
+                        self._folding.add(task)
+                        break
+                    self._cv.wait(timeout=0.05)
+            try:
+                self.backend.prefetch(task)
+                self.prefetched += 1
+                kept = self.backend.is_resident(task)
+            except Exception:  # noqa: BLE001 - the batch that runs the task reports it
+                kept = False
+            with self._cv:
+                if not kept:
+                    self._inline.add(task)
+                self._folding.discard(task)
+                self._cv.notify_all()
+
     def _take(self, task) -> list:
+        self._inline.discard(task)
         q = self._queues[task]
         first = q.popleft()
         batch, rows = [first], first.n

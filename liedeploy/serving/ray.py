@@ -27,7 +27,7 @@ from typing import Optional
 
 from liedeploy.errors import ConfigError, LieError, require
 
-__all__ = ["build_app", "RayRoutedBackend", "parse_args", "ingress_state", "REPLICA_KEY"]
+__all__ = ["build_app", "RayRoutedBackend", "parse_args", "ingress_state", "fit_replicas", "REPLICA_KEY"]
 
 from liedeploy.serving.app import REPLICA_KEY  # noqa: E402  (a backend output that names the replica, sent as a header)
 from liedeploy.serving.state import task_file  # noqa: E402
@@ -290,6 +290,63 @@ def _deployments():
     return serve, TaskReplica, Ingress
 
 
+INGRESS_CPUS = 0.1
+
+
+def fit_replicas(replicas: int, replica_num_cpus, cluster_cpus, *, device: str = "cpu", cluster_gpus=0.0,
+                 log=print) -> dict:
+    """Ray actor options that let ``replicas`` replicas and the ingress fit the cluster, or a refusal.
+
+    ``replica_num_cpus`` given (a number) must fit as it is: refused in one sentence naming the
+    setting otherwise (Ray would wait for the cluster forever). Not given (None): 1 CPU per replica
+    where that fits, else sized down so that they fit, and said in ``log``. ``device="cuda"`` takes a
+    GPU share per replica (refused on a cluster without GPUs). ``cluster_cpus`` None: unknown (no
+    check, 1 CPU per replica unless given).
+    """
+    from liedeploy.errors import ConfigError
+
+    replicas = max(1, int(replicas))
+    opts: dict = {}
+    if cluster_cpus is None:
+        opts["num_cpus"] = 1.0 if replica_num_cpus is None else float(replica_num_cpus)
+    else:
+        need = lambda per: replicas * per + INGRESS_CPUS  # noqa: E731
+        if replica_num_cpus is not None:
+            if need(float(replica_num_cpus)) > cluster_cpus + 1e-9:
+                raise ConfigError(
+                    f"{replicas} replica(s) x replica_num_cpus={float(replica_num_cpus):g} plus the ingress's "
+                    f"{INGRESS_CPUS:g} need {need(float(replica_num_cpus)):g} CPUs and the Ray cluster has "
+                    f"{cluster_cpus:g}: lower replica_num_cpus or num_replicas (Ray would wait for CPUs forever)")
+            opts["num_cpus"] = float(replica_num_cpus)
+        elif need(1.0) <= cluster_cpus + 1e-9:
+            opts["num_cpus"] = 1.0
+        else:
+            per = int((cluster_cpus - INGRESS_CPUS) / replicas * 100) / 100
+            if per < 0.01:
+                raise ConfigError(f"{replicas} replica(s) do not fit the Ray cluster's {cluster_cpus:g} CPUs: "
+                                  "lower num_replicas")
+            opts["num_cpus"] = per
+            log(f"liedeploy: replica_num_cpus sized to {per:g} so that {replicas} replica(s) and the ingress fit the "
+                f"cluster's {cluster_cpus:g} CPUs (set replica_num_cpus to choose)")
+    if device.startswith("cuda"):
+        if not cluster_gpus:
+            raise ConfigError("device=cuda but the Ray cluster has no GPU: start Ray on a GPU machine or use device=cpu")
+        opts["num_gpus"] = min(1.0, int(cluster_gpus / replicas * 100) / 100)
+        if opts["num_gpus"] < 0.01:
+            raise ConfigError(f"{replicas} replica(s) do not fit the Ray cluster's {cluster_gpus:g} GPUs: lower num_replicas")
+    return opts
+
+
+def _cluster_resources() -> tuple:
+    """``(CPUs, GPUs)`` of the connected Ray cluster, ``(None, None)`` when not connected."""
+    import ray
+
+    if not ray.is_initialized():
+        return None, None
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
 def build_app(args: dict):
     """Ray Serve application builder (``serve run liedeploy.serving.ray:build_app key=value ...``).
 
@@ -298,13 +355,18 @@ def build_app(args: dict):
     ``min_replicas``/``max_replicas``/``target_ongoing_requests`` (autoscaling),
     ``max_tasks_per_replica`` (default 8), ``cache_bytes``, ``max_batch``, ``max_delay_ms``,
     ``max_wait_ms``, ``max_queue``, ``max_body``, ``request_timeout``, ``admin_token_file``, ``device``,
-    ``threads``, ``replica_num_cpus`` (CPUs Ray reserves per replica, default 1), ``max_ongoing_requests``
+    ``threads``, ``replica_num_cpus`` (CPUs Ray reserves per replica; default 1, sized down and logged
+    when the replicas and the ingress would not fit the cluster's CPUs; a given value that does not fit
+    is refused), ``max_ongoing_requests``
     (per replica; past it Ray routes a task's batch to another replica), ``affinity`` (default true;
     false routes every batch to any replica, a baseline for measurements).
     """
     settings = parse_args(dict(args))
     serve, TaskReplica, Ingress = _deployments()
-    opts: dict = {"ray_actor_options": {"num_cpus": settings.get("replica_num_cpus", 1.0)}}
+    cpus, gpus = _cluster_resources()
+    most = settings.get("max_replicas", settings.get("min_replicas", settings.get("num_replicas", 1)))
+    opts: dict = {"ray_actor_options": fit_replicas(most, settings.get("replica_num_cpus"), cpus,
+                                                    device=settings.get("device", "cpu"), cluster_gpus=gpus)}
     if "max_ongoing_requests" in settings:
         opts["max_ongoing_requests"] = settings["max_ongoing_requests"]
     if "min_replicas" in settings or "max_replicas" in settings:
@@ -319,5 +381,5 @@ def build_app(args: dict):
     # the ingress batches: it must see every concurrent request (Ray's default of 5 ongoing
     # requests per replica would make the proxy queue the rest and the batches would stay tiny)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
-        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=settings.get("max_queue", 1024))
+        ray_actor_options={"num_cpus": INGRESS_CPUS}, max_ongoing_requests=settings.get("max_queue", 1024))
     return ingress.bind(replica.bind(settings, settings.get("max_tasks_per_replica", 8)), settings)

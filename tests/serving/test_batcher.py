@@ -1,0 +1,116 @@
+"""The batcher's pipeline: folds run beside batches, never before them, and never make a request
+wait past max_wait (fake backends with slow folds; bounded in time)."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+
+from liedeploy.serving.batcher import Batcher
+
+
+class SlowFolds:
+    """A backend whose folds take ``fold_s`` (single-flight per task, like the bank) and record events."""
+
+    kind = "fake"
+
+    def __init__(self, fold_s=0.3, run_s=0.01, resident=()):
+        self.fold_s, self.run_s = fold_s, run_s
+        self.resident = set(resident)
+        self.events: list = []
+        self.lock = threading.Lock()
+        self.locks: dict = {}
+
+    def is_resident(self, task):
+        return task is None or task in self.resident
+
+    def prefetch(self, task):
+        with self.lock:
+            lk = self.locks.setdefault(task, threading.Lock())
+        with lk:  # one fold per task: a second caller waits for the first
+            if task in self.resident:
+                return
+            self.events.append(("fold_start", task, time.monotonic()))
+            time.sleep(self.fold_s)
+            self.resident.add(task)
+            self.events.append(("fold_end", task, time.monotonic()))
+
+    def run(self, task, inputs):
+        if task is not None and task not in self.resident:
+            self.prefetch(task)  # as the bank does: a batch of a cold task folds it first
+        self.events.append(("run", task, time.monotonic()))
+        time.sleep(self.run_s)
+        return {"y": inputs["x"] * 2}
+
+
+async def _submit_all(b, jobs, timeout=10):
+    futs = [(task, time.monotonic(), b.submit(task, {"x": np.ones((1, 2), np.float32)}, 1)) for task in jobs]
+    done = []
+    for task, t0, f in futs:
+        await asyncio.wait_for(f, timeout)
+        done.append((task, time.monotonic() - t0))
+    return done
+
+
+def test_a_batch_never_runs_before_its_fold_has_finished():
+    backend = SlowFolds(fold_s=0.2)
+    b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=5.0)
+    try:
+        asyncio.run(_submit_all(b, ["a", "b", "c", "a", "b", "c"]))
+    finally:
+        b.close()
+    ends = {}
+    for kind, task, t in backend.events:
+        if kind == "fold_end":
+            ends[task] = t
+        if kind == "run":
+            assert task in ends and ends[task] <= t, backend.events
+    assert sorted(t for k, t, _ in backend.events if k == "fold_start") == ["a", "b", "c"]  # one fold each
+
+
+def test_requests_of_a_folded_task_never_wait_past_max_wait_while_folds_run():
+    backend = SlowFolds(fold_s=0.6, run_s=0.005, resident={"hot"})
+    b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=0.2)
+    try:
+        async def scenario():
+            cold = asyncio.ensure_future(_submit_all(b, ["cold1", "cold2"]))
+            await asyncio.sleep(0.05)  # the prefetch thread is folding now
+            hot = []
+            for _ in range(5):
+                hot += await _submit_all(b, ["hot"])
+                await asyncio.sleep(0.05)
+            await cold
+            return hot
+
+        waits = asyncio.run(scenario())
+    finally:
+        b.close()
+    assert max(w for _, w in waits) < 0.2, waits
+    assert b.prefetched >= 1
+
+
+def test_a_failing_prefetch_is_reported_by_the_batch_not_retried_in_a_loop():
+    class Broken(SlowFolds):
+        def prefetch(self, task):
+            self.events.append(("fold_start", task, time.monotonic()))
+            raise RuntimeError("corrupt factors")
+
+        def run(self, task, inputs):
+            raise RuntimeError("corrupt factors")
+
+    backend = Broken()
+    b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=0.5)
+    try:
+        async def one():
+            f = b.submit("bad", {"x": np.ones((1, 2), np.float32)}, 1)
+            try:
+                await asyncio.wait_for(f, 5)
+            except Exception as exc:  # noqa: BLE001
+                return exc
+
+        exc = asyncio.run(one())
+    finally:
+        b.close()
+    assert "corrupt factors" in str(exc)
+    assert sum(1 for k, *_ in backend.events if k == "fold_start") <= 2
