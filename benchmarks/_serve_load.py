@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent (0: uniform)")
     ap.add_argument("--json", action="store_true", help="send JSON tensors instead of binary")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latencies", action="store_true", help="include every latency (ms) in the JSON")
     args = ap.parse_args()
     spec = json.load(open(args.spec))
     tasks = spec["tasks"]  # [[task, expected key]]
@@ -100,6 +101,8 @@ def main() -> None:
     if len(lat_ms):
         res.update({"p50_ms": float(np.percentile(lat_ms, 50)), "p95_ms": float(np.percentile(lat_ms, 95)),
                     "p99_ms": float(np.percentile(lat_ms, 99))})
+    if args.latencies:
+        res["latencies_ms"] = [round(float(v), 3) for v in lat_ms]
     json.dump(res, sys.stdout)
 
 

@@ -94,23 +94,37 @@ def _metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def _load(proc: Proc, spec: str, *, zipf: float, duration: float, json_mode: bool = False, clients: int = 32) -> dict:
+def _load(proc: Proc, spec: str, *, zipf: float, duration: float, json_mode: bool = False, clients: int = 32,
+          procs: int = 1) -> dict:
+    """Drive ``proc`` with ``clients`` clients spread over ``procs`` load-generator processes."""
     import resource
+
+    import numpy as np
 
     c0 = _cpu_seconds(proc.p.pid)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start_rss = _peak_rss(proc.p.pid)
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "_serve_load.py"), "--host", proc.host, "--port",
-           str(proc.port), "--spec", spec, "--clients", str(clients), "--duration", str(duration), "--zipf", str(zipf)]
-    if json_mode:
-        cmd.append("--json")
     t0 = time.monotonic()
-    lp = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    out, _ = lp.communicate(timeout=duration + 300)
+    gens = []
+    for i in range(procs):
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "_serve_load.py"), "--host", proc.host, "--port",
+               str(proc.port), "--spec", spec, "--clients", str(clients // procs + (i < clients % procs)),
+               "--duration", str(duration), "--zipf", str(zipf), "--seed", str(i), "--latencies"]
+        if json_mode:
+            cmd.append("--json")
+        gens.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    outs = [json.loads(g.communicate(timeout=duration + 300)[0]) for g in gens]
     wall = time.monotonic() - t0
-    res = json.loads(out)
+    lat = np.concatenate([np.asarray(o.pop("latencies_ms", []), float) for o in outs] or [np.zeros(0)])
+    res = {"requests": sum(o["requests"] for o in outs), "rps": sum(o["rps"] for o in outs),
+           "errors": sum(o["errors"] for o in outs), "wrong": sum(o["wrong"] for o in outs),
+           "error_kinds": sorted({k for o in outs for k in o["error_kinds"]})[:5], "load_procs": procs}
+    if len(lat):
+        res.update({"p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                    "p99_ms": float(np.percentile(lat, 99))})
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res["server_cpu_s"] = _cpu_seconds(proc.p.pid) - c0
+    res["server_cores_busy"] = res["server_cpu_s"] / max(wall, 1e-9) / (os.cpu_count() or 1)
     res["client_cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     res["server_start_rss"] = start_rss
     res["wall_s"] = wall
@@ -163,31 +177,44 @@ def _setup(work: str, n_tasks: int) -> dict:
     return {"base": base_path, "sizes": sizes, "spec_one": one, "base_bytes": base_bytes}
 
 
-def _serve(setup, n: int, budget: int, *, max_batch: int = 16, threads: int = 2) -> Proc:
+def _serve(setup, n: int, budget: int, *, max_batch: int = 16, threads: int = 2, fold_threads: int = 1) -> Proc:
     return Proc([sys.executable, "-m", "liedeploy.cli", "serve", "--model", "benchmarks.serve_models:resnet18",
                  "--weights", setup["base"], "--adapters", setup["sizes"][n]["dir"], "--input-shape", "1,3,64,64",
                  "--port", "0", "--max-batch", str(max_batch), "--max-delay-ms", "4", "--cache-bytes", str(budget),
-                 "--max-queue", "4096", "--threads", str(threads)])
+                 "--max-queue", "4096", "--threads", str(threads), "--fold-threads", str(fold_threads)])
+
+
+def _naive(setup, n: int, budget: int, workers: int, threads: int) -> Proc:
+    return Proc([sys.executable, os.path.join(ROOT, "benchmarks", "naive_server.py"), "--merged",
+                 setup["sizes"][n]["merged"], "--budget-bytes", str(budget), "--workers", str(workers),
+                 "--threads", str(threads)])
 
 
 def main(argv=None) -> int:
+    import statistics
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=15.0, help="seconds of load per configuration")
-    ap.add_argument("--quick", action="store_true", help="fewer configurations (1,000 tasks and the baselines only)")
-    ap.add_argument("--ray", action="store_true", help="also the Ray Serve application with 2 replicas")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration and run")
+    ap.add_argument("--runs", type=int, default=3, help="runs of every configuration (medians and spreads)")
+    ap.add_argument("--quick", action="store_true", help="one run of each configuration")
+    ap.add_argument("--ray", action="store_true", help="also the Ray Serve application with 2 replicas (one run)")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "results", "serve_cpu.json"))
     args = ap.parse_args(argv)
-    results = {}
+    runs = 1 if args.quick else args.runs
+    cores = os.cpu_count() or 1
+    raw: dict = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
         t0 = time.monotonic()
         setup = _setup(work, 1000)
-        print(f"setup: base {setup['base_bytes'] / 1e6:.0f} MB, {DISTINCT} distinct adapters, "
+        s = setup["sizes"]
+        print(f"setup: base {setup['base_bytes'] / 1e6:.0f} MB, {DISTINCT} distinct adapters, {cores} cores, "
               f"{time.monotonic() - t0:.0f} s", flush=True)
+        budget = GB // 2
 
-        def run(label, proc_fn, spec, zipf, json_mode=False, naive=False):
+        def run(label, proc_fn, spec, zipf, json_mode=False, naive=False, procs=1):
             proc = proc_fn()
             try:
-                res = _load(proc, spec, zipf=zipf, duration=args.duration, json_mode=json_mode)
+                res = _load(proc, spec, zipf=zipf, duration=args.duration, json_mode=json_mode, procs=procs)
                 if naive:
                     res["folds"] = json.loads(urllib.request.urlopen(proc.url + "/loads").read())["loads"]
                 else:
@@ -196,61 +223,70 @@ def main(argv=None) -> int:
                         _metric(proc.url, "liedeploy_batch_size_count"), 1)
             finally:
                 proc.stop()
-            results[label] = res
-            print(f"{label:40s} {res['rps']:8.1f} req/s  p50 {res.get('p50_ms', 0):7.1f}  p95 {res.get('p95_ms', 0):7.1f}  "
-                  f"p99 {res.get('p99_ms', 0):7.1f} ms  err {res['errors']}  wrong {res['wrong']}  folds {res['folds']:.0f}  "
-                  f"batch {res.get('mean_batch', 1):.1f}  rss {res['server_peak_rss'] / 1e6:.0f} MB  cpu srv {res['server_cpu_s']:.1f} s cli {res['client_cpu_s']:.1f} s", flush=True)
-            return res
+            raw.setdefault(label, []).append(res)
+            print(f"{label:46s} {res['rps']:7.1f} req/s  p50 {res.get('p50_ms', 0):6.1f}  p99 {res.get('p99_ms', 0):7.1f} ms  "
+                  f"err {res['errors']}  wrong {res['wrong']}  loads {res['folds']:.0f}  batch {res.get('mean_batch', 1):.1f}  "
+                  f"rss {res['server_peak_rss'] / 1e6:.0f} MB  cores busy {res['server_cores_busy']:.2f}", flush=True)
 
-        s = setup["sizes"]
-        run("ceiling: 1 task, 2 GB", lambda: _serve(setup, 1, 2 * GB), setup["spec_one"], 0)
-        run("ceiling, JSON tensors", lambda: _serve(setup, 1, 2 * GB), setup["spec_one"], 0, json_mode=True)
-        run("--max-batch 1: 1 task", lambda: _serve(setup, 1, 2 * GB, max_batch=1), setup["spec_one"], 0)
-        run("10 tasks uniform, 2 GB", lambda: _serve(setup, 10, 2 * GB), s[10]["spec"], 0)
-        if not args.quick:
-            run("10 tasks uniform, 0.5 GB", lambda: _serve(setup, 10, GB // 2), s[10]["spec"], 0)
-            for n in (1, 10, 100):
-                for budget, bl in ((GB // 2, "0.5 GB"), (2 * GB, "2 GB")):
-                    run(f"{n} tasks Zipf(1.1), {bl}", lambda n=n, budget=budget: _serve(setup, n, budget), s[n]["spec"], 1.1)
-        for budget, bl in ((GB // 2, "0.5 GB"), (2 * GB, "2 GB")):
-            run(f"1000 tasks Zipf(1.1), {bl}", lambda budget=budget: _serve(setup, 1000, budget), s[1000]["spec"], 1.1)
-            run(f"naive: 1000 tasks Zipf(1.1), {bl}",
-                lambda budget=budget: Proc([sys.executable, os.path.join(ROOT, "benchmarks", "naive_server.py"), "--merged",
-                                            s[1000]["merged"], "--budget-bytes", str(budget)]),
-                s[1000]["spec"], 1.1, naive=True)
+        naive_configs = [(w, cores // w) for w in (1, cores) if cores // w >= 1]  # workers x threads = cores
+        for _ in range(runs):
+            for w, th in naive_configs:  # the naive server's sweep (its best is the baseline)
+                run(f"naive {w}x{th}: 1000 tasks Zipf, binary", lambda w=w, th=th: _naive(setup, 1000, budget, w, th),
+                    s[1000]["spec"], 1.1, naive=True)
+            run("liedeploy: 1000 tasks Zipf, binary", lambda: _serve(setup, 1000, budget), s[1000]["spec"], 1.1)
+            run("liedeploy: 1000 tasks Zipf, binary, 2 load procs", lambda: _serve(setup, 1000, budget),
+                s[1000]["spec"], 1.1, procs=2)
+            run("liedeploy --fold-threads 0: 1000 tasks Zipf", lambda: _serve(setup, 1000, budget, fold_threads=0),
+                s[1000]["spec"], 1.1)
+            run("liedeploy: 1000 tasks Zipf, JSON", lambda: _serve(setup, 1000, budget), s[1000]["spec"], 1.1,
+                json_mode=True)
+            run("liedeploy: 1 task (ceiling), binary", lambda: _serve(setup, 1, budget), setup["spec_one"], 0)
+            run("liedeploy: 10 tasks uniform, binary", lambda: _serve(setup, 10, budget), s[10]["spec"], 0)
+        med = {k: statistics.median(r["rps"] for r in v) for k, v in raw.items()}
+        best = max(naive_configs, key=lambda c: med[f"naive {c[0]}x{c[1]}: 1000 tasks Zipf, binary"])
+        nb = f"{best[0]}x{best[1]}"
+        for _ in range(runs):  # the best naive configuration for the other workloads
+            run(f"naive {nb}: 1000 tasks Zipf, JSON", lambda: _naive(setup, 1000, budget, *best), s[1000]["spec"], 1.1,
+                json_mode=True, naive=True)
+            run(f"naive {nb}: 1 task, binary", lambda: _naive(setup, 1, budget, *best), setup["spec_one"], 0, naive=True)
         if args.ray:
             from benchmarks.bench_serve_ray import run_ray
 
-            results.update(run_ray(setup, s, args.duration, _load))
-    ceiling = results["ceiling: 1 task, 2 GB"]["rps"]
+            for label, res in run_ray(setup, s, args.duration).items():
+                raw[label] = [res]
+        med = {k: statistics.median(r["rps"] for r in v) for k, v in raw.items()}
+
+    def ratio(a, b):
+        va = [r["rps"] for r in raw[a]]
+        vb = [r["rps"] for r in raw[b]]
+        return {"median": med[a] / med[b], "min": min(va) / max(vb), "max": max(va) / min(vb)}
+
     ratios = {
-        "10 tasks uniform / ceiling": results["10 tasks uniform, 2 GB"]["rps"] / ceiling,
-        "batching (max-batch 16) / --max-batch 1, 1 task": ceiling / results["--max-batch 1: 1 task"]["rps"],
-        "JSON / binary tensors, 1 task": results["ceiling, JSON tensors"]["rps"] / ceiling,
+        "1000 tasks Zipf, binary: liedeploy / competent naive": ratio("liedeploy: 1000 tasks Zipf, binary",
+                                                                       f"naive {nb}: 1000 tasks Zipf, binary"),
+        "1000 tasks Zipf, JSON: liedeploy / competent naive": ratio("liedeploy: 1000 tasks Zipf, JSON",
+                                                                     f"naive {nb}: 1000 tasks Zipf, JSON"),
+        "1 task: liedeploy / competent naive (batching)": ratio("liedeploy: 1 task (ceiling), binary", f"naive {nb}: 1 task, binary"),
+        "10 tasks uniform / ceiling": ratio("liedeploy: 10 tasks uniform, binary", "liedeploy: 1 task (ceiling), binary"),
+        "1000 tasks: 2 load processes / 1": ratio("liedeploy: 1000 tasks Zipf, binary, 2 load procs",
+                                                  "liedeploy: 1000 tasks Zipf, binary"),
+        "1000 tasks: --fold-threads 1 (prefetch) / 0 (inline folds)": ratio("liedeploy: 1000 tasks Zipf, binary",
+                                                                          "liedeploy --fold-threads 0: 1000 tasks Zipf"),
     }
-    for bl in ("0.5 GB", "2 GB"):
-        z = results[f"1000 tasks Zipf(1.1), {bl}"]["rps"]
-        ratios[f"1000 tasks Zipf, {bl}: liedeploy / naive"] = z / max(results[f"naive: 1000 tasks Zipf(1.1), {bl}"]["rps"], 1e-9)
-        ratios[f"1000 tasks Zipf, {bl}: liedeploy / ceiling"] = z / ceiling
-    if args.ray:
-        single = results["10 tasks uniform, 2 GB"]["rps"]
-        ratios["ray 2 replicas / single process, 10 tasks uniform"] = results["ray 2 replicas: 10 tasks uniform"]["rps"] / single
-        ratios["ray 2 replicas / single process, 1000 tasks Zipf"] = (
-            results["ray 2 replicas: 1000 tasks Zipf(1.1), affinity"]["rps"] / results["1000 tasks Zipf(1.1), 0.5 GB"]["rps"])
-    budget_ok = {k: {"peak_rss": v["server_peak_rss"], "rss_after_start": v["server_start_rss"],
-                     "limit_base_budget_300MB": setup["base_bytes"] + (GB // 2 if "0.5 GB" in k else 2 * GB) + 300e6,
-                     "within": v["server_peak_rss"] <= setup["base_bytes"] + (GB // 2 if "0.5 GB" in k else 2 * GB) + 300e6}
-                 for k, v in results.items() if "GB" in k and not k.startswith("naive")}
+    busy = {k: statistics.median(r["server_cores_busy"] for r in v) for k, v in raw.items()}
+    rss = {k: max(r["server_peak_rss"] for r in v) for k, v in raw.items()}
     print()
-    print(f"{'ratio':60s} {'value':>8s}")
+    print(f"competent naive baseline: {nb} (workers x torch threads, best of {[f'{w}x{t}' for w, t in naive_configs]})")
+    print(f"{'ratio (median of ' + str(runs) + ' runs; min-max)':62s} {'value':>8s}")
     for k, v in ratios.items():
-        print(f"{k:60s} {v:8.2f}x")
-    for k, v in budget_ok.items():
-        print(f"peak RSS {k:44s} {v['peak_rss'] / 1e6:6.0f} MB (after start {v['rss_after_start'] / 1e6:5.0f} MB; "
-              f"limit base+budget+300 MB {v['limit_base_budget_300MB'] / 1e6:5.0f} MB: {'within' if v['within'] else 'OVER'})")
-    print(f"zero errors and zero wrong outputs: {all(r['errors'] == 0 and r['wrong'] == 0 for r in results.values())}")
-    out = {"results": results, "ratios": ratios, "base_bytes": setup["base_bytes"], "duration": args.duration,
-           "peak_rss_vs_base_budget_300MB": budget_ok}
+        print(f"{k:62s} {v['median']:7.2f}x  ({v['min']:.2f}-{v['max']:.2f})")
+    print(f"server cores busy, 1000 tasks: {busy['liedeploy: 1000 tasks Zipf, binary']:.2f} of {cores}; naive {nb}: "
+          f"{busy[f'naive {nb}: 1000 tasks Zipf, binary']:.2f}")
+    print(f"peak RSS, 1000 tasks, budget {budget / 1e6:.0f} MB: liedeploy {rss['liedeploy: 1000 tasks Zipf, binary'] / 1e6:.0f} MB, "
+          f"naive {nb} {rss[f'naive {nb}: 1000 tasks Zipf, binary'] / 1e6:.0f} MB")
+    print(f"zero errors and zero wrong outputs: {all(r['errors'] == 0 and r['wrong'] == 0 for v in raw.values() for r in v)}")
+    out = {"runs": raw, "median_rps": med, "ratios": ratios, "naive_best": nb, "cores_busy": busy, "peak_rss": rss,
+           "base_bytes": setup["base_bytes"], "duration": args.duration, "budget_bytes": budget}
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=2)
     return 0

@@ -18,7 +18,9 @@ A worker never folds: it runs folded tasks (the oldest first once a request has 
 the cold task waiting longest once one has waited ``max_wait``, else the one with the most queued
 samples. A fold that fails leaves the task to a worker, whose batch reports the error. The prefetch thread runs torch with
 ``fold_threads`` intra-op threads (default 1: on a small machine the workers keep the other
-cores; a fold and a batch then run side by side).
+cores; a fold and a batch then run side by side). At most ``prefetch_depth`` (default 4) folded
+tasks wait for a worker, so prefetching never evicts what it folded before it ran (the README's
+serving table gives the measured effect).
 
 One request never poisons its batch: when a batch of several requests fails with anything but a
 task error, its requests are run again one by one; the ones that fail alone are answered 400 with
@@ -75,7 +77,8 @@ class Batcher:
 
     def __init__(self, backend, *, max_batch: int = 8, max_delay: float = 0.005, max_queue: int = 1024,
                  max_wait: float = 0.2, workers: int = 1, on_batch: Optional[Callable] = None,
-                 on_task_error: Optional[Callable] = None, prefetch: bool = True, fold_threads: Optional[int] = 1):
+                 on_task_error: Optional[Callable] = None, prefetch: bool = True, fold_threads: Optional[int] = 1,
+                 prefetch_depth: int = 4):
         self.backend = backend
         self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
         self.on_batch, self.on_task_error = on_batch, on_task_error
@@ -86,6 +89,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self._folding: set = set()  # tasks the prefetch thread is folding now
+        self._ahead: set = set()  # tasks it folded whose batches no worker has taken yet
+        self.prefetch_depth = int(prefetch_depth)
         # tasks the prefetch thread could not make resident (the fold failed, or the cache cannot
         # hold the task): a worker runs them as they are, folding inline, and reports any error
         self._inline: set = set()
@@ -151,9 +156,9 @@ class Batcher:
             return min(starving, key=lambda r: r[1])[0], 0.0
         if resident:
             return min((r for r in ready if r[0] in resident), key=lambda r: r[1])[0], 0.0
-        if self._prefetching:  # cold tasks are folded by the prefetch thread: a worker never folds
-            due = min(r[1] for r in ready) + self.max_wait  # inline, so a folded task's next request
-            return _NOTHING, max(0.0, min(due - now, 0.05))  # never waits behind a fold
+        if self._prefetching:  # cold tasks are folded by the prefetch thread, which notifies when a
+            return _NOTHING, 0.05  # fold is done: a worker never folds inline, so a folded task's
+            # next request never waits behind a fold
         return max(ready, key=lambda r: (r[2], -r[1]))[0], 0.0
 
     # -- prefetch: folds beside the batches ---------------------------------------------------
@@ -170,6 +175,11 @@ class Batcher:
                 best = (key, task)
         return _NOTHING if best is None else best[1]
 
+    def _ahead_ok(self) -> bool:
+        """Whether the prefetch thread may fold another task now (at most ``prefetch_depth`` folded
+        tasks wait for a worker, so prefetching never evicts what it folded before it ran)."""
+        return len(self._ahead) < self.prefetch_depth
+
     def _prefetch_loop(self) -> None:
         if self.fold_threads:
             try:
@@ -183,7 +193,7 @@ class Batcher:
                 while True:
                     if self._stop:
                         return
-                    task = self._cold_candidate()
+                    task = self._cold_candidate() if self._ahead_ok() else _NOTHING
                     if task is not _NOTHING:
                         self._folding.add(task)
                         break
@@ -197,11 +207,14 @@ class Batcher:
             with self._cv:
                 if not kept:
                     self._inline.add(task)
+                elif task in self._queues:
+                    self._ahead.add(task)
                 self._folding.discard(task)
                 self._cv.notify_all()
 
     def _take(self, task) -> list:
         self._inline.discard(task)
+        self._ahead.discard(task)
         q = self._queues[task]
         first = q.popleft()
         batch, rows = [first], first.n
