@@ -145,14 +145,9 @@ def test_a_head_with_another_number_of_classes_is_accepted(tmp_path, write_adapt
 # newcomer edges -------------------------------------------------------------------------------------
 def test_export_task_models_creates_its_folder_and_prints_no_evaluation_noise(tmp_path, write_adapter, capfd):
     pytest.importorskip("onnxruntime")
-    from tests.exporters.arch import ARCHS
+    from tests.exporters.arch import conv3d_files
 
-    factory, _, _ = ARCHS["conv3d"]
-    torch.manual_seed(0)
-    base = factory()
-    w = str(tmp_path / "w.safetensors")
-    save_state_dict(base, w)
-    a = write_adapter(base, tmp_path / "a.safetensors", ["0"])
+    w, a = conv3d_files(tmp_path)
     out = tmp_path / "new" / "folder"
     assert main(["export", "--onnx", "--model", "tests.exporters.arch:conv3d", "--weights", w,
                  "--input-shape", "1,2,4,8,8", "-o", str(out), "--task-models", a]) == 0

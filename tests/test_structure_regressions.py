@@ -94,15 +94,9 @@ def test_an_empty_admin_token_file_is_refused_by_serve_and_ray_alike(tmp_path): 
 @pytest.mark.parametrize("step", ["publish:1", "publish:2", "committed"])
 def test_for_trt_graph_is_never_published_without_its_manifest(tmp_path, step):  # bug 7
     pytest.importorskip("onnxruntime")
-    from tests.conftest import _write_adapter
-    from tests.exporters.arch import ARCHS
+    from tests.exporters.arch import conv3d_files
 
-    factory, _, _ = ARCHS["conv3d"]
-    torch.manual_seed(0)
-    base = factory()
-    w = str(tmp_path / "w.safetensors")
-    save_state_dict(base, w)
-    a = _write_adapter(base, tmp_path / "a.safetensors", ["0"])
+    w, a = conv3d_files(tmp_path)
     out = str(tmp_path / "out" / "m.onnx")
     os.makedirs(os.path.dirname(out))
     argv = ["export", "--onnx", "--for-trt", "--model", "tests.exporters.arch:conv3d", "--weights", w,

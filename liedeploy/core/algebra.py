@@ -49,6 +49,7 @@ def fold_sum(
     out_dtype: Optional[torch.dtype] = None,
     out: Optional[torch.Tensor] = None,
     check: Optional[list] = None,
+    path: Optional[str] = None,
 ) -> torch.Tensor:
     """Fold several perturbations at once: W * map(sum_i s_i dW_i).
 
@@ -60,7 +61,13 @@ def fold_sum(
     With ``check=[]``, ``True`` is appended if every result is finite (tested block by block
     while the block is in cache: a sum is non-finite iff some element is, up to overflow of the
     sum itself, which is then settled by an exact test), else ``False``.
+
+    The product of each block is computed with ``mm``; the rest of the block (the map, the
+    multiply by W, the rounding) runs as one generated kernel where :func:`liedeploy.core.fused.fold_path`
+    says ``"fused"``, else as eager in-place ops (``"blocked"``); ``path`` forces one. Both round once.
     """
+    from liedeploy.core.fused import fold_path
+
     if expmap not in ("exact", "first_order"):
         raise ConfigError(f"expmap must be 'exact' or 'first_order', got {expmap!r}")
     cdt = compute_dtype(W.dtype)
@@ -82,6 +89,8 @@ def fold_sum(
         O2 = out.view(m, -1)
         n = W2.shape[1]
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
+        if (path or fold_path(W.device)) == "fused":
+            return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
         # write blocks straight into ``out`` unless a cast is needed or ``out`` is W itself (in place)
         direct = out_dtype == cdt and not in_place
         buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
@@ -118,6 +127,32 @@ def fold_sum(
         return out
 
 
+def _fold_fused(W2, O2, out, pairs, expmap: str, rows: int, cdt, check) -> torch.Tensor:
+    """The fused path of :func:`fold_sum`: per block, ``mm`` then one generated kernel."""
+    from liedeploy.core.fused import fused_block
+
+    m, n = W2.shape
+    prod = torch.empty((min(rows, m), n), dtype=cdt, device=W2.device)
+    total = None
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        p = prod[: r1 - r0]
+        B0, A0 = pairs[0]
+        torch.mm(B0[r0:r1], A0, out=p)
+        for Bi, Ai in pairs[1:]:
+            p.addmm_(Bi[r0:r1], Ai)
+        O2[r0:r1].copy_(fused_block(p, W2[r0:r1], expmap == "exact", O2.dtype))
+        if check is not None:
+            bs = O2[r0:r1].sum(dtype=cdt)
+            total = bs if total is None else total.add_(bs)
+    if check is not None:
+        ok = total is None or bool(torch.isfinite(total))
+        if not ok:
+            ok = bool(torch.isfinite(out).all())
+        check.append(ok)
+    return out
+
+
 class LieFold(torch.autograd.Function):
     """W' = W * map(scale * reshape(B @ A)) with a backward that recomputes map(dW) block by block.
 
@@ -133,7 +168,7 @@ class LieFold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, B, A, scale: float, expmap: str):  # type: ignore[override]
         with torch.autocast(W.device.type, enabled=False):
-            out = fold_sum(W, [(B, A, scale)], expmap)
+            out = fold_sum(W, [(B, A, scale)], expmap, path="blocked")  # training: eager ops only
         ctx.save_for_backward(W, B, A)
         ctx.scale = scale
         ctx.expmap = expmap

@@ -44,6 +44,8 @@ class ServerMetrics:
                 yield GaugeMetricFamily("liedeploy_resident_bytes", "Bytes of folded tasks", value=s["resident_bytes"])
                 yield GaugeMetricFamily("liedeploy_registered_tasks", "Tasks registered", value=s["registered"])
                 yield GaugeMetricFamily("liedeploy_queue_depth", "Requests waiting for a batch", value=queue_depth())
+                yield GaugeMetricFamily("liedeploy_fold_fused", "1 when folds run the fused (generated) kernel, "
+                                        "0 for the blocked eager path", value=s.get("fold_fused", 0.0))
 
         self.registry.register(_Backend())
 

@@ -83,3 +83,12 @@ def marker(path):
     """A factory that records that it ran (tests of usage errors check it never did)."""
     open(path, "w").write("built")
     return nn.Linear(4, 2)
+
+
+def conv3d_files(folder):
+    """``(base weights, adapter)`` files of the conv3d case in ``folder`` (for CLI export tests)."""
+    from tests.conftest import _write_adapter, save_state_dict
+
+    torch.manual_seed(0)
+    base = conv3d()
+    return save_state_dict(base, folder / "w.safetensors"), _write_adapter(base, folder / "a.safetensors", ["0"])

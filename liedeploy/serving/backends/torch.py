@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from liedeploy.serving.backend import discover_task_files, run_mixed_by_task
+from liedeploy.core.fused import fold_path
 from liedeploy.core.outputs import flatten_named
 from liedeploy.serving.specs import TensorSpec
 
@@ -140,7 +141,8 @@ class TorchBackend:
         s = self.bank.stats
         return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
                 "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
-                "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"]}
+                "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"],
+                "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0}
 
 
 def _to_numpy(t) -> np.ndarray:
