@@ -69,9 +69,9 @@ def add_parser(sub) -> None:
                    help="seconds an idle connection is kept between requests (default 5)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is answered 503")
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads")
-    p.add_argument("--fold-threads", type=int, default=1,
-                   help="intra-op threads of the thread that folds cold tasks beside the batches (default 1; "
-                        "0: no such thread, batches fold their task inline)")
+    p.add_argument("--fold-ahead", type=int, default=4,
+                   help="cold tasks folded beside the batches that may wait for their batch (default 4; 0: no "
+                        "prefetch thread, a batch folds its task inline)")
     p.add_argument("--trt-slots", type=int, default=2, help="--backend trt: engines on the GPU, each refitted to one task")
     p.set_defaults(run=run, check=check)
 
@@ -82,7 +82,7 @@ def check(args) -> None:
     from liedeploy.cli.export_cmd import check_model_flags, parse_shape
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
-                        ("--trt-slots", args.trt_slots, 1), ("--fold-threads", args.fold_threads, 0)):
+                        ("--trt-slots", args.trt_slots, 1), ("--fold-ahead", args.fold_ahead, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -134,7 +134,7 @@ def run(args) -> int:
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
         max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
-        trt_slots=args.trt_slots, fold_threads=args.fold_threads, max_connections=args.max_connections, header_timeout=args.header_timeout,
+        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, max_connections=args.max_connections, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout, keep_alive=args.keep_alive_timeout,
         max_inflight_bytes=(parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
                             if args.max_inflight_bytes is not None else None),

@@ -13,14 +13,14 @@ asyncio future with ``call_soon_threadsafe``.
 
 Folds overlap inference: a prefetch thread folds the cold task with the most queued samples while
 the workers run batches of folded tasks, so cores are not idle while requests wait for a fold.
+Both use the process's torch threads (``torch.set_num_threads`` in one thread also changes the
+default of every thread that has not set its own, so no thread here sets it).
 A worker never folds: it runs folded tasks (the oldest first once a request has waited
 ``max_wait``), and a cold task once the prefetch thread has folded it; the prefetch thread takes
 the cold task waiting longest once one has waited ``max_wait``, else the one with the most queued
-samples. A fold that fails leaves the task to a worker, whose batch reports the error. The prefetch thread runs torch with
-``fold_threads`` intra-op threads (default 1: on a small machine the workers keep the other
-cores; a fold and a batch then run side by side). At most ``prefetch_depth`` (default 4) folded
-tasks wait for a worker, so prefetching never evicts what it folded before it ran (the README's
-serving table gives the measured effect).
+samples. A fold that fails leaves the task to a worker, whose batch reports the error. At most ``fold_ahead`` (default 4) folded tasks wait for a worker, so
+prefetching never evicts what it folded before it ran; ``fold_ahead=0`` turns the prefetch thread
+off (workers fold inline). The README's serving table gives the measured effect.
 
 One request never poisons its batch: when a batch of several requests fails with anything but a
 task error, its requests are run again one by one; the ones that fail alone are answered 400 with
@@ -77,8 +77,7 @@ class Batcher:
 
     def __init__(self, backend, *, max_batch: int = 8, max_delay: float = 0.005, max_queue: int = 1024,
                  max_wait: float = 0.2, workers: int = 1, on_batch: Optional[Callable] = None,
-                 on_task_error: Optional[Callable] = None, prefetch: bool = True, fold_threads: Optional[int] = 1,
-                 prefetch_depth: int = 4):
+                 on_task_error: Optional[Callable] = None, fold_ahead: int = 4):
         self.backend = backend
         self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
         self.on_batch, self.on_task_error = on_batch, on_task_error
@@ -90,11 +89,11 @@ class Batcher:
         self._stop = False
         self._folding: set = set()  # tasks the prefetch thread is folding now
         self._ahead: set = set()  # tasks it folded whose batches no worker has taken yet
-        self.prefetch_depth = int(prefetch_depth)
+        self.prefetch_depth = max(0, int(fold_ahead))
+        prefetch = self.prefetch_depth > 0
         # tasks the prefetch thread could not make resident (the fold failed, or the cache cannot
         # hold the task): a worker runs them as they are, folding inline, and reports any error
         self._inline: set = set()
-        self.fold_threads = fold_threads
         self.prefetched = 0
         self._prefetching = bool(prefetch)
         self._threads = [threading.Thread(target=self._work, name=f"liedeploy-batcher-{i}", daemon=True)
@@ -181,13 +180,6 @@ class Batcher:
         return len(self._ahead) < self.prefetch_depth
 
     def _prefetch_loop(self) -> None:
-        if self.fold_threads:
-            try:
-                import torch
-
-                torch.set_num_threads(int(self.fold_threads))  # this thread's intra-op pool only
-            except ImportError:  # pragma: no cover - a backend without torch
-                pass
         while True:
             with self._cv:
                 while True:

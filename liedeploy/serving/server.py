@@ -50,7 +50,7 @@ class ServeConfig:
     request_timeout: float = 60.0
     drain_timeout: float = 30.0
     threads: Optional[int] = None
-    fold_threads: int = 1  # 0: no prefetch thread, workers fold inline
+    fold_ahead: int = 4  # folded tasks that may wait for a batch; 0: no prefetch thread, workers fold inline
     trt_slots: int = 2
 
     def input_specs(self) -> list:
@@ -134,7 +134,7 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                          max_body=cfg.max_body, max_inflight_bytes=cfg.max_inflight_bytes, request_timeout=cfg.request_timeout, replica_id=replica_id,
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0,
-                                       prefetch=cfg.fold_threads > 0, fold_threads=cfg.fold_threads or None))
+                                       fold_ahead=cfg.fold_ahead))
     state.scan()
     return state
 

@@ -114,3 +114,21 @@ def test_a_failing_prefetch_is_reported_by_the_batch_not_retried_in_a_loop():
         b.close()
     assert "corrupt factors" in str(exc)
     assert sum(1 for k, *_ in backend.events if k == "fold_start") <= 2
+
+
+def test_no_thread_changes_the_torch_thread_count():
+    import torch
+
+    class Probe(SlowFolds):
+        def run(self, task, inputs):
+            self.events.append(("threads", torch.get_num_threads(), time.monotonic()))
+            return super().run(task, inputs)
+
+    before = torch.get_num_threads()
+    backend = Probe(fold_s=0.05)
+    b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=1.0)
+    try:
+        asyncio.run(_submit_all(b, ["a", "b", "a"]))
+    finally:
+        b.close()
+    assert {n for k, n, _ in backend.events if k == "threads"} == {before} and torch.get_num_threads() == before
