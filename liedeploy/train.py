@@ -57,9 +57,13 @@ def train_adapters(
 
     Args:
         model: a model prepared with ``apply_adapters_``.
-        data: an iterable of ``(inputs, targets)`` batches (e.g. a DataLoader), re-iterated per epoch.
+        data: an iterable of batches (e.g. a DataLoader), re-iterated per epoch: ``(inputs, targets)``
+            pairs (``inputs`` a tensor, or a dict of keyword inputs), or dicts of keyword inputs as
+            transformers' collators make them (``input_ids``, ``attention_mask``, ``labels``).
         epochs, lr, weight_decay: optimisation settings.
-        loss_fn: ``loss_fn(model(inputs), targets)``.
+        loss_fn: ``loss_fn(logits, targets)``. A transformers model that returns a ``loss`` (it was
+            given ``labels``) is trained on that loss; otherwise the output's ``logits`` (or the
+            output itself, for a plain module) go to ``loss_fn``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``...
         bf16: autocast to bfloat16; ``"auto"`` = on for CUDA devices that support it.
         checkpoint: adapter file written (atomically) after every epoch: factors only.
@@ -85,15 +89,17 @@ def train_adapters(
     for epoch in range(epochs):
         total, count = 0.0, 0
         bar = progress_bar(data, desc=f"{desc} {epoch + 1}/{epochs}", enabled=progress)
-        for x, y in bar:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        for batch in bar:
+            inputs, targets = _split(batch, dev)
             with _autocast(dev, bf16):
-                loss = loss_fn(model(x), y)
+                out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                loss = _loss(out, targets, loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
+            n = _batch_size(inputs)
+            total += float(loss.detach()) * n
+            count += n
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         history.append(total / max(count, 1))
@@ -101,6 +107,47 @@ def train_adapters(
             save_adapter(model, checkpoint, name=name)
     model.eval()
     return history
+
+
+def _to(value, dev):
+    if isinstance(value, torch.Tensor):
+        return value.to(dev, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to(v, dev) for k, v in value.items()}
+    return value
+
+
+def _split(batch, dev):
+    """``(inputs, targets or None)`` on ``dev`` from a ``(inputs, targets)`` pair or a keyword dict."""
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")):
+        return _to(dict(batch), dev), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return _to(batch[0], dev), _to(batch[1], dev)
+    raise ConfigError("train_adapters takes (inputs, targets) batches or dicts of keyword inputs "
+                      f"(input_ids, attention_mask, labels...), got a {type(batch).__name__}")
+
+
+def _loss(out, targets, loss_fn):
+    loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
+    if loss is not None:
+        return loss
+    logits = out
+    if not isinstance(out, torch.Tensor):
+        logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+        if logits is None:
+            raise ConfigError("the model's output has neither a loss nor logits: pass labels in the batch, or "
+                              "return a tensor")
+    if targets is None:
+        raise ConfigError("the batch has no targets and the model returned no loss: pass (inputs, targets) "
+                          "or put labels in the batch")
+    return loss_fn(logits, targets)
+
+
+def _batch_size(inputs) -> int:
+    if isinstance(inputs, dict):
+        first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+        return len(first) if first is not None else 1
+    return len(inputs)
 
 
 @torch.no_grad()

@@ -39,6 +39,16 @@ from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
 __all__ = ["AdapterBank"]
 
 
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s forward takes the keyword ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class _Folded:
     """One build of a task: its replica and folded tensors, and who is using them."""
 
@@ -272,17 +282,37 @@ class AdapterBank:
             finally:
                 self._release(folded)
 
-    def forward_mixed(self, x: torch.Tensor, tasks: Sequence[Optional[str]]) -> Any:
+    def forward_mixed(self, x: Optional[torch.Tensor] = None, tasks: Sequence[Optional[str]] = (), **inputs: Any) -> Any:
         """One task name per sample: groups samples by task, runs each group, returns input order.
 
-        Works for any output made of tensors with the batch as first axis (a tensor, tuples, dicts,
-        transformers ModelOutputs) whose shapes agree between the tasks in the batch.
+        Inputs are positional (``x``) and/or keyword (``input_ids=..., attention_mask=...``); every
+        tensor input has the batch as first axis. Works for any output made of tensors with the batch
+        as first axis (a tensor, tuples, dicts, transformers ModelOutputs) whose shapes agree between
+        the tasks in the batch. A model that takes ``use_cache`` (a causal LM) is run with
+        ``use_cache=False`` unless told otherwise: a KV cache is not a per-sample tensor.
+
+        Example:
+            >>> logits = bank.forward_mixed(tasks=["a", "b"], input_ids=ids, attention_mask=mask).logits
         """
+        batch = [v for v in ([x] if x is not None else []) + list(inputs.values()) if isinstance(v, torch.Tensor)]
+        if not batch:
+            raise LieError("forward_mixed needs inputs: a tensor, or keyword tensors such as input_ids=...")
+        n = len(batch[0])
         for t in set(tasks):
             if t is not None:
                 self.registry.get(t)  # unknown tasks refused before anything runs
+        if "use_cache" not in inputs and _takes(self.base, "use_cache"):
+            inputs = {**inputs, "use_cache": False}
+
+        def pick(v, index):
+            return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and len(v) == n else v
 
         def take(idx):
-            return x.index_select(0, torch.tensor(idx, device=x.device))
+            index = torch.tensor(idx, device=batch[0].device)
+            return (pick(x, index) if x is not None else None), {k: pick(v, index) for k, v in inputs.items()}
 
-        return run_mixed(lambda t, xs: self(xs, task=t), tasks, len(x), take)
+        def run(t, args):
+            xs, kw = args
+            return self(xs, task=t, **kw) if xs is not None else self(task=t, **kw)
+
+        return run_mixed(run, tasks, n, take)

@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--base", metavar="BASE.safetensors", help="with --from-peft: the base weights (shapes, sha256)")
     p.add_argument("-o", "--out", required=True, help="the adapter file (--from-peft) or PEFT folder (--to-peft)")
     p.add_argument("--name", help="task name stored in the file (--from-peft; default: the folder name)")
+    p.add_argument("--task-type", help="--to-peft: PEFT's task_type (SEQ_CLS, CAUSAL_LM...; default: what "
+                                        "--from-peft recorded)")
+    p.add_argument("--base-model", metavar="NAME_OR_PATH",
+                   help="--to-peft: base_model_name_or_path, what AutoPeftModel loads the base from")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(run=run, check=check)
 
@@ -37,6 +41,8 @@ def check(args) -> None:
         raise UsageError("--from-peft needs --base BASE.safetensors (the weights the adapter was trained on)")
     if args.to_peft and (args.base or args.name):
         raise UsageError("--base and --name apply to --from-peft only")
+    if args.from_peft and (args.task_type or args.base_model):
+        raise UsageError("--task-type and --base-model apply to --to-peft only")
 
 
 def run(args) -> int:
@@ -44,9 +50,10 @@ def run(args) -> int:
 
     if args.from_peft:
         summary = from_peft(args.from_peft, args.base, args.out, name=args.name)
-        text = f"{args.out}: {len(summary['targets'])} target(s) from the PEFT HiRA adapter {args.from_peft} (first_order)"
+        text = (f"{args.out}: {len(summary['targets'])} target(s) and {len(summary['full'])} full tensor(s) from the "
+                f"PEFT HiRA adapter {args.from_peft} (first_order)")
     else:
-        summary = to_peft(args.to_peft, args.out)
+        summary = to_peft(args.to_peft, args.out, task_type=args.task_type, base_model_name_or_path=args.base_model)
         text = f"{args.out}: PEFT HiRA adapter with {len(summary['targets'])} target module(s), r={summary['r']}"
     print(json.dumps(summary, indent=2) if args.json else text)
     return 0

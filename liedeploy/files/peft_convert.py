@@ -65,10 +65,19 @@ def _read_peft(folder: str) -> tuple[dict, dict]:
     return cfg, tensors
 
 
+def _is_saved_module(mod: str, modules_to_save) -> bool:
+    """Whether ``mod`` is one of PEFT's ``modules_to_save`` (matched by name or dotted suffix, as PEFT does)."""
+    return any(mod == m or mod.endswith("." + m) for m in (modules_to_save or []))
+
+
 def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None) -> dict:
     """Convert a PEFT HiRA adapter folder into a first_order adapter file for ``base``.
 
-    Returns a summary ``{"out", "targets", "layer_types"}``.
+    PEFT's ``modules_to_save`` tensors (a classification head PEFT adds for ``SEQ_CLS``) become
+    format "2" full tensors; PEFT's ``task_type`` and ``base_model_name_or_path`` are kept in the
+    file's ``peft`` metadata so that ``to_peft`` writes them back.
+
+    Returns a summary ``{"out", "targets", "layer_types", "full"}``.
     """
     from liedeploy._version import __version__
     from re import escape as re_exact
@@ -84,12 +93,22 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
     base_tensors = BaseTensors(base)
     shapes = base_tensors.shapes
     modules: dict = {}
+    full: dict = {}
+    saved = cfg.get("modules_to_save") if isinstance(cfg.get("modules_to_save"), list) else []
     for key, t in tensors.items():
         if not key.startswith(_PREFIX):
             raise AdapterFileError(f"{peft_dir}: tensor {key} is not a PEFT adapter tensor (base_model.model....)")
         mod, _, part = key[len(_PREFIX):].rpartition(".")
         if part not in ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"):
-            raise AdapterFileError(f"{peft_dir}: tensor {key} is not a HiRA factor (modules_to_save are not converted)")
+            P = key[len(_PREFIX):].replace(".modules_to_save.default.", ".")
+            owner = P.rpartition(".")[0]
+            if not _is_saved_module(owner, saved):
+                raise AdapterFileError(f"{peft_dir}: tensor {key} is neither a HiRA factor nor a tensor of a module in "
+                                       "modules_to_save")
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise AdapterFileError(f"{peft_dir}: tensor {key} holds non-finite or non-floating values")
+            full[P] = t.contiguous()
+            continue
         if t.dim() < 2:
             raise AdapterFileError(f"{peft_dir}: tensor {key} has shape {list(t.shape)}; a HiRA factor has at least 2 axes")
         if not torch.isfinite(t).all():
@@ -125,22 +144,31 @@ def from_peft(peft_dir: str, base: str, out: str, *, name: Optional[str] = None)
         targets[P] = {"shape": list(W), "scale": 1.0}
         hashes[P] = base_tensors.sha256(P)
         kinds[P] = kind
-    if not targets:
+    if not targets and not full:
         raise AdapterFileError(f"{peft_dir}: holds no HiRA factors")
-    ranks = Counter(out_t[P][0].shape[1] for P in targets)
+    ranks = Counter(out_t[P][0].shape[1] for P in targets) or Counter({int(cfg.get("r") or 8): 1})
     r = int(ranks.most_common(1)[0][0])
-    config = LieConfig(r=r, alpha=float(r), expmap="first_order", targets=sorted(targets),
+    config = LieConfig(r=r, alpha=float(r), expmap="first_order", targets=sorted(targets) or None,
+                       modules_to_save=sorted({P.rpartition(".")[0] for P in full}) or None,
                        rank_pattern={re_exact(P): int(out_t[P][0].shape[1]) for P in targets if out_t[P][0].shape[1] != r},
                        alpha_pattern={re_exact(P): float(out_t[P][0].shape[1]) for P in targets if out_t[P][0].shape[1] != r})
     write_adapter_file(out, out_t, targets=targets, base_sha256=hashes, expmap="first_order",
                        config_json=config.to_json(), name=name or os.path.basename(os.path.normpath(peft_dir)),
-                       layer_types=kinds, created_by=f"liedeploy {__version__} (from PEFT HiRA)",
+                       layer_types=kinds, created_by=f"liedeploy {__version__} (from PEFT HiRA)", full=full,
+                       extra_metadata={"peft": json.dumps({k: cfg.get(k) for k in ("task_type", "base_model_name_or_path")})},
                        inputs=[base, os.path.join(peft_dir, "adapter_model.safetensors")])
-    return {"out": out, "targets": sorted(targets), "layer_types": kinds}
+    return {"out": out, "targets": sorted(targets), "layer_types": kinds, "full": sorted(full)}
 
 
-def to_peft(adapter: str, out_dir: str) -> dict:
-    """Write a first_order adapter file as a PEFT HiRA adapter folder (``PeftModel.from_pretrained`` loads it)."""
+def to_peft(adapter: str, out_dir: str, *, task_type: Optional[str] = None,
+            base_model_name_or_path: Optional[str] = None) -> dict:
+    """Write a first_order adapter file as a PEFT HiRA adapter folder (``PeftModel.from_pretrained``
+    and ``AutoPeftModelFor...`` load it).
+
+    Full tensors (format "2": a head of the task's own) become PEFT's ``modules_to_save``.
+    ``task_type`` (``SEQ_CLS``, ``CAUSAL_LM``...) and ``base_model_name_or_path`` (what
+    ``AutoPeftModel`` loads the base from) default to what ``from_peft`` recorded in the file.
+    """
     from safetensors.torch import save_file
 
     from liedeploy.core.adapter_file import read_adapter
@@ -150,9 +178,13 @@ def to_peft(adapter: str, out_dir: str) -> dict:
     if af.expmap != "first_order":
         raise LieError(f"{adapter}: uses the exact map W * exp(dW), which PEFT has no layer for; only first_order "
                        "adapters (HiRA: W + W * dW) convert to PEFT")
-    if af.full:
-        raise LieError(f"{adapter}: replaces {sorted(af.full)[0]} whole; converting full tensors to PEFT's "
-                       "modules_to_save is not supported")
+    try:
+        recorded = json.loads(af.metadata.get("peft", "{}"))
+    except ValueError:
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    task_type = task_type or recorded.get("task_type")
+    base_model_name_or_path = base_model_name_or_path or recorded.get("base_model_name_or_path")
     try:
         kinds = json.loads(af.metadata.get("layer_types", "{}"))
     except ValueError:
@@ -185,13 +217,16 @@ def to_peft(adapter: str, out_dir: str) -> dict:
             raise LieError(f"{adapter}: target {P} is a {kind}, which PEFT HiRA does not adapt")
         modules.append(mod)
         ranks[mod] = int(B.shape[1])
-    r = Counter(ranks.values()).most_common(1)[0][0]
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     config = {
         "peft_type": "HIRA", "r": r, "target_modules": modules, "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "fan_in_fan_out": conv1d, "hira_dropout": 0.0, "init_weights": True, "inference_mode": True,
-        "modules_to_save": None, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        "base_model_name_or_path": None, "revision": None, "task_type": None,
+        "modules_to_save": sorted({P.rpartition(".")[0] for P in af.full}) or None, "exclude_modules": None,
+        "layers_to_transform": None, "layers_pattern": None,
+        "base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": task_type,
     }
+    for P, t in af.full.items():  # PEFT keeps modules_to_save tensors under their own names
+        tensors[f"{_PREFIX}{P}"] = t
     if not os.path.isdir(out_dir):
         try:
             os.makedirs(out_dir)

@@ -141,6 +141,7 @@ def write_adapter_file(
     full: Optional[Mapping[str, torch.Tensor]] = None,
     created_by: Optional[str] = None,
     inputs: Sequence[str] = (),
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Write one adapter file (format "1", or "2" when ``full`` is not empty), atomically.
 
@@ -156,6 +157,8 @@ def write_adapter_file(
         full: ``{P: tensor}`` the task replaces whole.
         created_by: defaults to ``liedeploy <version>``.
         inputs: files the output must not overwrite (refused in one sentence).
+        extra_metadata: further string metadata (e.g. ``peft``: where a converted adapter came from);
+            it cannot replace a key of the format.
 
     Returns:
         ``path``.
@@ -183,6 +186,9 @@ def write_adapter_file(
         "created_by": created_by or f"liedeploy {__version__}",
         "layer_types": json.dumps({P: k for P, k in (layer_types or {}).items() if P in targets}, sort_keys=True),
     }
+    for k, v in (extra_metadata or {}).items():
+        if k not in metadata and k != "full":
+            metadata[k] = str(v)
     if full:
         metadata["full"] = json.dumps({P: {"shape": list(t.shape), "dtype": torch_to_st(t.dtype)} for P, t in full.items()},
                                       sort_keys=True)
