@@ -82,12 +82,13 @@ def check_full_tensors(path: str, full: Mapping[str, tuple], shapes: Mapping[str
 class TaskEntry:
     """One registered task: its file, its validated header, its factors once read."""
 
-    __slots__ = ("name", "path", "header", "identity", "_adapter", "_lock")
+    __slots__ = ("name", "path", "header", "identity", "verified", "_adapter", "_lock")
 
     def __init__(self, name: str, path: str, header: Union[AdapterHeader, AdapterFile], adapter: Optional[AdapterFile],
                  identity: Optional[tuple] = None):
         self.name, self.path, self.header, self._adapter = name, path, header, adapter
         self.identity = identity  # the registered file's (device, inode, size, mtime): a replaced file is refused
+        self.verified = False  # its values were checked finite once (at this identity)
         self._lock = threading.Lock()
 
     def adapter(self) -> AdapterFile:
@@ -99,7 +100,8 @@ class TaskEntry:
         if self._adapter is not None:
             return self._adapter
         with self._lock:
-            af = read_adapter(self.path, identity=self.identity)
+            af = read_adapter(self.path, identity=self.identity, verified=self.verified and self.identity is not None)
+            self.verified = True
         if af.base_sha256 != self.header.base_sha256 or af.targets != self.header.targets or set(af.full) != set(self.header.full):
             raise AdapterFileError(f"{self.path}: the file changed since the task {self.name!r} was registered; reload it")
         return af

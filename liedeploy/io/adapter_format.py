@@ -56,7 +56,8 @@ class AdapterFile:
         return sum(B.numel() + A.numel() for B, A in self.factors.values())
 
 
-def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Optional[tuple] = None) -> AdapterFile:
+def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Optional[tuple] = None,
+                 verified: bool = False) -> AdapterFile:
     """Read and validate an adapter file (format_version "1" or "2") without any model.
 
     The file is read once, through one descriptor. Refuses (:class:`AdapterFileError`, one
@@ -64,6 +65,10 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
     malformed or truncated header, a missing or unknown format/version/expmap, factors whose
     shapes disagree with ``targets``, full tensors that disagree with ``full``, missing or extra
     tensors, non-finite values.
+
+    ``identity``: the ``(device, inode, size, mtime)`` the file must still have (a replaced file is
+    refused). ``verified``: its values were already checked finite at that identity (a bank that
+    reads a task's factors again at each fold skips the scan).
     """
     path = os.fspath(path)
     with SafetensorsFile(path) as f:
@@ -77,7 +82,7 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
     except Exception as exc:  # safetensors' own parser; the header was checked above
         raise AdapterFileError(f"{path}: unreadable safetensors data ({str(exc).splitlines()[0]})") from None
     for key in sorted(tensors):
-        if not torch.isfinite(tensors[key]).all():
+        if not verified and not torch.isfinite(tensors[key]).all():
             kind = "full tensor" if key in info.full else "factor"
             raise AdapterFileError(f"{path}: {kind} {key} holds non-finite values (NaN or inf)")
     if str(device) != "cpu":

@@ -1,0 +1,52 @@
+"""Where a fold's time goes: torch.profiler over the folds of the serving benchmark's task (a
+ResNet-18-like config, r=16 on every conv and the classifier), with the bank as the server runs it.
+
+    python benchmarks/profile_fold.py [--folds 20]
+
+Prints the operators by self CPU time and writes benchmarks/results/profile_fold_cpu.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.serve_models import resnet18
+    from liedeploy import AdapterBank
+    from tests.conftest import _write_adapter
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folds", type=int, default=20)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    base = resnet18().eval()
+    with tempfile.TemporaryDirectory() as d:
+        paths = {f"t{i}": _write_adapter(base, os.path.join(d, f"a{i}.safetensors"),
+                                         r".*(convolution|classifier\.1)\.weight", r=16, alpha=16, std=0.02, seed=i)
+                 for i in range(2)}
+        bank = AdapterBank(base, adapters=paths, lazy=True, cache_bytes=1)  # every prefetch folds again
+        bank.prefetch("t0")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(args.folds):
+                bank.prefetch(f"t{i % 2}")
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    text = f"{args.folds} folds of a ResNet-18-like task (11M adapted weights), self CPU time per operator\n{table}"
+    print(text)
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "profile_fold_cpu.txt"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
