@@ -38,6 +38,13 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="callable that builds the base nn.Module (torch, trt)")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="a transformers causal-LM folder (config, safetensors weights, tokenizer) instead of "
+                        "--model/--weights: adds the OpenAI and KServe generate APIs")
+    p.add_argument("--tokenizer", metavar="DIR", help="--hf-model: the tokenizer's folder (default: the model's)")
+    p.add_argument("--max-sequences", type=int, default=8, help="--hf-model: sequences generating at once (503 beyond)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="--hf-model: the largest max_tokens (400 beyond)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="--hf-model: the longest prompt (400 beyond)")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
     p.add_argument("--weights", metavar="BASE.safetensors", help="base weights (a file or *.safetensors.index.json)")
     p.add_argument("--adapters", metavar="DIR", help="folder of task files: DIR/{task}.safetensors (ort: the export folder)")
@@ -99,7 +106,13 @@ def check(args) -> None:
         parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
     if args.input_shape and args.input:
         raise UsageError("give either --input-shape (one FP32 input) or --input NAME:DATATYPE:SHAPE, not both")
-    if args.backend in ("torch", "trt"):
+    if args.hf_model and (args.model or args.weights or args.backend != "torch"):
+        raise UsageError("--hf-model replaces --model and --weights, with the torch backend")
+    for flag, v in (("--max-sequences", args.max_sequences), ("--max-new-tokens", args.max_new_tokens),
+                    ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.backend in ("torch", "trt") and not args.hf_model:
         if not args.model or not args.weights:
             raise UsageError(f"--backend {args.backend} needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
         if not args.input_shape and not args.input:
@@ -134,7 +147,8 @@ def run(args) -> int:
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
         max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
-        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, max_connections=args.max_connections, header_timeout=args.header_timeout,
+        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, hf_model=args.hf_model, tokenizer=args.tokenizer,
+        max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, max_connections=args.max_connections, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout, keep_alive=args.keep_alive_timeout,
         max_inflight_bytes=(parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
                             if args.max_inflight_bytes is not None else None),

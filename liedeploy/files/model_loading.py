@@ -6,6 +6,8 @@ is imported and the factory called; the current folder is searched after install
 
 from __future__ import annotations
 
+from typing import Optional
+
 import importlib
 import os
 import sys
@@ -14,7 +16,7 @@ from torch import nn
 
 from liedeploy.errors import ConfigError, LieError
 
-__all__ = ["build_model", "load_weights_strict", "parse_model_spec"]
+__all__ = ["build_model", "load_weights_strict", "parse_model_spec", "load_hf_model"]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -77,3 +79,22 @@ def load_weights_strict(model: nn.Module, weights: str) -> None:
         if tuple(v.shape) != tuple(own[k].shape):
             raise LieError(f"{weights}: tensor {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
     model.load_state_dict(sd, strict=True)
+
+
+def load_hf_model(folder: str, tokenizer: Optional[str] = None):
+    """``(causal LM, tokenizer)`` from a transformers folder (config, safetensors weights, tokenizer),
+    read from disk only (``local_files_only``: nothing downloads). One sentence if it cannot be used."""
+    import os
+
+    from liedeploy.errors import ConfigError, require
+
+    transformers = require("transformers", "serve", "liedeploy serve --hf-model")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--hf-model {folder}: not a folder")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--hf-model {folder}: cannot load a causal LM and its tokenizer "
+                          f"({str(exc).strip().splitlines()[0][:200]})") from None
+    return model, tok

@@ -228,6 +228,11 @@ def create_app(state: ServingState):
         return _error_response(exc)
 
     routes = [Route(path, _endpoint(state, handler), methods=methods) for path, handler, methods in ROUTES]
+    if state.generator is not None:  # language-model tasks: the generation APIs too
+        from liedeploy.serving.generate_routes import GENERATE_ROUTES
+
+        routes = [Route(path, wrap(state, handler), methods=methods) for path, handler, methods, wrap in GENERATE_ROUTES] \
+            + routes
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: any_error})
     app.state.serving = state
     return app

@@ -6,7 +6,7 @@ per-task facts are in the model repository index and model metadata instead.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 __all__ = ["ServerMetrics", "OUTCOMES"]
 
@@ -17,7 +17,8 @@ OUTCOMES = ("ok", "bad_request", "not_found", "too_large", "queue_full", "unavai
 class ServerMetrics:
     """Counters and histograms the app updates, plus a collector reading the backend's stats at scrape."""
 
-    def __init__(self, stats: Callable[[], dict], queue_depth: Callable[[], int]):
+    def __init__(self, stats: Callable[[], dict], queue_depth: Callable[[], int],
+                 generation: Callable[[], Optional[dict]] = lambda: None):
         from prometheus_client import CollectorRegistry, Counter, Histogram
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -44,6 +45,11 @@ class ServerMetrics:
                 yield GaugeMetricFamily("liedeploy_resident_bytes", "Bytes of folded tasks", value=s["resident_bytes"])
                 yield GaugeMetricFamily("liedeploy_registered_tasks", "Tasks registered", value=s["registered"])
                 yield GaugeMetricFamily("liedeploy_queue_depth", "Requests waiting for a batch", value=queue_depth())
+                g = generation()
+                if g is not None:
+                    yield CounterMetricFamily("liedeploy_generated_tokens", "Tokens generated", value=g["tokens"])
+                    yield CounterMetricFamily("liedeploy_generated_sequences", "Sequences generated", value=g["sequences"])
+                    yield GaugeMetricFamily("liedeploy_generation_running", "Sequences generating now", value=g["running"])
                 yield GaugeMetricFamily("liedeploy_fold_fused", "1 when folds run the fused (generated) kernel, "
                                         "0 for the blocked eager path", value=s.get("fold_fused", 0.0))
 

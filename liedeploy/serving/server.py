@@ -26,6 +26,12 @@ class ServeConfig:
     """Everything ``liedeploy serve`` (and the Ray application) needs; all plain values."""
 
     model: Optional[str] = None  # PKG.MOD:FACTORY
+    hf_model: Optional[str] = None  # a transformers causal-LM folder (generation API)
+    tokenizer: Optional[str] = None
+    tokenizer_object: object = None  # loaded with the model
+    max_sequences: int = 8
+    max_new_tokens: int = 512
+    max_prompt_tokens: int = 2048
     weights: Optional[str] = None
     adapters: Optional[str] = None
     input_shape: Optional[tuple] = None
@@ -58,6 +64,10 @@ class ServeConfig:
 
         if self.inputs:
             return list(self.inputs)
+        if self.hf_model and not self.input_shape:
+            from liedeploy.serving.specs import TensorSpec
+
+            return [TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1))]
         if self.input_shape:
             return [default_input(self.input_shape)]
         raise ConfigError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE")
@@ -135,6 +145,11 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0,
                                        fold_ahead=cfg.fold_ahead))
+    if cfg.hf_model and backend.kind == "torch":
+        from liedeploy.serving.generate import Generator
+
+        state.generator = Generator(backend.bank, cfg.tokenizer_object, max_prompt_tokens=cfg.max_prompt_tokens,
+                                    max_new_tokens=cfg.max_new_tokens, max_sequences=cfg.max_sequences)
     state.scan()
     return state
 

@@ -72,10 +72,12 @@ class ServingState:
         self.request_timeout = request_timeout
         self.replica_id = replica_id
         self.unavailable: dict = {}  # task -> reason
+        self.generator = None  # a liedeploy.serving.generate.Generator for language-model tasks
         self.draining = False
         self.inflight = 0
         self._lock = threading.Lock()
-        self.metrics = ServerMetrics(backend.stats, lambda: self.batcher.depth)
+        self.metrics = ServerMetrics(backend.stats, lambda: self.batcher.depth,
+                                     lambda: self.generator.stats if self.generator is not None else None)
         self.batcher = Batcher(backend, on_batch=self.metrics.on_batch, on_task_error=self.mark_unavailable,
                                **(batching or {}))
 

@@ -20,12 +20,18 @@ def torch_backend(cfg):
 
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device} was asked for but no CUDA device is visible")
-    if not cfg.model or not cfg.weights:
-        raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
-    from liedeploy.files.model_loading import build_model
     from liedeploy.serving.backends.torch import TorchBackend
 
-    model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
+    if cfg.hf_model:
+        from liedeploy.files.model_loading import load_hf_model
+
+        model, cfg.tokenizer_object = load_hf_model(cfg.hf_model, cfg.tokenizer)
+    else:
+        if not cfg.model or not cfg.weights:
+            raise ConfigError("--backend torch needs --model PKG.MOD:FACTORY and --weights BASE.safetensors, or --hf-model DIR")
+        from liedeploy.files.model_loading import build_model
+
+        model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
     return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
 
 
