@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
         "--input-shape 1,3,224,224 --cache-bytes 2GB\n"
         "  liedeploy serve --model mypkg.models:bert --weights base.safetensors --adapters tasks/ "
         "--input input_ids:INT64:-1,128 --input attention_mask:INT64:-1,128\n"
-        "  liedeploy serve --backend ort --adapters exported_tasks/ --port 9000\n\n"
+        "  liedeploy serve --backend ort --adapters exported_tasks/ --port 9000\n"
+        "  liedeploy serve --hf-model my_llm/ --adapters tasks/   # + OpenAI /v1/completions, /v1/chat/completions\n\n"
         "--model runs code: PKG.MOD is imported and FACTORY called. Only name modules you trust.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
