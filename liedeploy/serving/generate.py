@@ -4,10 +4,10 @@ generate extension, over the same bank of folded tasks (``liedeploy serve --hf-m
 Each request runs transformers' ``generate()`` on its task's replica (the base with the task's
 folded weights, shared tensors otherwise), on a worker thread, with the tokenizer's own chat
 template, logits processing and stop strings. With temperature 0 the tokens are the merged
-model's greedy tokens. Concurrent sequences are bounded (``max_sequences``): beyond the bound the
-answer is 503 with ``Retry-After``. A streamed request whose client goes away stops at the next
-token. Requests of one task are not yet batched into shared decode steps: each sequence decodes on
-its own.
+model's greedy tokens, and greedy requests of one task that arrive together are decoded in one
+batch (:mod:`liedeploy.serving.decode_batch`); sampled requests decode alone (their seed decides
+their tokens). Concurrent sequences are bounded (``max_sequences``): beyond the bound the answer is
+503 with ``Retry-After``. A streamed request whose client goes away stops at the next token.
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ class Generator:
         self.max_prompt_tokens, self.max_new_tokens = int(max_prompt_tokens), int(max_new_tokens)
         self.slots = threading.BoundedSemaphore(max(1, int(max_sequences)))
         self.seed_lock = threading.Lock()  # generate() samples from torch's global generator
+        from liedeploy.serving.decode_batch import GreedyBatcher
+
+        self.greedy = GreedyBatcher(tokenizer, window=0.03, max_batch=max(1, int(max_sequences)))
         self.stats = {"tokens": 0, "sequences": 0, "running": 0, "ttft_s": 0.0}
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -198,8 +201,38 @@ class Generator:
         cuts = [text.find(s) for s in stop if s in text]
         return (text[: min(cuts)], True) if cuts else (text, False)
 
+    async def _greedy_stream(self, task: Optional[str], ids: list, p: GenerationParams):
+        """Greedy requests: decoded in a batch with the other greedy requests of the task."""
+        from liedeploy.serving.decode_batch import Row
+
+        model = self.model(task)
+        self._acquire()
+        row = Row(ids, p.max_tokens, p.stop, asyncio.get_running_loop())
+        try:
+            self.greedy.submit(task, model, row)
+            while True:
+                item = await row.queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item, None
+            self.stats["tokens"] += len(row.tokens)
+            self.stats["sequences"] += 1
+            yield "", row.reason or "stop"
+        finally:
+            row.cancelled.set()  # a client that went away: its row stops at the next step
+            self._release()
+
     async def complete(self, task: Optional[str], ids: list, p: GenerationParams) -> dict:
         """``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`` of one request."""
+        if p.temperature == 0:
+            text, reason, before = "", "stop", self.stats["tokens"]
+            async for delta, why in self._greedy_stream(task, ids, p):
+                text += delta
+                reason = why or reason
+            return {"text": text, "finish_reason": reason, "prompt_tokens": len(ids),
+                    "completion_tokens": self.stats["tokens"] - before}
         model = self.model(task)
         self._acquire()
         try:
@@ -222,6 +255,10 @@ class Generator:
         """Yield ``(text delta, finish_reason or None)``; the last item has a finish reason."""
         from transformers import TextIteratorStreamer
 
+        if p.temperature == 0:
+            async for item in self._greedy_stream(task, ids, p):
+                yield item
+            return
         model = self.model(task)
         self._acquire()
         cancel = _Cancel()

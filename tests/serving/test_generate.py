@@ -53,7 +53,7 @@ def lm(tmp_path_factory):
         p = _write_adapter(model, tasks / f"{t}.safetensors", ["c_attn", "c_fc"], r=4, std=0.3, seed=10 + i,
                            randomize_A=True)
         refs[t] = merge_(load_adapter(copy.deepcopy(model), p)).eval()
-    with ServerProcess(["--hf-model", str(d / "model"), "--adapters", str(tasks), "--max-sequences", "2",
+    with ServerProcess(["--hf-model", str(d / "model"), "--adapters", str(tasks), "--max-sequences", "8",
                         "--max-new-tokens", "64"]) as srv:
         yield {"srv": srv, "refs": refs, "tok": _tokenizer()}
 
@@ -176,7 +176,7 @@ def _tokens(lm):
 def test_a_client_leaving_mid_stream_frees_its_slot(lm):
     host, port = lm["srv"].hostport.split(":")
     body = json.dumps({"model": "poet", "prompt": "w1", "max_tokens": 64, "temperature": 0, "stream": True}).encode()
-    for _ in range(3):  # more streams than the 2 slots, each abandoned after its first bytes
+    for _ in range(9):  # more streams than the 8 slots, each abandoned after its first bytes
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -207,3 +207,20 @@ def test_the_tensor_api_serves_logits_too(lm):
         want = lm["refs"]["poet"](torch.tensor(ids)).logits
     got = torch.tensor(outs["logits"]["data"]).reshape(1, 3, 40)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_greedy_requests_share_a_batch_and_keep_their_own_tokens(lm):
+    import concurrent.futures as cf
+
+    jobs = [("poet", "w1 w2 w3"), ("poet", "w4"), ("poet", "w5 w6 w7 w8 w9 w10"), ("poet", "w11 w12"),
+            ("coder", "w1 w2 w3"), ("coder", "w13 w14 w15 w16"), ("base", "w2 w3")]
+    c = _client(lm)
+
+    def one(job):
+        task, prompt = job
+        return c.completions.create(model=task, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(one, jobs))
+    for (task, prompt), text in zip(jobs, got):
+        assert text == _greedy(lm, task, prompt, 10)[0], (task, prompt)
