@@ -60,15 +60,16 @@ class OrtAdapterBank:
         self._shared_values: dict = {}
         self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0, "evictions": 0, "build_seconds": 0.0}
         self.refused: dict = {}  # task -> why its file cannot be served
+        self._checked: dict = {}  # path -> (device, inode, size, mtime) when it was read and found usable
         if task_models is not None:
             if not os.path.exists(os.path.join(task_models, "base.onnx")):
                 raise LieError(f"{task_models}: no base.onnx (write it with export_task_models / --task-models)")
-            read_onnx_file(os.path.join(task_models, "base.onnx"))  # the base must be usable: refused otherwise
+            self._check(os.path.join(task_models, "base.onnx"))  # the base must be usable: refused otherwise
             for f in sorted(os.listdir(task_models)):
                 if f.endswith(".onnx") and not f.startswith("."):
                     path = os.path.join(task_models, f)
                     try:
-                        read_onnx_file(path)
+                        self._check(path)
                     except AdapterFileError as exc:  # one bad file: that task only
                         self.refused[f[: -len(".onnx")]] = str(exc)
                         continue
@@ -83,6 +84,20 @@ class OrtAdapterBank:
             for task, fname in self.bank.manifest.get("adapters", {}).items():
                 # a manifest is a file: its names are reduced to plain file names beside it
                 self._adapters[task] = os.path.join(folder, safe_file_name(str(fname), "adapter file name"))
+
+    def _check(self, path: str) -> None:
+        """:func:`read_onnx_file`, once per version of a file (a path registered again unchanged is
+        not read again)."""
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        if ident is not None and self._checked.get(path) == ident:
+            return
+        read_onnx_file(path)
+        if ident is not None:
+            self._checked[path] = ident
 
     def _options(self):
         so = self._ort.SessionOptions()
@@ -162,7 +177,7 @@ class OrtAdapterBank:
         The file is checked first (:func:`~liedeploy.exporters.onnx_files.read_onnx_file`): a special
         file, a file that is not ONNX, or external data outside its folder is refused in one sentence.
         """
-        read_onnx_file(path)
+        self._check(path)
         with self._lock:
             self._task_files[name] = path
             self._sessions.pop(name, None)

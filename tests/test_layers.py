@@ -116,3 +116,30 @@ def test_a_planted_sideways_import_is_found():
 def test_every_module_declares_all():
     missing = [p for p, s in _tree().items() if "__all__" not in s and not p.endswith("__main__.py")]
     assert missing == []
+
+
+HEAVY = ("onnx", "onnxruntime", "onnxscript", "tensorrt", "liedeploy.exporters")
+
+
+def top_level_heavy_imports(sources: dict) -> list:
+    """Module-level imports of the export stacks in ``liedeploy/`` (they belong inside functions)."""
+    found = []
+    for path, source in sources.items():
+        if not path.startswith("liedeploy/"):
+            continue
+        for node in ast.parse(source).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for n in names:
+                if any(n == h or n.startswith(h + ".") for h in HEAVY):
+                    found.append(f"{path}:{node.lineno}: {n}")
+    return found
+
+
+def test_no_module_of_liedeploy_imports_an_export_stack_at_top_level():
+    assert top_level_heavy_imports(_tree()) == []
+    planted = {"liedeploy/demo/x.py": "from liedeploy.exporters.onnx import export_onnx\n"}
+    assert top_level_heavy_imports(planted) == ["liedeploy/demo/x.py:1: liedeploy.exporters.onnx"]

@@ -62,10 +62,6 @@ class LieParametrization(nn.Module):
         return f"shape={self.shape}, r={self.r}, scale={self.scale:g}, expmap={self.expmap!r}"
 
 
-class _NoState:
-    merged: dict = {}
-
-
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision bases train float32 factors (as PEFT's autocast_adapter_dtype).
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -154,7 +150,8 @@ def apply_adapters_(model: nn.Module, config: LieConfig, *, targets_exact: Optio
     """
     if not isinstance(config, LieConfig):
         raise ConfigError(f"apply_adapters_ expects a LieConfig, got {type(config).__name__}")
-    existing = adapted_names(model) or sorted((lie_state(model) or _NoState).merged)
+    state = lie_state(model)
+    existing = adapted_names(model) or (sorted(state.merged) if state is not None else [])
     if existing:
         raise LieError(
             f"the model already has Lie adapters (on {existing[0]}"

@@ -86,7 +86,7 @@ def merge_(model: nn.Module, keep_base: Union[bool, str, torch.device] = True) -
         unregister(module, attr)
         setattr(module, attr, param if param is not None else nn.Parameter(merged, requires_grad=False))
         hold(module, attr + KEPT, kept)
-        records[name] = MergedWeight(module, attr, lie, offload)
+        records[name] = MergedWeight(module, attr, lie)
     return model
 
 

@@ -16,9 +16,8 @@ The tensors it keeps (the pristine copy of a merged weight, the merged buffer ``
 for the next ``merge_``, a base tensor that a full tensor replaced) live in the module tree, as
 ``torch.nn.utils.parametrize`` keeps ``parametrizations[name].original``: as non-persistent
 buffers of the owning module named ``<attr>_lie_kept``, ``<attr>_lie_spare`` and
-``<attr>_lie_base``. So ``.to()``, ``.half()``, ``.double()`` and ``.cuda()`` move them with the
-model (a copy kept on another device with ``merge_(keep_base="cpu")`` goes back there at
-``unmerge_``), ``copy.deepcopy`` copies them, and ``state_dict()`` keys do not change. The state
+``<attr>_lie_base``. So ``.to()``, ``.half()``, ``.double()`` and ``.cuda()`` move and convert
+them with the model, ``copy.deepcopy`` copies them, and ``state_dict()`` keys do not change. The state
 object itself is not a module, so containers (``nn.Sequential``) never see it.
 """
 
@@ -77,10 +76,10 @@ def held(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 class MergedWeight:
     """What ``merge_`` keeps for one parameter so that ``unmerge_`` restores it bit for bit."""
 
-    __slots__ = ("module", "attr", "lie", "offload")
+    __slots__ = ("module", "attr", "lie")
 
-    def __init__(self, module: nn.Module, attr: str, lie: nn.Module, offload: Optional[torch.device] = None):
-        self.module, self.attr, self.lie, self.offload = module, attr, lie, offload
+    def __init__(self, module: nn.Module, attr: str, lie: nn.Module):
+        self.module, self.attr, self.lie = module, attr, lie
 
     @property
     def kept(self) -> Optional[torch.Tensor]:

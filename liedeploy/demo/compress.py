@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 from liedeploy.demo.pipeline import TASKS, DigitsNet, split_digits, task_labels, train_task
 from liedeploy.files.prune import prune_files
 
-from liedeploy.exporters.task_models import export_task_models
-
 __all__ = ["run_demo_compressed"]
 
 
@@ -26,6 +24,8 @@ def _folder_bytes(folder: str, suffixes=(".onnx", ".data")) -> int:
 def run_demo_compressed(summary: dict, out_dir: str, *, epochs: int = 15, r: int = 4, seed: int = 0,
                         log: Callable[[str], None] = print) -> dict:
     import onnxruntime as ort
+
+    from liedeploy.exporters.task_models import export_task_models  # the onnx stack: only when run
 
     xtr, ytr, xte, yte = split_digits(seed)
     dense = {t["task"]: t["merged_accuracy"] for t in summary["tasks"]}

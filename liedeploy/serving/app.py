@@ -31,7 +31,7 @@ from liedeploy.serving.protocol import (
     HEADER_LENGTH,
     decode_infer_request,
     encode_infer_response,
-    json_dumps,
+    json_response,
     precheck_infer_json,
 )
 from liedeploy.serving.state import BASE_TASK, ServingState
@@ -43,15 +43,9 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 OFF_LOOP_BYTES = 256 << 10  # bodies above this are decoded on a worker thread, never on the event loop
 
 
-def _json(status: int, payload, headers=None):
-    from starlette.responses import Response
-
-    return Response(json_dumps(payload), status_code=status, media_type="application/json", headers=headers)
-
-
 def _error_response(exc: BaseException):
     status, body, headers = to_response_parts(exc)
-    return _json(status, body, headers)
+    return json_response(status, body, headers)
 
 
 def _check_admin(state: ServingState, request) -> None:
@@ -72,17 +66,17 @@ def _task_error(state: ServingState, name: str, exc: LieError) -> ProtocolError:
 
 # -- handlers ---------------------------------------------------------------------------------
 async def live(state, request):
-    return _json(200, {"live": True})
+    return json_response(200, {"live": True})
 
 
 async def ready(state, request):
     if state.draining:
         raise Draining("the server is draining")
-    return _json(200, {"ready": True})
+    return json_response(200, {"ready": True})
 
 
 async def server_meta(state, request):
-    return _json(200, {"name": "liedeploy", "version": __version__, "extensions": EXTENSIONS})
+    return json_response(200, {"name": "liedeploy", "version": __version__, "extensions": EXTENSIONS})
 
 
 async def model_meta(state, request):
@@ -90,20 +84,20 @@ async def model_meta(state, request):
     meta = {"name": name, "versions": ["1"], "platform": f"liedeploy_{state.backend.kind}",
             "inputs": [s.to_json() for s in state.backend.inputs()]}
     if name in state.unavailable and name != BASE_TASK:
-        return _json(200, {**meta, "state": "UNAVAILABLE", "reason": state.unavailable[name], "outputs": []})
+        return json_response(200, {**meta, "state": "UNAVAILABLE", "reason": state.unavailable[name], "outputs": []})
     task = state.resolve(name)
     try:
         outputs = await asyncio.to_thread(state.backend.outputs, task)
     except LieError as exc:
         raise _task_error(state, name, exc) from None
-    return _json(200, {**meta, "state": "READY", "outputs": [s.to_json() for s in outputs]})
+    return json_response(200, {**meta, "state": "READY", "outputs": [s.to_json() for s in outputs]})
 
 
 async def model_ready(state, request):
     state.resolve(request.path_params["task"])
     if state.draining:
         raise Draining("the server is draining")
-    return _json(200, {"name": request.path_params["task"], "ready": True})
+    return json_response(200, {"name": request.path_params["task"], "ready": True})
 
 
 async def infer(state, request):
@@ -143,7 +137,7 @@ async def infer(state, request):
 
 async def repo_index(state, request):
     _check_admin(state, request)
-    return _json(200, state.index())
+    return json_response(200, state.index())
 
 
 async def repo_load(state, request):
@@ -155,14 +149,14 @@ async def repo_load(state, request):
         from liedeploy.serving.errors import BadRequest
 
         raise BadRequest(f"failed to load {task!r}: {state.unavailable[task]}")
-    return _json(200, {})
+    return json_response(200, {})
 
 
 async def repo_unload(state, request):
     _check_admin(state, request)
     await read_body(request, 1 << 20)
     await asyncio.to_thread(state.unload, request.path_params["task"])
-    return _json(200, {})
+    return json_response(200, {})
 
 
 async def metrics(state, request):
@@ -222,7 +216,7 @@ def create_app(state: ServingState):
     from starlette.routing import Route
 
     async def http_error(request, exc: HTTPException):
-        return _json(exc.status_code, {"error": str(exc.detail)})
+        return json_response(exc.status_code, {"error": str(exc.detail)})
 
     async def any_error(request, exc: Exception):
         return _error_response(exc)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import uuid
 from typing import Optional
 
@@ -125,7 +124,7 @@ class Generator:
         from liedeploy.serving.decode_batch import GreedyBatcher
 
         self.greedy = GreedyBatcher(tokenizer, window=0.03, max_batch=max(1, int(max_sequences)))
-        self.stats = {"tokens": 0, "sequences": 0, "running": 0, "ttft_s": 0.0}
+        self.stats = {"tokens": 0, "sequences": 0, "running": 0}
 
     # -- inputs ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt=None, messages=None) -> list:
@@ -236,7 +235,6 @@ class Generator:
         model = self.model(task)
         self._acquire()
         try:
-            t0 = time.monotonic()
             out = await asyncio.to_thread(self._run, model, self._kwargs(ids, p), p.seed)
         finally:
             self._release()
@@ -247,7 +245,6 @@ class Generator:
         text, stopped = self._cut(text, p.stop)
         self.stats["tokens"] += len(new)
         self.stats["sequences"] += 1
-        self.stats["ttft_s"] += time.monotonic() - t0
         reason = "stop" if (ended or stopped or len(new) < p.max_tokens) else "length"
         return {"text": text, "finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": len(new)}
 

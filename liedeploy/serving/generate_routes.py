@@ -5,29 +5,23 @@ Registered by :func:`liedeploy.serving.app.create_app` when the server has a gen
 
 from __future__ import annotations
 
-import json
 import time
 
 from liedeploy.errors import LieError
 from liedeploy.serving.errors import BadRequest, to_response_parts
 from liedeploy.serving.generate import completion_id, openai_error, parse_params, sse
 from liedeploy.serving.limits import read_body
+from liedeploy.serving.protocol import json_loads, json_response
 from liedeploy.serving.state import BASE_TASK
 
 __all__ = ["GENERATE_ROUTES"]
-
-
-def _json_response(status, payload, headers=None):
-    from starlette.responses import Response
-
-    return Response(json.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
 async def _body(state, request) -> dict:
     raw, reserved = await read_body(request, state.max_body, state.inflight_bytes)
     state.inflight_bytes.release(reserved)
     try:
-        body = json.loads(raw)
+        body = json_loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -43,7 +37,7 @@ def _task(state, name) -> object:
 
 async def list_models(state, request):
     names = [BASE_TASK] + sorted(state.backend.tasks())
-    return _json_response(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+    return json_response(200, {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
                                                             "owned_by": "liedeploy"} for n in names]})
 
 
@@ -54,9 +48,9 @@ async def _openai(state, request, chat: bool):
     body = await _body(state, request)
     name = body.get("model")
     task = _task(state, name)
-    ids = gen.prompt_ids(messages=body.get("messages")) if chat else gen.prompt_ids(prompt=body.get("prompt"))
     if chat and "messages" not in body:
         raise BadRequest("'messages' is required")
+    ids = gen.prompt_ids(messages=body.get("messages")) if chat else gen.prompt_ids(prompt=body.get("prompt"))
     p = parse_params(body, gen.max_new_tokens)
     cid, created = completion_id("chatcmpl" if chat else "cmpl"), int(time.time())
     obj = "chat.completion" if chat else "text_completion"
@@ -73,7 +67,7 @@ async def _openai(state, request, chat: bool):
                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
         c = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}
              if chat else {"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]})
-        return _json_response(200, {"id": cid, "object": obj, "created": created, "model": name, "choices": [c],
+        return json_response(200, {"id": cid, "object": obj, "created": created, "model": name, "choices": [c],
                                     "usage": usage})
 
     gen.model(task)  # 404 before the stream starts
@@ -125,7 +119,7 @@ async def kserve_generate(state, request):
 
         return StreamingResponse(events(), media_type="text/event-stream")
     out = await gen.complete(task, ids, p)
-    return _json_response(200, {"model_name": name, "model_version": "1", "text_output": out["text"]})
+    return json_response(200, {"model_name": name, "model_version": "1", "text_output": out["text"]})
 
 
 def _openai_endpoint(state, handler):
@@ -136,7 +130,7 @@ def _openai_endpoint(state, handler):
             return await handler(state, request)
         except Exception as exc:  # noqa: BLE001 - every refusal by class
             status, body, headers = openai_error(exc)
-            return _json_response(status, body, headers)
+            return json_response(status, body, headers)
 
     return endpoint
 
@@ -147,7 +141,7 @@ def _kserve_endpoint(state, handler):
             return await handler(state, request)
         except Exception as exc:  # noqa: BLE001
             status, body, headers = to_response_parts(exc)
-            return _json_response(status, body, headers)
+            return json_response(status, body, headers)
 
     return endpoint
 

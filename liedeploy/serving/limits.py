@@ -90,8 +90,6 @@ class ConnectionLimits:
         self.header_timeout = float(header_timeout)
         self.body_timeout = float(body_timeout)
         self.open: dict = {}  # protocol -> None, in the order connections were made
-        self.evicted = 0
-        self.timed_out = 0
 
 
 def guarded_protocol(limits: ConnectionLimits):
@@ -108,7 +106,7 @@ def guarded_protocol(limits: ConnectionLimits):
             self._arm("head", limits.header_timeout)
             if len(limits.open) > limits.max_connections:
                 victim = next((c for c in limits.open if c is not self and c._idle()), None)
-                (victim or self)._cut(evicted=True)
+                (victim or self)._cut()
 
         def connection_lost(self, exc):
             limits.open.pop(self, None)
@@ -152,12 +150,9 @@ def guarded_protocol(limits: ConnectionLimits):
             self._deadline = None
             if self._deadline_kind == "head" and not self._idle():
                 return
-            limits.timed_out += 1
             self._cut()
 
-        def _cut(self, evicted: bool = False) -> None:
-            if evicted:
-                limits.evicted += 1
+        def _cut(self) -> None:
             if not self.transport.is_closing():
                 if self.cycle is not None and not self.cycle.response_complete:
                     self.cycle.disconnected = True

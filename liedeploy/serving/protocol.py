@@ -19,7 +19,8 @@ import numpy as np
 from liedeploy.serving.errors import BadRequest
 from liedeploy.serving.specs import DATATYPES, NUMPY_TO_DATATYPE, TensorSpec
 
-__all__ = ["InferRequest", "decode_infer_request", "precheck_infer_json", "encode_infer_response", "HEADER_LENGTH", "json_loads", "json_dumps"]
+__all__ = ["InferRequest", "decode_infer_request", "precheck_infer_json", "encode_infer_response", "HEADER_LENGTH", "json_loads", "json_dumps",
+           "json_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -34,6 +35,13 @@ def json_loads(data):
     if _orjson is not None:
         return _orjson.loads(data)
     return json.loads(data)
+
+
+def json_response(status: int, payload, headers=None):
+    """A Starlette JSON response of ``payload`` (serialised with :func:`json_dumps`)."""
+    from starlette.responses import Response
+
+    return Response(json_dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
 def json_dumps(obj) -> bytes:

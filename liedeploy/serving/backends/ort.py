@@ -15,8 +15,6 @@ import numpy as np
 from liedeploy.errors import ConfigError, LieError
 from liedeploy.serving.specs import TensorSpec
 
-from liedeploy.exporters.ort_bank import OrtAdapterBank
-
 __all__ = ["OrtBackend"]
 
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64",
@@ -38,6 +36,8 @@ class OrtBackend:
     file_suffix = ".onnx"
 
     def __init__(self, folder: str, *, max_sessions: int = 8, threads: int = 0):
+        from liedeploy.exporters.ort_bank import OrtAdapterBank  # the onnx stack: only when built
+
         if not os.path.isdir(folder):
             raise ConfigError(f"{folder}: not a folder")
         graphs = sorted(f for f in os.listdir(folder) if f.endswith(".onnx.bank.json"))

@@ -23,7 +23,6 @@ import numpy as np
 
 from liedeploy.errors import ConfigError, LieError
 
-from liedeploy.exporters.tensorrt import MANIFEST_SUFFIX, TrtTaskSwitcher, check_serving_profile, require_tensorrt
 
 __all__ = ["SlotLRU", "TrtRunner", "TrtBackend"]
 
@@ -79,6 +78,8 @@ class TrtRunner:
 
     def __init__(self, engine, stream=None):
         import torch
+
+        from liedeploy.exporters.tensorrt import require_tensorrt  # the TensorRT stack: only when built
 
         trt = require_tensorrt()
         self.trt, self.engine = trt, engine
@@ -141,6 +142,8 @@ class TrtBackend:
     file_suffix = ".safetensors"
 
     def __init__(self, engine_path: str, base: str, input_specs: Sequence, *, slots: int = 2, max_batch: int = 8):
+        from liedeploy.exporters.tensorrt import MANIFEST_SUFFIX, TrtTaskSwitcher, check_serving_profile, require_tensorrt
+
         trt = require_tensorrt()
         import torch
 
@@ -167,6 +170,8 @@ class TrtBackend:
 
     @classmethod
     def from_config(cls, cfg):
+        from liedeploy.exporters.tensorrt import require_tensorrt
+
         require_tensorrt()  # one sentence, exit 1, when TensorRT or CUDA is absent
         engine = cfg.model_kwargs.get("engine") if isinstance(cfg.model_kwargs, dict) else None
         engine = engine or (os.path.splitext(cfg.weights)[0] + ".engine" if cfg.weights else None)
