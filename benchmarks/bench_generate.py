@@ -6,6 +6,8 @@ prompts of 64 tokens, 64 new tokens each (greedy), tasks chosen by Zipf(1.1) ove
 
 Baseline in the same run: (b) the ceiling: the base model's own static batched ``generate()`` over
 the same 16 requests arriving together. (The naive per-task server of the issue is not built here.)
+The 1-task load is also sent from 2 client processes: about the same tokens/s shows the load
+generator is not the bottleneck.
 
     python benchmarks/bench_generate.py [--runs 3]
 
@@ -82,6 +84,26 @@ def _post(url, payload):
     return text, first, time.perf_counter() - t0
 
 
+def _streams(url: str, jobs: list, new_tokens: int) -> list:
+    """Run ``[(task, prompt)]`` as concurrent streams from threads of this process."""
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        return list(ex.map(lambda a: _post(f"{url}/v1/completions", {
+            "model": a[0], "prompt": a[1], "max_tokens": new_tokens, "temperature": 0, "stream": True}), jobs))
+
+
+def _load(url: str, jobs: list, new_tokens: int, procs: int) -> list:
+    """The same streams from ``procs`` client processes (answers in the order of ``jobs``)."""
+    if procs == 1:
+        return _streams(url, jobs, new_tokens)
+    parts = [jobs[i::procs] for i in range(procs)]
+    with cf.ProcessPoolExecutor(procs) as ex:
+        outs = list(ex.map(_streams, [url] * procs, parts, [new_tokens] * procs))
+    res = [None] * len(jobs)
+    for i, out in enumerate(outs):
+        res[i::procs] = out
+    return res
+
+
 def main(argv=None) -> int:
     import numpy as np
     import torch
@@ -112,16 +134,13 @@ def main(argv=None) -> int:
         server = ["--hf-model", os.path.join(d, "model"), "--adapters", os.path.join(d, "tasks"), "--max-sequences",
                   str(args.streams), "--max-new-tokens", str(args.new_tokens)]
         with ServerProcess(server, timeout=300) as srv:
-            for n_tasks in (1, 10):
+            for n_tasks, procs in ((1, 1), (1, 2), (10, 1)):
                 w = 1.0 / np.arange(1, n_tasks + 1) ** 1.1
                 rates, ttft, per_tok, wrong = [], [], [], 0
                 for run in range(args.runs):
                     tasks = [f"t{i}" for i in np.random.default_rng(run).choice(n_tasks, args.streams, p=w / w.sum())]
                     t0 = time.perf_counter()
-                    with cf.ThreadPoolExecutor(args.streams) as ex:
-                        res = list(ex.map(lambda a: _post(f"{srv.url}/v1/completions", {
-                            "model": a[0], "prompt": a[1], "max_tokens": args.new_tokens, "temperature": 0,
-                            "stream": True}), zip(tasks, prompts)))
+                    res = _load(srv.url, list(zip(tasks, prompts)), args.new_tokens, procs)
                     wall = time.perf_counter() - t0
                     toks = sum(len(tok(r[0])["input_ids"]) for r in res)
                     rates.append(toks / wall)
@@ -135,7 +154,8 @@ def main(argv=None) -> int:
                                                         max_new_tokens=args.new_tokens, do_sample=False,
                                                         pad_token_id=tok.pad_token_id)
                             wrong += tok.decode(g[0, p_ids.shape[1]:], skip_special_tokens=True) != r[0]
-                label = f"liedeploy serve: {n_tasks} task(s) Zipf(1.1), {args.streams} streams"
+                label = (f"liedeploy serve: {n_tasks} task(s) Zipf(1.1), {args.streams} streams"
+                         + (f", {procs} client processes" if procs > 1 else ""))
                 out["runs"][label] = rates
                 out[label] = {"ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
                               "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
@@ -153,6 +173,9 @@ def main(argv=None) -> int:
         lines.append(f"| {k} | {med[k]:.0f} ({min(v):.0f}-{max(v):.0f}) | {med[k] / ceil:.2f}x | "
                      + (f"{extra['ttft_p50_ms']:.0f} / {extra['ttft_p99_ms']:.0f} | {extra['per_token_p50_ms']:.1f} / "
                         f"{extra['per_token_p99_ms']:.1f} | {extra['greedy_mismatches']} |" if extra else "- | - | - |"))
+    one = "liedeploy serve: 1 task(s) Zipf(1.1), " + f"{args.streams} streams"
+    lines.append(f"2 client processes / 1, 1 task: {med[one + ', 2 client processes'] / med[one]:.2f}x "
+                 "(about 1x: the load generator is not the bottleneck)")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(ROOT, "benchmarks", "results", "generate_cpu.txt"), "w") as f:
