@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-sequences", type=int, default=8, help="--hf-model: sequences generating at once (503 beyond)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="--hf-model: the largest max_tokens (400 beyond)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="--hf-model: the longest prompt (400 beyond)")
+    p.add_argument("--max-kv-bytes", metavar="SIZE",
+                   help="--hf-model: KV-cache budget (e.g. 2G), reserved per sequence for its prompt + max_tokens "
+                        "(503 with Retry-After beyond; default: --max-sequences sequences of full length)")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
     p.add_argument("--weights", metavar="BASE.safetensors", help="base weights (a file or *.safetensors.index.json)")
     p.add_argument("--adapters", metavar="DIR", help="folder of task files: DIR/{task}.safetensors (ort: the export folder)")
@@ -131,6 +134,10 @@ def check(args) -> None:
     check_model_flags(args.model, args.model_kwargs)
     if args.cache_bytes is not None:
         parse_size(args.cache_bytes, "--cache-bytes")
+    if args.max_kv_bytes is not None:
+        if not args.hf_model:
+            raise UsageError("--max-kv-bytes bounds text generation: it needs --hf-model")
+        parse_size(args.max_kv_bytes, "--max-kv-bytes")
     parse_size(args.max_body, "--max-body")
 
 
@@ -149,7 +156,9 @@ def run(args) -> int:
         max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
         trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, hf_model=args.hf_model, tokenizer=args.tokenizer,
-        max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, max_connections=args.max_connections, header_timeout=args.header_timeout,
+        max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        max_kv_bytes=parse_size(args.max_kv_bytes, "--max-kv-bytes") if args.max_kv_bytes is not None else None,
+        max_connections=args.max_connections, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout, keep_alive=args.keep_alive_timeout,
         max_inflight_bytes=(parse_size(args.max_inflight_bytes, "--max-inflight-bytes")
                             if args.max_inflight_bytes is not None else None),

@@ -1,25 +1,23 @@
 """Text generation for language-model tasks: the OpenAI-compatible API and the KServe/Triton
 generate extension, over the same bank of folded tasks (``liedeploy serve --hf-model DIR``).
 
-Each request runs transformers' ``generate()`` on its task's replica (the base with the task's
-folded weights, shared tensors otherwise), on a worker thread, with the tokenizer's own chat
-template, logits processing and stop strings. With temperature 0 the tokens are the merged
-model's greedy tokens, and greedy requests of one task that arrive together are decoded in one
-batch (:mod:`liedeploy.serving.decode_batch`); sampled requests decode alone (their seed decides
-their tokens). Concurrent sequences are bounded (``max_sequences``): beyond the bound the answer is
-503 with ``Retry-After``. A streamed request whose client goes away stops at the next token.
+Requests are decoded by one continuous-batching engine (:mod:`liedeploy.serving.decode_engine`)
+on their task's replica (the base with the task's folded weights, shared tensors otherwise), with
+the tokenizer's own chat template and transformers' logits warpers. With temperature 0 the tokens
+are the merged model's greedy tokens; with a seed, sampling is reproducible. Sequences and KV-cache
+bytes are bounded (``max_sequences``, ``max_kv_bytes``): beyond them the answer is 503 with
+``Retry-After``. A request whose client goes away leaves its batch at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
 from typing import Optional
 
 from liedeploy.errors import LieError
-from liedeploy.serving.errors import BadRequest, NotFound, ProtocolError, Unavailable
+from liedeploy.serving.errors import BadRequest, NotFound, ProtocolError
 
 __all__ = ["Generator", "GenerationParams", "parse_params", "openai_error"]
 
@@ -78,53 +76,45 @@ def openai_error(exc: BaseException) -> tuple[int, dict, Optional[dict]]:
     return status, {"error": {"message": message, "type": kind, "code": status}}, headers
 
 
-class _Cancel:
-    """A stopping criterion set when the client goes away."""
-
-    def __init__(self):
-        self.flag = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _StopStrings:
-    """A stopping criterion: the decoded continuation holds one of the stop strings."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: list):
-        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        text = self.tokenizer.decode(input_ids[0, self.prompt_len:].tolist(), skip_special_tokens=True)
-        return torch.full((input_ids.shape[0],), any(s in text for s in self.stop), dtype=torch.bool,
-                          device=input_ids.device)
-
-
 class Generator:
-    """Generation over a bank's tasks.
+    """Generation over a bank's tasks, continuously batched (:mod:`liedeploy.serving.decode_engine`).
 
     Args:
         bank: the :class:`~liedeploy.AdapterBank` of the server's torch backend.
         tokenizer: the model folder's tokenizer.
         max_prompt_tokens: longest prompt (400 beyond).
         max_new_tokens: largest ``max_tokens`` (400 beyond).
-        max_sequences: sequences decoding at once (503 with Retry-After beyond).
+        max_sequences: sequences admitted at once (503 with Retry-After beyond).
+        max_kv_bytes: KV-cache bytes reserved at most, prompt + ``max_tokens`` tokens per sequence
+            (503 with Retry-After beyond); default: room for ``max_sequences`` sequences of the
+            longest prompt and ``max_new_tokens``.
+        observe: ``observe(kind, seconds)`` for time to first token (``"ttft"``) and between tokens (``"itl"``).
     """
 
     def __init__(self, bank, tokenizer, *, max_prompt_tokens: int = 2048, max_new_tokens: int = 512,
-                 max_sequences: int = 8):
+                 max_sequences: int = 8, max_kv_bytes: Optional[int] = None, observe=None):
+        from liedeploy.serving.decode_engine import DecodeEngine, kv_bytes_per_token
+
         self.bank, self.tokenizer = bank, tokenizer
         self.max_prompt_tokens, self.max_new_tokens = int(max_prompt_tokens), int(max_new_tokens)
-        self.slots = threading.BoundedSemaphore(max(1, int(max_sequences)))
-        self.seed_lock = threading.Lock()  # generate() samples from torch's global generator
-        from liedeploy.serving.decode_batch import GreedyBatcher
+        base = bank.model_for(None)
+        self.kv_per_token = kv_bytes_per_token(base)
+        max_sequences = max(1, int(max_sequences))
+        if max_kv_bytes is None:
+            max_kv_bytes = max_sequences * (self.max_prompt_tokens + self.max_new_tokens) * self.kv_per_token
+        self.max_kv_bytes = int(max_kv_bytes)
+        cfg = getattr(base, "config", None)
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.context = getattr(text_cfg, "max_position_embeddings", None)  # None: the model sets no bound
+        eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.engine = DecodeEngine(tokenizer, bank.model_for, max_sequences=max_sequences,
+                                   max_kv_bytes=self.max_kv_bytes, kv_per_token=self.kv_per_token,
+                                   observe=observe, eos_ids=eos + [tokenizer.eos_token_id])
 
-        self.greedy = GreedyBatcher(tokenizer, window=0.03, max_batch=max(1, int(max_sequences)))
-        self.stats = {"tokens": 0, "sequences": 0, "running": 0}
+    @property
+    def stats(self) -> dict:
+        return self.engine.stats
 
     # -- inputs ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt=None, messages=None) -> list:
@@ -152,158 +142,45 @@ class Generator:
             raise BadRequest("the prompt encodes to no token")
         return ids
 
-    def model(self, task: Optional[str]):
+    def check_task(self, task: Optional[str]) -> None:
         if task is not None and task not in self.bank.tasks:
             raise NotFound(f"unknown task {task!r}")
-        return self.bank.model_for(task)
 
     # -- generation -------------------------------------------------------------------------------
-    def _kwargs(self, ids, p: GenerationParams, streamer=None, cancel: Optional[_Cancel] = None) -> dict:
-        import torch
-        from transformers import StoppingCriteriaList
+    def start(self, task: Optional[str], ids: list, p: GenerationParams):
+        """Admit one request (404, 400 or 503 here, before any byte of the answer) and return its sequence."""
+        from liedeploy.serving.decode_engine import Sequence
 
-        kw = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-              "max_new_tokens": p.max_tokens, "do_sample": p.temperature > 0,
-              "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-              else self.tokenizer.eos_token_id}
-        if p.temperature > 0:
-            kw.update(temperature=p.temperature, top_p=p.top_p)
-        criteria = [cancel] if cancel is not None else []
-        if p.stop:
-            criteria.append(_StopStrings(self.tokenizer, len(ids), p.stop))
-        if streamer is not None:
-            kw["streamer"] = streamer
-        if criteria:
-            kw["stopping_criteria"] = StoppingCriteriaList(criteria)
-        return kw
+        self.check_task(task)
+        if self.context is not None and len(ids) + p.max_tokens > self.context:
+            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({p.max_tokens}) exceed the model's "
+                             f"context of {self.context} tokens")
+        seq = Sequence(ids, p, asyncio.get_running_loop())
+        self.engine.submit(task, seq)
+        return seq
 
-    def _run(self, model, kw: dict, seed: Optional[int]):
-        import torch
-
-        with torch.inference_mode():
-            if seed is None:
-                return model.generate(**kw)
-            with self.seed_lock:
-                torch.manual_seed(seed)
-                return model.generate(**kw)
-
-    def _acquire(self) -> None:
-        if not self.slots.acquire(blocking=False):
-            raise Unavailable("every generation slot is busy (--max-sequences); retry")
-        self.stats["running"] += 1
-
-    def _release(self) -> None:
-        self.stats["running"] -= 1
-        self.slots.release()
-
-    def _cut(self, text: str, stop: list) -> tuple[str, bool]:
-        cuts = [text.find(s) for s in stop if s in text]
-        return (text[: min(cuts)], True) if cuts else (text, False)
-
-    async def _greedy_stream(self, task: Optional[str], ids: list, p: GenerationParams):
-        """Greedy requests: decoded in a batch with the other greedy requests of the task."""
-        from liedeploy.serving.decode_batch import Row
-
-        model = self.model(task)
-        self._acquire()
-        row = Row(ids, p.max_tokens, p.stop, asyncio.get_running_loop())
+    async def stream(self, seq):
+        """Yield ``(text delta, finish_reason or None)``; the last item has a finish reason."""
         try:
-            self.greedy.submit(task, model, row)
             while True:
-                item = await row.queue.get()
+                item = await seq.queue.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
                 yield item, None
-            self.stats["tokens"] += len(row.tokens)
-            self.stats["sequences"] += 1
-            yield "", row.reason or "stop"
+            yield "", seq.reason or "stop"
         finally:
-            row.cancelled.set()  # a client that went away: its row stops at the next step
-            self._release()
+            seq.cancelled.set()  # a client that went away: its row leaves the batch at the next step
 
-    async def complete(self, task: Optional[str], ids: list, p: GenerationParams) -> dict:
+    async def complete(self, seq) -> dict:
         """``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`` of one request."""
-        if p.temperature == 0:
-            text, reason, before = "", "stop", self.stats["tokens"]
-            async for delta, why in self._greedy_stream(task, ids, p):
-                text += delta
-                reason = why or reason
-            return {"text": text, "finish_reason": reason, "prompt_tokens": len(ids),
-                    "completion_tokens": self.stats["tokens"] - before}
-        model = self.model(task)
-        self._acquire()
-        try:
-            out = await asyncio.to_thread(self._run, model, self._kwargs(ids, p), p.seed)
-        finally:
-            self._release()
-        new = out[0, len(ids):].tolist()
-        eos = self.tokenizer.eos_token_id
-        ended = bool(new) and eos is not None and new[-1] == eos
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        text, stopped = self._cut(text, p.stop)
-        self.stats["tokens"] += len(new)
-        self.stats["sequences"] += 1
-        reason = "stop" if (ended or stopped or len(new) < p.max_tokens) else "length"
-        return {"text": text, "finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": len(new)}
-
-    async def stream(self, task: Optional[str], ids: list, p: GenerationParams):
-        """Yield ``(text delta, finish_reason or None)``; the last item has a finish reason."""
-        from transformers import TextIteratorStreamer
-
-        if p.temperature == 0:
-            async for item in self._greedy_stream(task, ids, p):
-                yield item
-            return
-        model = self.model(task)
-        self._acquire()
-        cancel = _Cancel()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        count = {"tokens": 0}
-        done = asyncio.get_running_loop().create_future()
-        loop = asyncio.get_running_loop()
-
-        def settle(fn, *args):
-            try:
-                loop.call_soon_threadsafe(lambda: done.done() or fn(*args))
-            except RuntimeError:  # the loop is gone: nobody waits for this answer
-                pass
-
-        def work():  # the slot is freed here, when generation ends, whatever the client did
-            try:
-                out = self._run(model, self._kwargs(ids, p, streamer, cancel), p.seed)
-                count["tokens"] = int(out.shape[1]) - len(ids)
-                settle(done.set_result, None)
-            except BaseException as exc:  # noqa: BLE001 - delivered to the response
-                streamer.end()
-                settle(done.set_exception, exc)
-            finally:
-                self._release()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        emitted, stopped = "", False
-        try:
-            while True:
-                chunk = await asyncio.to_thread(next, streamer, None)
-                if chunk is None:
-                    break
-                if stopped or not chunk:
-                    continue
-                text, stopped = self._cut(emitted + chunk, p.stop)
-                delta = text[len(emitted):]
-                emitted = text
-                if stopped:
-                    cancel.flag.set()
-                if delta:
-                    yield delta, None
-            await done
-            self.stats["tokens"] += count["tokens"]
-            self.stats["sequences"] += 1
-            yield "", ("stop" if stopped or count["tokens"] < p.max_tokens else "length")
-        finally:
-            cancel.flag.set()  # a client that went away stops its generation at the next token
+        text, reason = "", "stop"
+        async for delta, why in self.stream(seq):
+            text += delta
+            reason = why or reason
+        return {"text": text, "finish_reason": reason, "prompt_tokens": len(seq.ids),
+                "completion_tokens": len(seq.tokens)}
 
 
 def completion_id(prefix: str) -> str:

@@ -61,8 +61,9 @@ async def _openai(state, request, chat: bool):
             return {"index": 0, "delta": delta, "finish_reason": reason}
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
 
+    seq = gen.start(task, ids, p)  # 404 / 400 / 503 before the answer starts
     if not body.get("stream"):
-        out = await gen.complete(task, ids, p)
+        out = await gen.complete(seq)
         usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
         c = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}
@@ -70,13 +71,12 @@ async def _openai(state, request, chat: bool):
         return json_response(200, {"id": cid, "object": obj, "created": created, "model": name, "choices": [c],
                                     "usage": usage})
 
-    gen.model(task)  # 404 before the stream starts
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
     async def events():
         first = True
         try:
-            async for delta, reason in gen.stream(task, ids, p):
+            async for delta, reason in gen.stream(seq):
                 if delta or reason:
                     yield sse({"id": cid, "object": chunk_obj, "created": created, "model": name,
                                "choices": [choice(delta, reason, first)]})
@@ -107,18 +107,17 @@ async def kserve_generate(state, request):
         raise BadRequest("'parameters' must be an object")
     ids = gen.prompt_ids(prompt=text)
     p = parse_params(params, gen.max_new_tokens)
+    seq = gen.start(task, ids, p)
     if request.url.path.endswith("_stream"):
         from starlette.responses import StreamingResponse
 
-        gen.model(task)
-
         async def events():
-            async for delta, reason in gen.stream(task, ids, p):
+            async for delta, reason in gen.stream(seq):
                 if delta:
                     yield sse({"model_name": name, "model_version": "1", "text_output": delta})
 
         return StreamingResponse(events(), media_type="text/event-stream")
-    out = await gen.complete(task, ids, p)
+    out = await gen.complete(seq)
     return json_response(200, {"model_name": name, "model_version": "1", "text_output": out["text"]})
 
 

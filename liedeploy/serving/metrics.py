@@ -31,6 +31,11 @@ class ServerMetrics:
                                          buckets=lat, registry=self.registry)
         self.queue_seconds = Histogram("liedeploy_queue_seconds", "Time a request waited for its batch",
                                        buckets=lat, registry=self.registry)
+        tok = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("liedeploy_time_to_first_token_seconds", "Generation: request admitted to its first token",
+                              buckets=tok, registry=self.registry)
+        self.inter_token = Histogram("liedeploy_inter_token_seconds", "Generation: time between a sequence's tokens",
+                                     buckets=tok, registry=self.registry)
         self.batch_size = Histogram("liedeploy_batch_size", "Samples per batch run",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
@@ -50,6 +55,13 @@ class ServerMetrics:
                     yield CounterMetricFamily("liedeploy_generated_tokens", "Tokens generated", value=g["tokens"])
                     yield CounterMetricFamily("liedeploy_generated_sequences", "Sequences generated", value=g["sequences"])
                     yield GaugeMetricFamily("liedeploy_generation_running", "Sequences generating now", value=g["running"])
+                    yield GaugeMetricFamily("liedeploy_generation_waiting", "Sequences admitted, waiting to join a batch",
+                                            value=g["waiting"])
+                    yield GaugeMetricFamily("liedeploy_kv_cache_bytes", "Bytes of KV cache held now", value=g["kv_bytes"])
+                    yield GaugeMetricFamily("liedeploy_kv_cache_reserved_bytes",
+                                            "KV-cache bytes reserved by admitted sequences (bounded by --max-kv-bytes)",
+                                            value=g["kv_reserved_bytes"])
+                    yield CounterMetricFamily("liedeploy_decode_steps", "Batched decode steps run", value=g["steps"])
                 yield GaugeMetricFamily("liedeploy_fold_fused", "1 when folds run the fused (generated) kernel, "
                                         "0 for the blocked eager path", value=s.get("fold_fused", 0.0))
 
@@ -59,6 +71,9 @@ class ServerMetrics:
         self.batch_size.observe(samples)
         for w in waits:
             self.queue_seconds.observe(w)
+
+    def observe_generation(self, kind: str, seconds: float) -> None:
+        (self.ttft if kind == "ttft" else self.inter_token).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -32,6 +32,7 @@ class ServeConfig:
     max_sequences: int = 8
     max_new_tokens: int = 512
     max_prompt_tokens: int = 2048
+    max_kv_bytes: Optional[int] = None  # KV-cache budget of generation; None: max_sequences full-length sequences
     weights: Optional[str] = None
     adapters: Optional[str] = None
     input_shape: Optional[tuple] = None
@@ -149,7 +150,8 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
         from liedeploy.serving.generate import Generator
 
         state.generator = Generator(backend.bank, cfg.tokenizer_object, max_prompt_tokens=cfg.max_prompt_tokens,
-                                    max_new_tokens=cfg.max_new_tokens, max_sequences=cfg.max_sequences)
+                                    max_new_tokens=cfg.max_new_tokens, max_sequences=cfg.max_sequences,
+                                    max_kv_bytes=cfg.max_kv_bytes, observe=state.metrics.observe_generation)
     state.scan()
     return state
 
@@ -220,6 +222,11 @@ def serve(cfg: ServeConfig, log=print) -> int:
         f"body {_size(cfg.max_body)}, bytes in flight {_size(state.inflight_bytes.limit)}, "
         f"{cfg.max_connections} connections, head/body/keep-alive timeouts {cfg.header_timeout:g}/{cfg.body_timeout:g}/"
         f"{cfg.keep_alive:g} s")
+    if state.generator is not None:
+        g = state.generator
+        log(f"liedeploy serve: generation: {cfg.max_sequences} sequences, KV cache {_size(g.max_kv_bytes)}"
+            f"{' (default)' if cfg.max_kv_bytes is None else ''} at {g.kv_per_token} bytes per token, "
+            f"prompts up to {g.max_prompt_tokens} tokens, max_tokens up to {g.max_new_tokens}")
     log(f"liedeploy serve: listening on http://{cfg.host}:{port}")
     sys.stdout.flush()
     try:

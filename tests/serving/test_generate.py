@@ -147,6 +147,8 @@ def test_kserve_generate_and_generate_stream(lm):
     ({"model": "poet", "prompt": "w1", "n": 2}, 400, "only n=1"),
     ({"model": "poet", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
     ({"model": "poet", "prompt": " ".join(["w1"] * 3000)}, 400, "at most 2048 are served"),
+    ({"model": "poet", "prompt": " ".join(["w1"] * 100), "max_tokens": 64}, 400,
+     "plus max_tokens (64) exceed the model's context of 128 tokens"),
 ])
 def test_bad_requests_get_openai_errors(lm, payload, status, words):
     code, _, body = _http(f"{lm['srv'].url}/v1/completions", "POST", json.dumps(payload).encode(),
@@ -224,3 +226,82 @@ def test_concurrent_greedy_requests_share_a_batch_and_keep_their_own_tokens(lm):
         got = list(ex.map(one, jobs))
     for (task, prompt), text in zip(jobs, got):
         assert text == _greedy(lm, task, prompt, 10)[0], (task, prompt)
+
+
+@pytest.fixture(scope="module")
+def tight(lm, tmp_path_factory):
+    """The same tasks on a server whose cache holds one folded task (constant eviction) and whose KV
+    budget holds 100 tokens."""
+    srv = lm["srv"]
+    model_dir = srv.args[srv.args.index("--hf-model") + 1]
+    tasks = srv.args[srv.args.index("--adapters") + 1]
+    per = _kv_per_token(lm)
+    with ServerProcess(["--hf-model", model_dir, "--adapters", tasks, "--max-sequences", "8", "--max-new-tokens", "64",
+                        "--cache-bytes", "70K", "--max-kv-bytes", str(100 * per)]) as s:
+        yield {"srv": s, "refs": lm["refs"], "tok": lm["tok"], "per": per}
+
+
+def _kv_per_token(lm):
+    cfg = lm["refs"]["base"].config
+    return 2 * cfg.n_layer * cfg.n_embd * 4
+
+
+def test_eight_streams_over_three_tasks_with_constant_eviction_match_their_merged_models(tight):
+    import concurrent.futures as cf
+
+    jobs = [(("poet", "coder", "base")[i % 3], " ".join(f"w{(i * 5 + k) % 30}" for k in range(1 + i % 4)))
+            for i in range(8)]
+    c = _client(tight)
+
+    def one(job):
+        task, prompt = job
+        chunks = c.completions.create(model=task, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        return "".join(ch.choices[0].text for ch in chunks)
+
+    for _ in range(2):  # 8 x (4 + 8) tokens fit the KV budget of 100
+        with cf.ThreadPoolExecutor(len(jobs)) as ex:
+            got = list(ex.map(one, jobs))
+        mismatches = [(t, p) for (t, p), text in zip(jobs, got) if text != _greedy(tight, t, p, 8)[0]]
+        assert mismatches == []
+    assert _metric(tight, "liedeploy_cache_evictions_total") > 0  # one task fits: tasks kept evicting
+
+
+def test_kv_budget_overflow_is_503_with_retry_after_and_a_request_over_the_budget_is_400(tight):
+    url = tight["srv"].url + "/v1/completions"
+    hdr = {"Content-Type": "application/json"}
+    too_big = json.dumps({"model": "poet", "prompt": "w1 " * 50, "max_tokens": 64, "temperature": 0}).encode()
+    status, _, body = _http(url, "POST", too_big, hdr)
+    assert status == 400 and "--max-kv-bytes" in json.loads(body)["error"]["message"]
+    import concurrent.futures as cf
+
+    each = json.dumps({"model": "poet", "prompt": "w1 " * 30, "max_tokens": 64, "temperature": 0}).encode()
+    with cf.ThreadPoolExecutor(6) as ex:  # each reserves 94 of the 100 tokens: one at a time fits
+        answers = list(ex.map(lambda _: _http(url, "POST", each, hdr), range(6)))
+    codes = sorted(a[0] for a in answers)
+    assert codes[0] == 200 and codes[-1] == 503 and set(codes) == {200, 503}, codes
+    for status, headers, body in answers:
+        if status == 503:
+            assert "KV cache budget" in json.loads(body)["error"]["message"]
+            assert int({k.lower(): v for k, v in headers.items()}["retry-after"]) >= 1
+    assert _http(url, "POST", each, hdr)[0] == 200  # the budget came back
+
+
+def test_generation_metrics_report_latency_sequences_and_kv_bytes(tight):
+    _client(tight).completions.create(model="poet", prompt="w1 w2", max_tokens=6, temperature=0)
+    assert _metric(tight, "liedeploy_time_to_first_token_seconds_count") >= 1
+    assert _metric(tight, "liedeploy_inter_token_seconds_count") >= 5
+    assert _metric(tight, "liedeploy_decode_steps_total") >= 5
+    for name in ("liedeploy_generation_running", "liedeploy_generation_waiting", "liedeploy_kv_cache_bytes",
+                 "liedeploy_kv_cache_reserved_bytes"):
+        assert _metric(tight, name) == 0  # nothing generating now
+
+
+def _metric(lm, name):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = _http(f"{lm['srv'].url}/metrics")[2].decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                return s.value
+    raise KeyError(name)

@@ -1,0 +1,366 @@
+"""Continuous batching of text generation over many Lie tasks.
+
+One engine thread owns every running sequence. Sequences of the same task form a group that
+decodes in shared steps: one forward of the task's replica per step for the whole group, with a
+left-padded KV cache (transformers' own ``DynamicCache``) and a 2-D attention mask. A request that
+arrives while its task is decoding is prefilled (with the other newcomers of that task) and joins
+the running batch before the next step; a sequence that ends, or whose client goes away, leaves at
+the next step and its cache rows are dropped. Groups of different tasks take turns, one step each,
+so one busy task never starves another.
+
+Each sequence chooses its own tokens: greedy (temperature 0: the arg-max, so its tokens are those
+of the task's merged model decoding alone), or sampled through transformers' temperature and
+top-p warpers with its own seeded ``torch.Generator`` (a seed makes the output reproducible).
+EOS, stop strings and ``max_tokens`` end a sequence, per row.
+
+Admission is bounded twice: ``max_sequences`` sequences at once, and a KV-cache budget in bytes
+(``max_kv_bytes``), reserved per sequence for its prompt plus ``max_tokens`` tokens. Beyond either
+the answer is :class:`~liedeploy.serving.errors.Unavailable` (503 with Retry-After); a request that
+alone needs more than the whole budget is a :class:`~liedeploy.serving.errors.BadRequest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Callable, Optional
+
+from liedeploy.serving.errors import BadRequest, Unavailable
+
+__all__ = ["DecodeEngine", "Sequence", "kv_bytes_per_token"]
+
+
+class Sequence:
+    """One request: its prompt, limits, sampler and where its text goes (an asyncio queue)."""
+
+    def __init__(self, ids: list, params, loop: asyncio.AbstractEventLoop):
+        self.ids, self.loop = list(ids), loop
+        self.max_tokens, self.stop = params.max_tokens, list(params.stop)
+        self.temperature, self.top_p = float(params.temperature), float(params.top_p)
+        self.generator = None
+        if self.temperature > 0:
+            import torch
+
+            self.generator = torch.Generator()
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(int(params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens: list = []
+        self.text = ""
+        self.done = False
+        self.reason: Optional[str] = None
+        self.cancelled = threading.Event()
+        self.reserved = 0
+        self.submitted = time.monotonic()
+        self.last_token: Optional[float] = None
+
+    def push(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody reads this sequence any more
+            pass
+
+
+class _Group:
+    """The running batch of one task: its replica, sequences, cache and attention mask."""
+
+    def __init__(self, model):
+        self.model = model
+        self.seqs: list = []
+        self.pending: list = []
+        self.cache = None
+        self.mask = None  # (rows, columns) int64, 0 on left padding
+        self.last = None  # (rows,) the token each row feeds next
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token of one sequence takes in ``model``, measured by a 1-token forward."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    return max(1, _cache_bytes(cache))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.25 names the KV cache ``cache``; older releases ``past_key_values``."""
+    import inspect
+
+    kind = type(model)
+    name = _CACHE_KWARG.get(kind)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+_CACHE_KWARG: dict = {}
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _joinable(cache) -> bool:
+    """Caches whose rows can be padded, concatenated and dropped: full-attention dynamic layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(la) is DynamicLayer and la.keys is not None and la.keys.dim() == 4
+                                for la in layers)
+
+
+def _left_pad(t, width: int, dim: int):
+    import torch.nn.functional as F
+
+    extra = width - t.shape[dim]
+    if extra <= 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [extra, 0]
+    return F.pad(t, pad)
+
+
+class DecodeEngine:
+    """Continuous batching over tasks; see the module docstring.
+
+    Args:
+        tokenizer: decodes tokens to text (stop strings) and gives the pad and EOS ids.
+        model_for: ``task -> model`` (the bank's replica; folds a cold task). Called on the engine thread.
+        max_sequences: sequences admitted at once (running and waiting).
+        max_kv_bytes: KV-cache bytes reserved at most (prompt + max_tokens tokens per sequence).
+        kv_per_token: KV bytes per token of one sequence (:func:`kv_bytes_per_token`).
+        observe: ``observe(kind, seconds)`` with kind ``"ttft"`` or ``"itl"``, called per token.
+        eos_ids: token ids that end a sequence.
+    """
+
+    def __init__(self, tokenizer, model_for: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
+                 observe: Optional[Callable[[str, float], None]] = None, eos_ids=()):
+        self.tokenizer, self.model_for = tokenizer, model_for
+        self.max_sequences, self.max_kv_bytes, self.kv_per_token = int(max_sequences), int(max_kv_bytes), int(kv_per_token)
+        self.observe = observe or (lambda kind, seconds: None)
+        self.eos = set(int(e) for e in eos_ids if e is not None)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = int(pad if pad is not None else 0)
+        self._cv = threading.Condition()
+        self._arrivals: list = []  # (task, Sequence)
+        self._groups: dict = {}
+        self._admitted = 0
+        self._reserved = 0
+        self._running = 0
+        self.stats = {"tokens": 0, "sequences": 0, "running": 0, "waiting": 0, "kv_bytes": 0, "kv_reserved_bytes": 0,
+                      "steps": 0, "joins": 0}
+        self._thread = threading.Thread(target=self._loop, name="liedeploy-decode", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    # -- admission (event loop) ------------------------------------------------------------------
+    def submit(self, task, seq: Sequence) -> None:
+        need = (len(seq.ids) + seq.max_tokens) * self.kv_per_token
+        if need > self.max_kv_bytes:
+            raise BadRequest(f"this request needs {need} bytes of KV cache ({len(seq.ids)} prompt + {seq.max_tokens} "
+                             f"new tokens), more than the server's --max-kv-bytes {self.max_kv_bytes}")
+        with self._cv:
+            if self._admitted >= self.max_sequences:
+                raise Unavailable("every generation slot is busy (--max-sequences); retry")
+            if self._reserved + need > self.max_kv_bytes:
+                raise Unavailable("the KV cache budget (--max-kv-bytes) is in use by running sequences; retry")
+            self._admitted += 1
+            self._reserved += need
+            seq.reserved = need
+            self._arrivals.append((task, seq))
+            self._sync_counts()
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._arrivals and not self._groups and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._arrivals and not self._groups:
+                    return
+                arrivals, self._arrivals = self._arrivals, []
+            for task, seq in arrivals:
+                group = self._groups.get(task)
+                if group is None:
+                    group = self._groups[task] = _Group(None)
+                group.pending.append(seq)
+            for task, group in list(self._groups.items()):
+                try:
+                    self._turn(task, group)
+                except Exception as exc:  # noqa: BLE001 - every sequence of the group gets the error
+                    for seq in group.seqs + group.pending:
+                        self._finish(seq, None, error=exc)
+                    group.seqs, group.pending, group.cache = [], [], None
+                if not group.seqs and not group.pending:
+                    del self._groups[task]
+            with self._cv:
+                self.stats["kv_bytes"] = sum(_cache_bytes(g.cache) for g in self._groups.values() if g.cache is not None)
+                self._sync_counts()
+
+    def _turn(self, task, group: _Group) -> None:
+        """One turn of a task: newcomers join (prefill), then one decode step of the whole group."""
+        import torch
+
+        self._drop_finished(group)
+        if group.model is None or not group.seqs:
+            group.model = self.model_for(task)  # the fold of a cold task happens here, on this thread
+        if group.pending and (group.cache is None or _joinable(group.cache)):
+            newcomers = [s for s in group.pending if not s.cancelled.is_set()]
+            for s in group.pending:
+                if s.cancelled.is_set():
+                    self._finish(s, "stop")
+            group.pending = []
+            if newcomers:
+                with torch.inference_mode():
+                    self._prefill(group, newcomers)
+                self._drop_finished(group)
+        if group.seqs:
+            with torch.inference_mode():
+                self._step(group)
+            self._drop_finished(group)
+
+    def _forward(self, model, ids, mask, cache):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{_cache_kwarg(model): cache})
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        if cache is None:
+            raise RuntimeError(f"{type(model).__name__} returned no KV cache: generation needs a causal LM with one")
+        return out.logits[:, -1, :].float(), cache
+
+    def _prefill(self, group: _Group, seqs: list) -> None:
+        import torch
+
+        width = max(len(s.ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
+            ids[i, width - len(s.ids):] = torch.tensor(s.ids, dtype=torch.long)
+            mask[i, width - len(s.ids):] = 1
+        logits, cache = self._forward(group.model, ids, mask, None)
+        last = self._choose(seqs, logits)
+        if group.cache is None:
+            group.cache, group.mask, group.last, group.seqs = cache, mask, last, list(seqs)
+        else:
+            self._join(group, cache, mask, last, seqs)
+        for s, tok in zip(seqs, last.tolist()):
+            self._emit(s, tok)
+
+    def _join(self, group: _Group, cache, mask, last, seqs: list) -> None:
+        import torch
+
+        width = max(group.mask.shape[1], mask.shape[1])
+        for old, new in zip(group.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)], 0)
+            old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)], 0)
+        group.mask = torch.cat([_left_pad(group.mask, width, 1), _left_pad(mask, width, 1)], 0)
+        group.last = torch.cat([group.last, last])
+        group.seqs.extend(seqs)
+        self.stats["joins"] += len(seqs)
+
+    def _step(self, group: _Group) -> None:
+        import torch
+
+        mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long)], 1)
+        logits, group.cache = self._forward(group.model, group.last[:, None], mask, group.cache)
+        group.mask = mask
+        group.last = self._choose(group.seqs, logits)
+        self.stats["steps"] += 1
+        for s, tok in zip(group.seqs, group.last.tolist()):
+            self._emit(s, tok)
+
+    def _choose(self, seqs: list, logits):
+        import torch
+
+        tokens = logits.argmax(-1)
+        for i, s in enumerate(seqs):
+            if s.temperature > 0:
+                from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+                scores = TemperatureLogitsWarper(s.temperature)(None, logits[i:i + 1])
+                if s.top_p < 1.0:
+                    scores = TopPLogitsWarper(s.top_p)(None, scores)
+                probs = torch.softmax(scores, dim=-1)
+                tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0, 0]
+        return tokens
+
+    def _drop_finished(self, group: _Group) -> None:
+        """Rows whose sequence ended (or whose client left) leave the batch and its cache."""
+        for s in group.seqs:
+            if not s.done and s.cancelled.is_set():
+                self._finish(s, "stop")
+        keep = [i for i, s in enumerate(group.seqs) if not s.done]
+        if len(keep) == len(group.seqs):
+            return
+        if not keep:
+            group.seqs, group.cache, group.mask, group.last = [], None, None, None
+            return
+        import torch
+
+        idx = torch.tensor(keep, dtype=torch.long)
+        mask = group.mask[idx]
+        first = int((mask.sum(0) > 0).nonzero()[0, 0])  # columns that are padding in every row go too
+        for layer in group.cache.layers:
+            layer.keys = layer.keys[idx][:, :, first:].contiguous()
+            layer.values = layer.values[idx][:, :, first:].contiguous()
+        group.mask, group.last = mask[:, first:], group.last[idx]
+        group.seqs = [group.seqs[i] for i in keep]
+
+    # -- per-sequence bookkeeping ------------------------------------------------------------------
+    def _emit(self, s: Sequence, tok: int) -> None:
+        if s.done:
+            return
+        now = time.monotonic()
+        self.observe("ttft" if s.last_token is None else "itl", now - (s.last_token or s.submitted))
+        s.last_token = now
+        if tok in self.eos:
+            self._finish(s, "stop")
+            return
+        s.tokens.append(tok)
+        self.stats["tokens"] += 1
+        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        cut = [text.find(x) for x in s.stop if x in text]
+        if cut:
+            text = text[: min(cut)]
+        delta, s.text = text[len(s.text):], text
+        if delta:
+            s.push(delta)
+        if cut:
+            self._finish(s, "stop")
+        elif len(s.tokens) >= s.max_tokens:
+            self._finish(s, "length")
+        elif s.cancelled.is_set():
+            self._finish(s, "stop")
+
+    def _finish(self, s: Sequence, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        if s.done:
+            return
+        s.done, s.reason = True, reason
+        with self._cv:  # freed before the client hears the end, so its next request is admitted
+            self._admitted -= 1
+            self._reserved -= s.reserved
+            self.stats["sequences"] += error is None
+            self._sync_counts()
+        s.push(error)  # None ends the stream; an exception is raised to the request
+
+    def _sync_counts(self) -> None:
+        if threading.current_thread() is self._thread:  # only the engine thread walks its groups
+            self._running = sum(len(g.seqs) for g in self._groups.values())
+        self.stats["running"] = self._running
+        self.stats["waiting"] = max(0, self._admitted - self._running)
+        self.stats["kv_reserved_bytes"] = self._reserved

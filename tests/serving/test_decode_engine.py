@@ -1,0 +1,170 @@
+"""The continuous-batching engine of text generation, in process: sequences that join a running
+batch between steps keep the tokens of their task's merged model decoding alone (Llama with rotary
+positions and left padding, GPT-2 with learned positions), sampled and greedy rows share a batch,
+clients that leave free their row, and the KV-cache budget admits, refuses and frees."""
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from liedeploy import AdapterBank, load_adapter, merge_  # noqa: E402
+from liedeploy.serving.errors import BadRequest, Unavailable  # noqa: E402
+from liedeploy.serving.generate import GenerationParams, Generator  # noqa: E402
+from tests.conftest import _write_adapter  # noqa: E402
+from tests.serving.test_generate import _tokenizer  # noqa: E402
+
+EOS = 36
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=37,
+                      bos_token_id=EOS, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # EOS's logit is 0, below the best of 39 others: sequences run to max_tokens
+        model.lm_head.weight[EOS] = 0
+    return model, ["q_proj", "v_proj", "gate_proj"]
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=256, bos_token_id=EOS,
+                     eos_token_id=EOS, pad_token_id=37, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = 0
+    return model, ["c_attn", "c_fc"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tmp_path_factory):
+    model, targets = {"llama": _llama, "gpt2": _gpt2}[request.param]()
+    d = tmp_path_factory.mktemp(request.param)
+    paths, refs = {}, {None: model}
+    for i, t in enumerate(("a", "b")):
+        paths[t] = _write_adapter(model, d / f"{t}.safetensors", targets, r=4, std=0.3, seed=20 + i, randomize_A=True)
+        refs[t] = merge_(load_adapter(copy.deepcopy(model), paths[t])).eval()
+    return {"model": model, "paths": paths, "refs": refs, "tok": _tokenizer()}
+
+
+def _bank(setup, **kw):
+    return AdapterBank(copy.deepcopy(setup["model"]), adapters=setup["paths"], **kw)
+
+
+def _want(setup, task, ids, n):
+    with torch.no_grad():
+        out = setup["refs"][task].generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                           dtype=torch.long), max_new_tokens=n, do_sample=False, pad_token_id=37)
+    return out[0, len(ids):].tolist()
+
+
+def _p(n, temperature=0.0, seed=None):
+    return GenerationParams(max_tokens=n, temperature=temperature, top_p=1.0, seed=seed, stop=[])
+
+
+async def _until(cond, seconds=30.0):
+    for _ in range(int(seconds / 0.005)):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+def test_sequences_join_a_running_batch_and_keep_their_merged_models_tokens(setup):
+    jobs = [("a", [1, 2, 3], 40), ("a", [4, 5, 6, 7, 8, 9, 10], 12), ("a", [11], 20), ("b", [2, 3], 25),
+            (None, [5, 6, 7, 8], 15), ("a", [12, 13, 14, 15, 16, 17, 18, 19, 20], 10)]
+
+    async def run():
+        gen = Generator(_bank(setup), setup["tok"], max_sequences=8, max_new_tokens=64)
+        first = gen.start(*jobs[0][:2], _p(jobs[0][2]))
+        await _until(lambda: len(first.tokens) >= 5)  # the others arrive while 'a' is decoding
+        rest = [gen.start(t, ids, _p(n)) for t, ids, n in jobs[1:3]]
+        await _until(lambda: len(rest[0].tokens) >= 3)
+        rest += [gen.start(t, ids, _p(n)) for t, ids, n in jobs[3:]]
+        outs = await asyncio.gather(*(gen.complete(s) for s in [first] + rest))
+        await _until(lambda: gen.stats["kv_bytes"] == 0)
+        gen.engine.close()
+        return gen, [first] + rest, outs
+
+    gen, seqs, outs = asyncio.run(run())
+    assert gen.stats["joins"] >= 3  # sequences of 'a' joined its batch while it ran
+    for (task, ids, n), seq, out in zip(jobs, seqs, outs):
+        assert seq.tokens == _want(setup, task, ids, n), (task, ids)
+        assert out["completion_tokens"] == n and out["finish_reason"] == "length"
+    assert gen.stats["running"] == 0 and gen.stats["kv_reserved_bytes"] == 0 and gen.stats["kv_bytes"] == 0
+
+
+def test_sampled_rows_share_the_batch_and_a_seed_reproduces_them(setup):
+    async def run():
+        gen = Generator(_bank(setup), setup["tok"], max_sequences=8, max_new_tokens=64)
+        seqs = [gen.start("b", [1, 2, 3], _p(16, 1.0, seed=5)), gen.start("b", [7, 8], _p(16)),
+                gen.start("b", [1, 2, 3], _p(16, 1.0, seed=5)), gen.start("b", [1, 2, 3], _p(16, 1.0, seed=6))]
+        await asyncio.gather(*(gen.complete(s) for s in seqs))
+        alone = gen.start("b", [1, 2, 3], _p(16, 1.0, seed=5))
+        await gen.complete(alone)
+        gen.engine.close()
+        return seqs, alone
+
+    seqs, alone = asyncio.run(run())
+    assert seqs[1].tokens == _want(setup, "b", [7, 8], 16)  # greedy next to sampled rows
+    assert seqs[0].tokens == seqs[2].tokens == alone.tokens  # same seed, batched or alone
+    assert seqs[0].tokens != seqs[3].tokens
+
+
+def test_a_cancelled_sequence_leaves_at_the_next_step_and_frees_its_reservation(setup):
+    async def run():
+        gen = Generator(_bank(setup), setup["tok"], max_sequences=4, max_new_tokens=200)
+        long = gen.start("a", [1, 2], _p(200))
+        other = gen.start("a", [3, 4, 5], _p(30))
+        await _until(lambda: len(long.tokens) >= 3)
+        long.cancelled.set()
+        out = await gen.complete(other)
+        await _until(lambda: long.done)
+        await _until(lambda: gen.stats["kv_reserved_bytes"] == 0)
+        gen.engine.close()
+        return long, other, out
+
+    long, other, out = asyncio.run(run())
+    assert len(long.tokens) < 200 and long.reason == "stop"
+    assert other.tokens == _want(setup, "a", [3, 4, 5], 30) and out["finish_reason"] == "length"
+
+
+def test_the_kv_budget_admits_refuses_and_frees(setup):
+    async def run():
+        bank = _bank(setup)
+        probe = Generator(bank, setup["tok"], max_sequences=8)
+        per = probe.kv_per_token
+        probe.engine.close()
+        gen = Generator(bank, setup["tok"], max_sequences=8, max_new_tokens=64, max_kv_bytes=60 * per)
+        with pytest.raises(BadRequest, match=r"needs \d+ bytes of KV cache .*--max-kv-bytes"):
+            gen.start("a", [1] * 10, _p(60))  # alone more than the whole budget: 400
+        held = gen.start("a", [1, 2, 3, 4], _p(40))  # reserves 44 of 60 tokens
+        with pytest.raises(Unavailable, match="KV cache budget"):
+            gen.start("b", [1, 2, 3, 4, 5], _p(20))  # 25 more do not fit now: 503
+        assert gen.stats["kv_reserved_bytes"] == 44 * per
+        await gen.complete(held)
+        again = gen.start("b", [1, 2, 3, 4, 5], _p(20))  # freed: admitted
+        await gen.complete(again)
+        gen.engine.close()
+        return per, again
+
+    per, again = asyncio.run(run())
+    assert per > 0 and len(again.tokens) == 20
+
+
+def test_kv_bytes_per_token_matches_the_models_cache(setup):
+    from liedeploy.serving.decode_engine import kv_bytes_per_token
+
+    c = setup["model"].config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert kv_bytes_per_token(setup["model"]) == 2 * c.num_hidden_layers * heads * head_dim * 4
