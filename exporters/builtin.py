@@ -7,6 +7,7 @@
 | ``onnx-tasks`` | ``--onnx --task-models A ...``  | ``base.onnx`` + ``<task>.onnx`` sharing weights on disk   |
 | ``onnx-refit`` | ``--onnx --for-trt``            | a refit-ready graph + its weight-name manifest          |
 | ``trt``        | ``--trt``                       | a refittable TensorRT engine (+ the refit-ready graph)  |
+| ``onnx-generate`` | ``--onnx --hf-model DIR [--adapter A]`` | a decoder with KV cache (onnxruntime-genai), checked by greedy generation |
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from liedeploy.errors import ConfigError
 
 from liedeploy.exporters.registry import ExportReport, ExportRequest, Exporter, register_exporter
 
-__all__ = ["OnnxExporter", "BankGraphExporter", "TaskModelsExporter", "RefitOnnxExporter", "TensorRTExporter"]
+__all__ = ["OnnxExporter", "BankGraphExporter", "TaskModelsExporter", "RefitOnnxExporter", "TensorRTExporter",
+           "GenerateExporter"]
 
 
 def _common(req: ExportRequest) -> dict:
@@ -42,7 +44,9 @@ class OnnxExporter(Exporter):
         from liedeploy.exporters.onnx import export_onnx
 
         details = export_onnx(req.model, req.example_inputs, req.out, fp16=req.fp16, quantize=req.options.get("quantize"),
-                              calibration=req.options.get("calibration"), **_common(req))
+                              calibration=req.options.get("calibration"), input_names=req.options.get("input_names"),
+                              dynamic_axes=req.options.get("dynamic_axes"), by_name=bool(req.options.get("by_name")),
+                              **_common(req))
         summary = (f"{req.out}: exported and checked in ONNX Runtime (max abs error "
                    f"{_worst(details):.3g}); report in {req.out}.report.json")
         return ExportReport(self.name, req.out, bool(details["ok"]), [req.out, req.out + ".report.json"], details, summary)
@@ -131,3 +135,42 @@ class TensorRTExporter(Exporter):
 
         require_tensorrt()  # refuse before building anything when TensorRT or CUDA is missing
         super().prepare(req)
+
+
+@register_exporter
+class GenerateExporter(Exporter):
+    name = "onnx-generate"
+    help = "a decoder with KV cache that generates (onnxruntime-genai's model builder), checked by greedy generation"
+    supports_fp16 = False
+    out_is_folder = True
+    builds_model = False  # the exporter reads the transformers folder itself
+
+    def check(self, req: ExportRequest) -> None:
+        super().check(req)
+        if not req.options.get("hf_model"):
+            raise ConfigError("the generation export needs --hf-model DIR")
+        for flag, bad in (("--dynamic-batch", req.dynamic_batch), ("--atol/--rtol", req.atol is not None or
+                                                                    req.rtol is not None),
+                          ("--quantize", req.options.get("quantize"))):
+            if bad:
+                raise ConfigError(f"{flag} does not apply to the generation export (batch and sequence are always "
+                                  "dynamic; it is checked by greedy tokens)")
+        if os.path.exists(req.out) and not os.path.isdir(req.out):
+            raise ConfigError(f"the generation export writes a folder, and {req.out} is a file")
+
+    def prepare(self, req: ExportRequest) -> None:
+        from liedeploy.errors import require
+
+        require("onnxruntime_genai", "genai", "export --onnx --hf-model (a decoder that generates)")
+        super().prepare(req)
+
+    def export(self, req: ExportRequest) -> ExportReport:
+        from liedeploy.exporters.genai import export_generator
+
+        details = export_generator(req.options["hf_model"], req.options.get("adapter"), req.out,
+                                   check_tokens=int(req.options.get("check_tokens") or 32))
+        files = [os.path.join(req.out, f) for f in details.get("files", [])]
+        n = details["greedy_tokens"]
+        summary = (f"{req.out}: decoder with KV cache exported; greedy generation of {n} tokens equals torch on "
+                   f"{len(details['checks'])} prompts; run it with onnxruntime_genai.Model({req.out!r})")
+        return ExportReport(self.name, req.out, bool(details["ok"]), files, details, summary)

@@ -23,11 +23,11 @@ from torch import nn
 
 from liedeploy.core.adapt import adapted_names
 from liedeploy.io.atomic import Staging
-from liedeploy.core.outputs import flatten_outputs
+from liedeploy.core.outputs import flatten_named, flatten_outputs
 from liedeploy.errors import ConfigError, ExportError, require
 from liedeploy.core.merge import merge_
 
-__all__ = ["export_onnx", "verify_onnx", "DEFAULT_TOLERANCE", "check_export_inputs", "require_onnx", "quiet_export"]
+__all__ = ["export_onnx", "verify_onnx", "keyword_model", "DEFAULT_TOLERANCE", "check_export_inputs", "require_onnx", "quiet_export"]
 
 DEFAULT_OPSET = 18
 # (atol, rtol) per export dtype
@@ -39,13 +39,19 @@ def require_onnx(module: str):
     return require(module, "onnx", "ONNX export")
 
 
-def _random_like(t: torch.Tensor, batch: Optional[int], seed: int) -> torch.Tensor:
+def _random_like(t: torch.Tensor, batch, seed: int, axes: Sequence[int] = (0,)) -> torch.Tensor:
+    """Random values shaped like ``t``; ``batch`` (an int for axis 0, or ``{axis: size}``) resizes the
+    dynamic ``axes``. An integer example of all ones (an attention mask) stays all ones."""
     g = torch.Generator().manual_seed(seed)
     shape = list(t.shape)
-    if batch is not None and shape:
-        shape[0] = batch
+    sizes = {0: batch} if isinstance(batch, int) else dict(batch or {})
+    for axis, size in sizes.items():
+        if axis in axes and axis < len(shape):
+            shape[axis] = size
     if t.is_floating_point():
         return torch.randn(shape, generator=g).to(t.dtype)
+    if t.numel() and bool((t == 1).all()):
+        return torch.ones(shape, dtype=t.dtype)
     high = max(2, int(t.max().item()) + 1) if t.numel() else 2
     return torch.randint(0, high, shape, generator=g, dtype=t.dtype)
 
@@ -61,9 +67,12 @@ def verify_onnx(
     feeds_extra: Optional[dict] = None,
     run_options=None,
     session=None,
+    dynamic_axes: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """Run the ONNX file in ONNX Runtime (CPU) and torch on the same random inputs.
 
+    ``batches``: per check, ``None`` (the example shapes), a batch size, or ``{axis: size}`` for the
+    ``dynamic_axes`` of each input (default: axis 0 of every input).
     Returns a report ``{"ok", "atol", "rtol", "checks": [{"batch", "outputs": [{max_abs, max_rel}]}]}``;
     ``ok`` is False if any element is beyond ``atol + rtol * |torch|``.
     """
@@ -72,7 +81,8 @@ def verify_onnx(
     names = [i.name for i in sess.get_inputs()][: len(example_inputs)]
     report = {"ok": True, "atol": atol, "rtol": rtol, "checks": []}
     for i, batch in enumerate(batches):
-        inputs = [_random_like(t, batch, 1234 + i + 17 * j) for j, t in enumerate(example_inputs)]
+        inputs = [_random_like(t, batch, 1234 + i + 17 * j, dynamic_axes[j] if dynamic_axes else (0,))
+                  for j, t in enumerate(example_inputs)]
         with torch.no_grad():
             ref = [t.float().numpy() for t in flatten_outputs(model(*inputs))]
         feeds = {n: t.numpy() for n, t in zip(names, inputs)}
@@ -94,7 +104,8 @@ def verify_onnx(
         if len(got) != len(ref):
             report["ok"] = False
             outs.append({"error": f"torch gave {len(ref)} outputs, ONNX Runtime {len(got)}"})
-        report["checks"].append({"batch": int(inputs[0].shape[0]) if inputs[0].dim() else None, "outputs": outs})
+        report["checks"].append({"batch": int(inputs[0].shape[0]) if inputs[0].dim() else None,
+                                 "shapes": [list(t.shape) for t in inputs], "outputs": outs})
     return report
 
 
@@ -176,10 +187,11 @@ def _check_options(opset, fp16: bool, atol, rtol, quantize, calibration) -> tupl
 
 
 def _torch_export(prepared: nn.Module, example_inputs: tuple, path: str, *, opset, names, dynamic_shapes,
-                  external_data: bool, optimize: bool) -> None:
+                  external_data: bool, optimize: bool, output_names: Optional[Sequence[str]] = None) -> None:
     """torch.onnx's dynamo exporter, quiet, saved at ``path``."""
     with torch.no_grad(), quiet_export():
         program = torch.onnx.export(prepared, example_inputs, dynamo=True, opset_version=int(opset), input_names=names,
+                                    output_names=list(output_names) if output_names else None,
                                     dynamic_shapes=dynamic_shapes, external_data=external_data, optimize=optimize)
         program.save(path, external_data=external_data)
 
@@ -193,6 +205,20 @@ def _refuse_mismatch(name: str, report: dict, atol: float, rtol: float) -> None:
         f"the ONNX export of {name} disagrees with torch: max abs error {worst['max_abs']:.3g}, "
         f"max rel error {worst['max_rel']:.3g} (atol {atol:g}, rtol {rtol:g}); nothing was written"
     )
+
+
+def keyword_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """``model`` called positionally, its inputs passed on by keyword (``names``): a view that shares
+    every tensor, whose parameter names are the model's own (refit names stay those of ``state_dict``)."""
+    cls = type(model)
+    names = list(names)
+
+    def forward(self, *args):
+        return cls.forward(self, **dict(zip(names, args)))
+
+    view = copy.copy(model)
+    view.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return view
 
 
 def _prepare(model: nn.Module, fp16: bool) -> tuple[nn.Module, nn.Module]:
@@ -230,6 +256,8 @@ def export_onnx(
     quantize: Optional[str] = None,
     calibration=None,
     before_publish=None,
+    dynamic_axes: Optional[Sequence[Sequence[int]]] = None,
+    by_name: bool = False,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verify it in ONNX Runtime, keep it only if it matches.
 
@@ -247,6 +275,14 @@ def export_onnx(
             tolerance.
         atol, rtol: tolerances (defaults per dtype: fp32 1e-4/1e-3, fp16 2e-2/2e-2).
         input_names: graph input names (default ``input``, ``input_1``...).
+        dynamic_axes: per input, the axes that stay dynamic in the graph (e.g. ``[(0, 1), (0, 1)]``
+            for ``input_ids`` and ``attention_mask`` of any batch and length); overrides
+            ``dynamic_batch``. Checked at the example shapes and at other sizes of those axes.
+        by_name: pass the inputs to ``forward`` by keyword (``input_names``), as a transformers
+            model takes ``input_ids=..., attention_mask=...``.
+
+    The graph's outputs are named as the model's output says (a tensor: ``output``; a transformers
+    output: its keys, e.g. ``logits``), as the server names them.
         external_data: store weights beside the graph; default: only past 2 GB.
         optimize: run the exporter's graph optimizer. ``False`` keeps every parameter as an
             initializer named as in ``state_dict()`` (what TensorRT refit needs).
@@ -266,27 +302,36 @@ def export_onnx(
     kind, atol, rtol = _check_options(opset, fp16, atol, rtol, quantize, calibration)
     prepared, reference = _prepare(model, fp16)
     names = list(input_names or [("input" if i == 0 else f"input_{i}") for i in range(len(example_inputs))])
+    if by_name:
+        prepared, reference = keyword_model(prepared, names), keyword_model(reference, names)
     n_bytes = sum(p.numel() * p.element_size() for p in prepared.state_dict().values())
     if external_data is None:
         external_data = n_bytes >= _TWO_GB
     check_export_inputs(prepared, example_inputs)
+    with torch.no_grad():
+        output_names = [n for n, _ in flatten_named(prepared(*example_inputs))]
+    if dynamic_axes is None:
+        dynamic_axes = [(0,) if dynamic_batch else () for _ in example_inputs]
+    dynamic_axes = [tuple(int(a) for a in axes) for axes in dynamic_axes]
     with Staging(path) as stage:
         base = stage.name
         tmp_dir = stage.dir
         tmp_path = stage.path(base)
         dynamic_shapes = None
-        if dynamic_batch:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+        if any(dynamic_axes):
+            dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+            dynamic_shapes = tuple({a: dims.get(a, torch.export.Dim.DYNAMIC) for a in axes} for axes in dynamic_axes)
         _torch_export(prepared, example_inputs, tmp_path, opset=opset, names=names, dynamic_shapes=dynamic_shapes,
-                      external_data=external_data, optimize=optimize)
+                      external_data=external_data, optimize=optimize, output_names=output_names)
         onnx.checker.check_model(tmp_path, full_check=False)
-        b = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1
-        batches = (None, b + 2) if dynamic_batch else (None,)
+        other = {a: int(t.shape[a]) + 2 for t, axes in zip(example_inputs, dynamic_axes) for a in axes}
+        batches = (None, other) if other else (None,)
         # fp16: checked against the fp32 model, within the fp16 tolerance
-        report = verify_onnx(tmp_path, reference, example_inputs, batches=batches, atol=atol, rtol=rtol)
+        report = verify_onnx(tmp_path, reference, example_inputs, batches=batches, atol=atol, rtol=rtol,
+                             dynamic_axes=dynamic_axes)
         report.update(
-            {"opset": int(opset), "dtype": kind, "io_dtype": "fp32", "dynamic_batch": dynamic_batch, "external_data": bool(external_data),
+            {"opset": int(opset), "dtype": kind, "io_dtype": "fp32", "dynamic_batch": any(0 in a for a in dynamic_axes),
+             "inputs": names, "outputs": output_names, "dynamic_axes": {n: list(a) for n, a in zip(names, dynamic_axes)}, "external_data": bool(external_data),
              "optimized": bool(optimize),
              "onnx_bytes": sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in os.listdir(tmp_dir))}
         )

@@ -80,6 +80,7 @@ class Exporter(ABC):
     takes_adapters: bool = False  # needs --bank/--task-models ADAPTER files
     supports_fp16: bool = True
     out_is_folder: bool = False
+    builds_model: bool = True  # False: the exporter reads its model itself (no --model/--weights)
 
     def check(self, request: ExportRequest) -> None:
         """Refuse flags this exporter cannot honour (raise ConfigError); runs before any model is built."""

@@ -24,7 +24,11 @@ def add_parser(sub) -> None:
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
         "--input-shape 1,3,224,224 -o bank.onnx --bank a.safetensors b.safetensors\n"
         "  liedeploy export --onnx --model mypkg.models:resnet18 --weights base.safetensors "
-        "--input-shape 1,3,224,224 -o tasks/ --task-models a.safetensors b.safetensors\n\n"
+        "--input-shape 1,3,224,224 -o tasks/ --task-models a.safetensors b.safetensors\n"
+        "  liedeploy export --onnx --hf-model llama/ --adapter poet.safetensors -o poet-onnx/   "
+        "# a decoder that generates\n"
+        "  liedeploy export --onnx --hf-model llama/ --adapter poet.safetensors --input input_ids:INT64:1,-1 "
+        "--input attention_mask:INT64:1,-1 --dynamic-batch -o poet.onnx   # logits\n\n"
         "--model runs code: PKG.MOD is imported and FACTORY called, as `python -c` would. Only name modules you trust.\n"
         "The current folder is searched after installed packages.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,10 +36,17 @@ def add_parser(sub) -> None:
     fmt = p.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--onnx", action="store_true", help="export ONNX, verified in ONNX Runtime (CPU)")
     fmt.add_argument("--trt", action="store_true", help="build a refittable TensorRT engine (needs tensorrt and CUDA)")
-    p.add_argument("--model", required=True, metavar="PKG.MOD:FACTORY", help="callable that builds the nn.Module")
+    p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="callable that builds the nn.Module")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
-    p.add_argument("--weights", required=True, metavar="W.safetensors", help="weights (a file or *.safetensors.index.json)")
-    p.add_argument("--input-shape", required=True, metavar="1,3,224,224", help="example input shape")
+    p.add_argument("--weights", metavar="W.safetensors", help="weights (a file or *.safetensors.index.json)")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="a transformers folder (config, safetensors weights, tokenizer) instead of --model/--weights; "
+                        "without --input: a decoder with KV cache that generates (onnxruntime-genai)")
+    p.add_argument("--adapter", metavar="TASK.safetensors", help="merge this task into the model before exporting")
+    p.add_argument("--input-shape", metavar="1,3,224,224", help="example input shape (one input)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
+                   help="a named input passed by keyword, e.g. input_ids:INT64:1,-1 (-1: a dynamic axis; repeat "
+                        "for each input); outputs keep the model's names (logits)")
     p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"], help="example input dtype")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .onnx (or .engine for --trt)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
@@ -99,6 +110,9 @@ def check_model_flags(model: str, model_kwargs: str) -> None:
 
 def exporter_name(args) -> str:
     """Which registered exporter the flags ask for."""
+    if args.hf_model and not (args.input or args.input_shape or args.trt or args.bank or args.task_models
+                              or args.for_trt):
+        return "onnx-generate"
     if args.trt:
         return "trt"
     if args.bank:
@@ -117,7 +131,8 @@ def _request(args):
                          atol=args.atol, rtol=args.rtol, adapters=list(args.bank or args.task_models or []),
                          options={"strip": args.strip, "refit_adapters": list(args.refit_targets or []),
                                   "quantize": args.quantize, "calibration": args.calibration,
-                                  "max_batch": args.max_batch, "opt_batch": args.opt_batch})
+                                  "max_batch": args.max_batch, "opt_batch": args.opt_batch,
+                                  "hf_model": args.hf_model, "adapter": args.adapter})
 
 
 def check(args) -> None:
@@ -129,6 +144,7 @@ def check(args) -> None:
 
     if args.bank and args.task_models:
         raise UsageError("--bank and --task-models are two ways to export tasks: choose one")
+    _check_model_source(args)
     if args.trt and (args.bank or args.task_models):
         raise UsageError("--trt builds one engine; tasks are switched into it by refit, so --bank/--task-models do not apply")
     if args.for_trt and (args.bank or args.task_models):
@@ -152,7 +168,7 @@ def check(args) -> None:
         from liedeploy.exporters.tensorrt import batch_profile
 
         try:
-            batch_profile(parse_shape(args.input_shape)[0], args.dynamic_batch, args.max_batch, args.opt_batch)
+            batch_profile(_example_batch(args), args.dynamic_batch, args.max_batch, args.opt_batch)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
     if not 7 <= args.opset <= 23:
@@ -160,7 +176,6 @@ def check(args) -> None:
     for flag, v in (("--atol", args.atol), ("--rtol", args.rtol)):
         if v is not None and not (v >= 0 and v != float("inf")):
             raise UsageError(f"{flag} must be a finite number >= 0, got {v}")
-    parse_shape(args.input_shape)
     check_model_flags(args.model, args.model_kwargs)
     try:
         get_exporter(exporter_name(args)).check(_request(args))
@@ -168,22 +183,128 @@ def check(args) -> None:
         raise UsageError(str(exc)) from None
 
 
+def _check_model_source(args) -> None:
+    """Where the model comes from and what it takes: usage errors (exit 2) before anything is built."""
+    from liedeploy.cli import UsageError
+
+    if args.hf_model and (args.model or args.weights):
+        raise UsageError("--hf-model replaces --model and --weights: give one or the other")
+    if not args.hf_model and not (args.model and args.weights):
+        raise UsageError("say which model: --model PKG.MOD:FACTORY with --weights W.safetensors, or --hf-model DIR")
+    if args.input_shape and args.input:
+        raise UsageError("give either --input-shape (one FP32 input) or --input NAME:DATATYPE:SHAPE, not both")
+    if args.adapter and (args.bank or args.task_models):
+        raise UsageError("--adapter merges one task before a single export; --bank/--task-models take their tasks "
+                         "themselves")
+    if exporter_name(args) == "onnx-generate":
+        return
+    if not (args.input_shape or args.input):
+        raise UsageError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE"
+                         + (" (or neither, with --hf-model, for a decoder that generates)" if args.hf_model else ""))
+    if args.input and args.quantize:
+        raise UsageError("--quantize int8 takes one input (--input-shape): its calibration file is one array")
+    if args.input and (args.trt or args.for_trt or args.bank or args.task_models):
+        raise UsageError("--input (named inputs) applies to the --onnx export of one model; use --input-shape "
+                         "with --trt, --for-trt, --bank and --task-models")
+    if args.input_shape:
+        parse_shape(args.input_shape)
+    for text in args.input:
+        parse_export_input(text)
+
+
+def parse_export_input(text: str) -> tuple:
+    """``"input_ids:INT64:1,-1"`` -> ``("input_ids", torch dtype, (1, -1))``; -1 marks a dynamic axis."""
+    from liedeploy.cli import UsageError
+    from liedeploy.errors import ConfigError
+    from liedeploy.serving.specs import parse_input_flag
+
+    try:
+        spec = parse_input_flag(text)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    shape = tuple(int(s) for s in text.split(":")[2].split(","))
+    return spec.name, spec.datatype, shape
+
+
+def _example_batch(args) -> int:
+    if args.input:
+        b = parse_export_input(args.input[0])[2][0]
+        return 1 if b == -1 else b
+    return parse_shape(args.input_shape)[0]
+
+
+def _named_examples(args, model) -> tuple:
+    """Example tensors of the ``--input`` flags, their names and dynamic axes.
+
+    A -1 axis is dynamic (example size 8, or 1 for the batch axis); ``--dynamic-batch`` makes
+    axis 0 dynamic too. Integer inputs get token ids below the model's vocabulary, or ones where the
+    name says mask; float inputs random normals.
+    """
+    import torch
+
+    from liedeploy.serving.specs import DATATYPES
+
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 2)
+    g = torch.Generator().manual_seed(0)
+    names, tensors, axes = [], [], []
+    for text in args.input:
+        name, datatype, shape = parse_export_input(text)
+        dyn = tuple(i for i, s in enumerate(shape) if s == -1 or (i == 0 and args.dynamic_batch))
+        size = tuple((1 if i == 0 else 8) if s == -1 else s for i, s in enumerate(shape))
+        dtype = torch.from_numpy(DATATYPES[datatype](0).reshape(1)).dtype
+        if dtype.is_floating_point:
+            t = torch.randn(size, generator=g).to(dtype)
+        elif "mask" in name.lower():
+            t = torch.ones(size, dtype=dtype)
+        elif "type" in name.lower() or dtype == torch.bool:
+            t = torch.zeros(size, dtype=dtype)
+        else:
+            t = torch.randint(0, vocab, size, generator=g).to(dtype)
+        names.append(name)
+        tensors.append(t)
+        axes.append(dyn)
+    return tuple(tensors), names, axes
+
+
+def _build(args):
+    """The model the flags name, with ``--adapter`` loaded (the exporters merge live adapters)."""
+    from liedeploy.files.model_loading import build_model, load_hf_architecture
+
+    if args.hf_model:
+        model = load_hf_architecture(args.hf_model)
+    else:
+        model = build_model(args.model, json.loads(args.model_kwargs), args.weights)
+    if args.adapter:
+        from liedeploy import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    return model
+
+
 def run(args) -> int:
     import torch
 
-    from liedeploy.files.model_loading import build_model
     from liedeploy.exporters.registry import get_exporter
 
     exporter = get_exporter(exporter_name(args))
-    shape = parse_shape(args.input_shape)
-    if args.input_dtype == "int64":
-        example = torch.zeros(shape, dtype=torch.int64)
-    else:
-        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     req = _request(args)
-    req.example_inputs = (example,)
+    if not exporter.builds_model:
+        exporter.prepare(req)
+        report = exporter.export(req)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary)
+        return 0
+    if args.input_shape:
+        shape = parse_shape(args.input_shape)
+        if args.input_dtype == "int64":
+            example = torch.zeros(shape, dtype=torch.int64)
+        else:
+            example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        req.example_inputs = (example,)
     exporter.prepare(req)  # a missing stack, the calibration file, the output folder: before the model is built
-    req.model = build_model(args.model, json.loads(args.model_kwargs), args.weights)
+    req.model = _build(args)
+    if args.input:
+        req.example_inputs, names, axes = _named_examples(args, req.model)
+        req.options.update(input_names=names, dynamic_axes=axes, by_name=True)
     report = exporter.export(req)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary)
     return 0

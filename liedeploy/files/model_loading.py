@@ -16,7 +16,7 @@ from torch import nn
 
 from liedeploy.errors import ConfigError, LieError
 
-__all__ = ["build_model", "load_weights_strict", "parse_model_spec", "load_hf_model"]
+__all__ = ["build_model", "load_weights_strict", "parse_model_spec", "load_hf_model", "load_hf_architecture"]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -98,3 +98,28 @@ def load_hf_model(folder: str, tokenizer: Optional[str] = None):
         raise ConfigError(f"--hf-model {folder}: cannot load a causal LM and its tokenizer "
                           f"({str(exc).strip().splitlines()[0][:200]})") from None
     return model, tok
+
+
+def load_hf_architecture(folder: str):
+    """The model class a transformers folder's config names (``architectures[0]``: a causal LM, a
+    sequence classifier...), weights read from disk only, with ``use_cache=False`` (an export takes
+    tensors, not cache objects). One sentence if it cannot be used."""
+    import os
+
+    from liedeploy.errors import ConfigError, require
+
+    transformers = require("transformers", "onnx", "export --hf-model")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--hf-model {folder}: not a folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, names[0], None) if names else None
+        if cls is None:
+            cls = transformers.AutoModel
+        config.use_cache = False
+        model = cls.from_pretrained(folder, config=config, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--hf-model {folder}: cannot load the model "
+                          f"({str(exc).strip().splitlines()[0][:200]})") from None
+    return model

@@ -140,10 +140,12 @@ class DecodeEngine:
         kv_per_token: KV bytes per token of one sequence (:func:`kv_bytes_per_token`).
         observe: ``observe(kind, seconds)`` with kind ``"ttft"`` or ``"itl"``, called per token.
         eos_ids: token ids that end a sequence.
+        thread: start the engine on a thread of its own; ``False``: the caller runs :meth:`run` on
+            the thread that does the process's torch work (see ``liedeploy.serving.server``).
     """
 
     def __init__(self, tokenizer, model_for: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
-                 observe: Optional[Callable[[str, float], None]] = None, eos_ids=()):
+                 observe: Optional[Callable[[str, float], None]] = None, eos_ids=(), thread: bool = True):
         self.tokenizer, self.model_for = tokenizer, model_for
         self.max_sequences, self.max_kv_bytes, self.kv_per_token = int(max_sequences), int(max_kv_bytes), int(kv_per_token)
         self.observe = observe or (lambda kind, seconds: None)
@@ -158,9 +160,10 @@ class DecodeEngine:
         self._running = 0
         self.stats = {"tokens": 0, "sequences": 0, "running": 0, "waiting": 0, "kv_bytes": 0, "kv_reserved_bytes": 0,
                       "steps": 0, "joins": 0}
-        self._thread = threading.Thread(target=self._loop, name="liedeploy-decode", daemon=True)
         self._closed = False
-        self._thread.start()
+        self._owner: Optional[int] = None
+        if thread:
+            threading.Thread(target=self.run, name="liedeploy-decode", daemon=True).start()
 
     # -- admission (event loop) ------------------------------------------------------------------
     def submit(self, task, seq: Sequence) -> None:
@@ -186,7 +189,9 @@ class DecodeEngine:
             self._cv.notify()
 
     # -- the engine thread -------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until :meth:`close` (when built with ``thread=False``)."""
+        self._owner = threading.get_ident()
         while True:
             with self._cv:
                 while not self._arrivals and not self._groups and not self._closed:
@@ -359,7 +364,7 @@ class DecodeEngine:
         s.push(error)  # None ends the stream; an exception is raised to the request
 
     def _sync_counts(self) -> None:
-        if threading.current_thread() is self._thread:  # only the engine thread walks its groups
+        if threading.get_ident() == self._owner:  # only the engine thread walks its groups
             self._running = sum(len(g.seqs) for g in self._groups.values())
         self.stats["running"] = self._running
         self.stats["waiting"] = max(0, self._admitted - self._running)

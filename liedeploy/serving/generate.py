@@ -89,10 +89,13 @@ class Generator:
             (503 with Retry-After beyond); default: room for ``max_sequences`` sequences of the
             longest prompt and ``max_new_tokens``.
         observe: ``observe(kind, seconds)`` for time to first token (``"ttft"``) and between tokens (``"itl"``).
+        engine_thread: run the decode engine on a thread of its own (``False``: the caller runs
+            ``generator.engine.run()`` on its compute thread).
     """
 
     def __init__(self, bank, tokenizer, *, max_prompt_tokens: int = 2048, max_new_tokens: int = 512,
-                 max_sequences: int = 8, max_kv_bytes: Optional[int] = None, observe=None):
+                 max_sequences: int = 8, max_kv_bytes: Optional[int] = None, observe=None,
+                 engine_thread: bool = True):
         from liedeploy.serving.decode_engine import DecodeEngine, kv_bytes_per_token
 
         self.bank, self.tokenizer = bank, tokenizer
@@ -110,7 +113,7 @@ class Generator:
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self.engine = DecodeEngine(tokenizer, bank.model_for, max_sequences=max_sequences,
                                    max_kv_bytes=self.max_kv_bytes, kv_per_token=self.kv_per_token,
-                                   observe=observe, eos_ids=eos + [tokenizer.eos_token_id])
+                                   observe=observe, eos_ids=eos + [tokenizer.eos_token_id], thread=engine_thread)
 
     @property
     def stats(self) -> dict:
