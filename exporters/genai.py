@@ -104,7 +104,9 @@ def _check(onnx_dir: str, merged_dir: str, tokens: int) -> dict:
     import torch
     import onnxruntime_genai as og
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     ref = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
     eos = ref.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])

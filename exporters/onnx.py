@@ -207,6 +207,27 @@ def _refuse_mismatch(name: str, report: dict, atol: float, rtol: float) -> None:
     )
 
 
+def _name_dynamic_axes(path: str, dynamic_axes: Sequence[Sequence[int]]) -> None:
+    """Readable names for the graph's dynamic axes: ``batch`` for axis 0, ``sequence`` for axis 1,
+    ``axis_N`` beyond (the exporter calls them ``s53``...), the same name wherever the axis recurs."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    rename: dict = {}
+    for inp, axes in zip(model.graph.input, dynamic_axes):
+        dims = inp.type.tensor_type.shape.dim
+        for a in axes:
+            if a < len(dims) and dims[a].dim_param and dims[a].dim_param not in rename:
+                rename[dims[a].dim_param] = {0: "batch", 1: "sequence"}.get(a, f"axis_{a}")
+    if len(set(rename.values())) != len(rename):  # two different axes would get one name: keep the exporter's
+        return
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+    onnx.save(model, path)
+
+
 def keyword_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """``model`` called positionally, its inputs passed on by keyword (``names``): a view that shares
     every tensor, whose parameter names are the model's own (refit names stay those of ``state_dict``)."""
@@ -216,6 +237,11 @@ def keyword_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
     def forward(self, *args):
         return cls.forward(self, **dict(zip(names, args)))
 
+    import inspect
+
+    forward.__signature__ = inspect.Signature(  # what torch.export binds its dynamic shapes to
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     view = copy.copy(model)
     view.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
     return view
@@ -323,6 +349,8 @@ def export_onnx(
             dynamic_shapes = tuple({a: dims.get(a, torch.export.Dim.DYNAMIC) for a in axes} for axes in dynamic_axes)
         _torch_export(prepared, example_inputs, tmp_path, opset=opset, names=names, dynamic_shapes=dynamic_shapes,
                       external_data=external_data, optimize=optimize, output_names=output_names)
+        if any(dynamic_axes):
+            _name_dynamic_axes(tmp_path, dynamic_axes)
         onnx.checker.check_model(tmp_path, full_check=False)
         other = {a: int(t.shape[a]) + 2 for t, axes in zip(example_inputs, dynamic_axes) for a in axes}
         batches = (None, other) if other else (None,)

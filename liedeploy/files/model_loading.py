@@ -89,6 +89,7 @@ def load_hf_model(folder: str, tokenizer: Optional[str] = None):
     from liedeploy.errors import ConfigError, require
 
     transformers = require("transformers", "serve", "liedeploy serve --hf-model")
+    transformers.utils.logging.disable_progress_bar()
     if not os.path.isdir(folder):
         raise ConfigError(f"--hf-model {folder}: not a folder")
     try:
@@ -109,6 +110,7 @@ def load_hf_architecture(folder: str):
     from liedeploy.errors import ConfigError, require
 
     transformers = require("transformers", "onnx", "export --hf-model")
+    transformers.utils.logging.disable_progress_bar()  # the CLI prints its own one-line report
     if not os.path.isdir(folder):
         raise ConfigError(f"--hf-model {folder}: not a folder")
     try:
