@@ -54,6 +54,7 @@ class Sequence:
         self.reason: Optional[str] = None
         self.cancelled = threading.Event()
         self.reserved = 0
+        self.task = None  # set when submitted
         self.submitted = time.monotonic()
         self.last_token: Optional[float] = None
 
@@ -68,12 +69,20 @@ class _Group:
     """The running batch of one task: its replica, sequences, cache and attention mask."""
 
     def __init__(self, model):
-        self.model = model
+        self.model = model  # the task's replica, or a MixedView over several tasks' replicas
+        self.models: dict = {}  # mixed groups: task -> replica
         self.seqs: list = []
         self.pending: list = []
         self.cache = None
         self.mask = None  # (rows, columns) int64, 0 on left padding
         self.last = None  # (rows,) the token each row feeds next
+
+
+_MIXED = object()  # the key of the one group that holds every task's sequences in mixed mode
+
+
+def _task_order(seq) -> tuple:
+    return (seq.task is not None, seq.task or "")
 
 
 def kv_bytes_per_token(model) -> int:
@@ -142,10 +151,14 @@ class DecodeEngine:
         eos_ids: token ids that end a sequence.
         thread: start the engine on a thread of its own; ``False``: the caller runs :meth:`run` on
             the thread that does the process's torch work (see ``liedeploy.serving.server``).
+        mixed: sequences of different tasks share one batch (a :class:`~liedeploy.bank.row_dispatch.MixedView`:
+            shared layers run once, each task's own layers on its rows); ``False``, or a model whose
+            layers are not row-wise, gives one batch per task.
     """
 
     def __init__(self, tokenizer, model_for: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
-                 observe: Optional[Callable[[str, float], None]] = None, eos_ids=(), thread: bool = True):
+                 observe: Optional[Callable[[str, float], None]] = None, eos_ids=(), thread: bool = True,
+                 mixed: bool = True):
         self.tokenizer, self.model_for = tokenizer, model_for
         self.max_sequences, self.max_kv_bytes, self.kv_per_token = int(max_sequences), int(max_kv_bytes), int(kv_per_token)
         self.observe = observe or (lambda kind, seconds: None)
@@ -161,6 +174,7 @@ class DecodeEngine:
         self.stats = {"tokens": 0, "sequences": 0, "running": 0, "waiting": 0, "kv_bytes": 0, "kv_reserved_bytes": 0,
                       "steps": 0, "joins": 0}
         self._closed = False
+        self.mixed = bool(mixed)
         self._owner: Optional[int] = None
         if thread:
             threading.Thread(target=self.run, name="liedeploy-decode", daemon=True).start()
@@ -178,7 +192,7 @@ class DecodeEngine:
                 raise Unavailable("the KV cache budget (--max-kv-bytes) is in use by running sequences; retry")
             self._admitted += 1
             self._reserved += need
-            seq.reserved = need
+            seq.reserved, seq.task = need, task
             self._arrivals.append((task, seq))
             self._sync_counts()
             self._cv.notify()
@@ -200,9 +214,10 @@ class DecodeEngine:
                     return
                 arrivals, self._arrivals = self._arrivals, []
             for task, seq in arrivals:
-                group = self._groups.get(task)
+                key = _MIXED if self.mixed else task
+                group = self._groups.get(key)
                 if group is None:
-                    group = self._groups[task] = _Group(None)
+                    group = self._groups[key] = _Group(None)
                 group.pending.append(seq)
             for task, group in list(self._groups.items()):
                 try:
@@ -217,32 +232,67 @@ class DecodeEngine:
                 self.stats["kv_bytes"] = sum(_cache_bytes(g.cache) for g in self._groups.values() if g.cache is not None)
                 self._sync_counts()
 
-    def _turn(self, task, group: _Group) -> None:
-        """One turn of a task: newcomers join (prefill), then one decode step of the whole group."""
+    def _turn(self, key, group: _Group) -> None:
+        """One turn of a group: newcomers join (prefill), then one decode step of the whole group."""
         import torch
 
         self._drop_finished(group)
-        if group.model is None or not group.seqs:
-            group.model = self.model_for(task)  # the fold of a cold task happens here, on this thread
-        if group.pending and (group.cache is None or _joinable(group.cache)):
-            newcomers = [s for s in group.pending if not s.cancelled.is_set()]
-            for s in group.pending:
-                if s.cancelled.is_set():
-                    self._finish(s, "stop")
-            group.pending = []
-            if newcomers:
+        for s in group.pending:
+            if s.cancelled.is_set():
+                self._finish(s, "stop")
+        newcomers = [s for s in group.pending if not s.done]
+        group.pending = []
+        if key is _MIXED:
+            self._mixed_models(group, newcomers)
+        elif group.model is None or not group.seqs:
+            group.model = self.model_for(key)  # the fold of a cold task happens here, on this thread
+        if newcomers and group.cache is not None and not _joinable(group.cache):
+            group.pending = newcomers  # this cache cannot take rows: they start when the group empties
+            newcomers = []
+        if newcomers:
+            from liedeploy.bank.row_dispatch import NotRowwise
+
+            try:
                 with torch.inference_mode():
                     self._prefill(group, newcomers)
-                self._drop_finished(group)
+            except NotRowwise:  # layers that do not take rows first: one batch per task from now on
+                self.mixed = False
+                for s in newcomers:
+                    self._groups.setdefault(s.task, _Group(None)).pending.append(s)
+                if not group.seqs:
+                    group.models, group.model = {}, None
+            self._drop_finished(group)
         if group.seqs:
             with torch.inference_mode():
                 self._step(group)
             self._drop_finished(group)
 
+    def _mixed_models(self, group: _Group, newcomers: list) -> None:
+        """The replicas of every task in a mixed group (folding cold ones) and their view."""
+        from liedeploy.bank.row_dispatch import MixedView
+
+        needed = {s.task for s in group.seqs} | {s.task for s in newcomers}
+        if needed == set(group.models) and group.model is not None:
+            return
+        models = {t: group.models[t] for t in needed if t in group.models}
+        for t in needed - set(models):
+            try:
+                models[t] = self.model_for(t)  # the fold of a cold task happens here, on this thread
+            except Exception as exc:  # noqa: BLE001 - only this task's newcomers get the error
+                for s in [s for s in newcomers if s.task == t]:
+                    newcomers.remove(s)
+                    self._finish(s, None, error=exc)
+        group.models = models
+        group.model = MixedView(self.model_for(None), models) if models else None
+
+    def _rows(self, group: _Group, seqs: list) -> None:
+        if hasattr(group.model, "set_rows"):
+            group.model.set_rows([s.task for s in seqs])
+
     def _forward(self, model, ids, mask, cache):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{_cache_kwarg(model): cache})
+                    **{_cache_kwarg(getattr(model, "model", model)): cache})
         cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         if cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache: generation needs a causal LM with one")
@@ -251,12 +301,14 @@ class DecodeEngine:
     def _prefill(self, group: _Group, seqs: list) -> None:
         import torch
 
+        seqs = sorted(seqs, key=_task_order)
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
             ids[i, width - len(s.ids):] = torch.tensor(s.ids, dtype=torch.long)
             mask[i, width - len(s.ids):] = 1
+        self._rows(group, seqs)
         logits, cache = self._forward(group.model, ids, mask, None)
         last = self._choose(seqs, logits)
         if group.cache is None:
@@ -277,11 +329,19 @@ class DecodeEngine:
         group.last = torch.cat([group.last, last])
         group.seqs.extend(seqs)
         self.stats["joins"] += len(seqs)
+        order = sorted(range(len(group.seqs)), key=lambda i: _task_order(group.seqs[i]))
+        if order != list(range(len(order))):  # rows of one task together, as the mixed view needs
+            idx = torch.tensor(order, dtype=torch.long)
+            for layer in group.cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            group.mask, group.last = group.mask[idx], group.last[idx]
+            group.seqs = [group.seqs[i] for i in order]
 
     def _step(self, group: _Group) -> None:
         import torch
 
         mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long)], 1)
+        self._rows(group, group.seqs)
         logits, group.cache = self._forward(group.model, group.last[:, None], mask, group.cache)
         group.mask = mask
         group.last = self._choose(group.seqs, logits)

@@ -168,3 +168,51 @@ def test_kv_bytes_per_token_matches_the_models_cache(setup):
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = c.hidden_size // c.num_attention_heads
     assert kv_bytes_per_token(setup["model"]) == 2 * c.num_hidden_layers * heads * head_dim * 4
+
+
+def test_tasks_share_one_mixed_batch_and_keep_their_tokens(setup):
+    jobs = [("a", [1, 2, 3]), ("b", [4, 5]), (None, [6, 7, 8, 9]), ("a", [10]), ("b", [11, 12, 13])]
+
+    async def run(mixed):
+        gen = Generator(_bank(setup), setup["tok"], max_sequences=8, max_new_tokens=64)
+        gen.engine.mixed = mixed
+        seqs = [gen.start(t, ids, _p(12)) for t, ids in jobs]
+        await asyncio.gather(*(gen.complete(s) for s in seqs))
+        steps = gen.stats["steps"]
+        gen.engine.close()
+        return [s.tokens for s in seqs], steps
+
+    mixed, mixed_steps = asyncio.run(run(True))
+    alone, alone_steps = asyncio.run(run(False))
+    for (task, ids), got in zip(jobs, mixed):
+        assert got == _want(setup, task, ids, 12), (task, ids)
+    assert mixed == alone
+    assert mixed_steps < alone_steps  # one step serves every task's rows
+
+
+def test_mixed_view_runs_each_tasks_rows_through_its_own_layers_and_refuses_flattened_rows():
+    from torch import nn
+
+    from liedeploy.bank.replica import build_replica
+    from liedeploy.bank.row_dispatch import MixedView, NotRowwise
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    reps = {"x": build_replica(base, {"0.weight": torch.randn(6, 4)}),
+            "y": build_replica(base, {"2.weight": torch.randn(3, 6), "2.bias": torch.randn(3)}), None: base}
+    view = MixedView(base, reps)
+    assert view.paths == ["0", "2"]
+    rows = torch.randn(5, 4)
+    tasks = ["x", "x", "y", None, None]
+    view.set_rows(tasks)
+    with torch.no_grad():
+        got = view(rows)
+        want = torch.cat([reps["x"](rows[:2]), reps["y"](rows[2:3]), base(rows[3:])])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="together"):
+        view.set_rows(["x", "y", "x"])
+    flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 2)).eval()
+    fv = MixedView(flat, {"x": build_replica(flat, {"1.weight": torch.randn(2, 4)}), None: flat})
+    fv.set_rows(["x", None])
+    with pytest.raises(NotRowwise, match="first axis"):
+        fv(torch.randn(2, 3, 4))

@@ -1,0 +1,117 @@
+"""One forward over rows of several tasks: a view of the base whose task-specific modules dispatch
+row segments to each task's own module.
+
+Tasks differ only in the modules whose tensors they fold or replace (an adapted ``q_proj``, a
+replaced head); everything else (norms, attention arithmetic, rotary tables, the KV cache
+bookkeeping) is shared. :class:`MixedView` is a replica of the base (shared tensors, shallow module
+copies) in which each module that differs in any of the given tasks' replicas is a
+:class:`RowDispatch`: rows ``[a, b)`` of its input go through task ``t``'s module (its own
+``forward``, so every option of the layer keeps working), and the outputs are concatenated. Rows
+must be grouped by task, in the order :meth:`MixedView.set_rows` is given.
+
+A module whose input does not have the rows as its first axis (a layer that flattens batch and
+sequence together, as mixture-of-experts routers do) raises :class:`NotRowwise`; callers fall back
+to one forward per task.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from liedeploy.bank.replica import clone_tree
+
+__all__ = ["MixedView", "RowDispatch", "NotRowwise", "differing_modules"]
+
+
+class NotRowwise(RuntimeError):
+    """A task-specific module got an input whose first axis is not the batch rows."""
+
+
+def _own_tensors(module: nn.Module) -> list:
+    return [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+
+
+def differing_modules(base: nn.Module, replica: nn.Module) -> list:
+    """Paths of the modules of ``replica`` whose own tensors are not the base's (by identity)."""
+    base_modules = dict(base.named_modules(remove_duplicate=False))
+    out = []
+    for path, mod in replica.named_modules(remove_duplicate=False):
+        ref = base_modules.get(path)
+        if ref is None:
+            continue
+        mine, theirs = _own_tensors(mod), _own_tensors(ref)
+        if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs)):
+            out.append(path)
+    return sorted(set(out))
+
+
+class RowDispatch(nn.Module):
+    """Runs row segments of its input through each task's module at one path (see module docs)."""
+
+    def __init__(self, path: str, view: "MixedView", like: nn.Module):
+        super().__init__()
+        self.path = path
+        self._view = [view]  # lists: not registered submodules (no cycle in the module tree)
+        self._like = [like]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model reads off the layer (weight.dtype, in_features...)
+            return getattr(self.__dict__["_like"][0], name)
+
+    def forward(self, x, *args, **kwargs):
+        view = self._view[0]
+        segments = view.segments
+        if not torch.is_tensor(x) or x.shape[0] != view.rows:
+            raise NotRowwise(f"{self.path} takes an input whose first axis is not the {view.rows} batch rows")
+        if len(segments) == 1:
+            return view.modules[segments[0][2]][self.path](x, *args, **kwargs)
+        outs = [view.modules[key][self.path](x[a:b], *args, **kwargs) for a, b, key in segments]
+        return torch.cat(outs, 0)
+
+
+class MixedView:
+    """A callable replica of ``base`` running rows of several tasks in one forward.
+
+    Args:
+        base: the base model (shared tensors).
+        replicas: ``{task: replica}`` (``None`` for the base is allowed: its modules are the base's).
+    """
+
+    def __init__(self, base: nn.Module, replicas: dict):
+        self.base = base
+        paths = set()
+        for replica in replicas.values():
+            if replica is not base:
+                paths.update(differing_modules(base, replica))
+        # a path inside another differing path is run by the outer one
+        self.paths = sorted(p for p in paths if not any(p != q and p.startswith(q + ".") for q in paths))
+        self.modules = {task: {p: (replica.get_submodule(p) if p else replica) for p in self.paths}
+                        for task, replica in replicas.items()}
+        self.model = clone_tree(base)
+        for p in self.paths:
+            if not p:
+                raise NotRowwise("the tasks replace the model's own tensors at its root")
+            parent, _, name = p.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            owner._modules[name] = RowDispatch(p, self, base.get_submodule(p))
+        self.segments: list = []
+        self.rows = 0
+
+    def set_rows(self, tasks: Sequence[Optional[str]]) -> None:
+        """The task of each row, rows of one task together (``[a, a, b, None, None]``)."""
+        segments, start = [], 0
+        for i in range(1, len(tasks) + 1):
+            if i == len(tasks) or tasks[i] != tasks[start]:
+                segments.append((start, i, tasks[start]))
+                start = i
+        if len({s[2] for s in segments}) != len(segments):
+            raise ValueError("rows of one task must be together")
+        self.segments, self.rows = segments, len(tasks)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
