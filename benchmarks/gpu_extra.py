@@ -3,6 +3,8 @@ recorded and the others still run; a part whose stack is missing prints one line
 
 - ``cold_switch``: the bank's fold per batch on CUDA vs one batch of inference;
 - ``semi_structured_2_4``: a merged 2:4 task's matmul through torch's semi-structured sparse tensors;
+- ``fused_fold_cuda``, ``bank_1000_cuda``, ``generate_cuda``: serving speed and text generation on
+  CUDA (benchmarks/gpu_serving.py);
 - ``trt_builds``: strongly typed fp32 (TF32 cleared) and fp16 engines of a ResNet-18-like and a
   ViT-like config (the ViT's Linear weights are transposed by the exporter: REFIT_INDIVIDUAL must
   still find them), refitted A->B->A and compared with torch on the CPU in fp32 (tolerance 1e-3 of
@@ -361,8 +363,8 @@ def trt_timings(eng: _Engines) -> dict:
     return res
 
 
-PARTS = ("cold_switch", "semi_structured_2_4", "trt_builds", "trt_strip", "trt_fixed_batch", "trt_missing_weights",
-         "trt_serve", "trt_timings")
+PARTS = ("cold_switch", "semi_structured_2_4", "fused_fold_cuda", "bank_1000_cuda", "generate_cuda", "trt_builds",
+         "trt_strip", "trt_fixed_batch", "trt_missing_weights", "trt_serve", "trt_timings")
 
 
 def run_all(out_dir: str) -> dict:
@@ -376,6 +378,9 @@ def run_all(out_dir: str) -> dict:
                "trt_builds": lambda: trt_builds(eng), "trt_strip": lambda: trt_strip(eng),
                "trt_fixed_batch": lambda: trt_fixed_batch(eng), "trt_missing_weights": lambda: trt_missing_weights(eng),
                "trt_serve": lambda: trt_serve(eng), "trt_timings": lambda: trt_timings(eng)}
+        from benchmarks.gpu_serving import SERVING_PARTS
+
+        fns.update(SERVING_PARTS)  # the fused fold vs the HBM floor, 1,000 tasks, generation
         for name in PARTS:
             t0 = time.perf_counter()
             try:

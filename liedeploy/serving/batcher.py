@@ -73,11 +73,14 @@ class Batcher:
         workers: threads running batches (1 suits a CPU backend that uses all cores per call).
         on_batch: ``(task, samples, queue_seconds_list, run_seconds)`` after each batch (metrics).
         on_task_error: ``(task, exception)`` when a batch failed because the task cannot be used.
+        start_first_worker: ``False``: the caller runs worker 0 with :meth:`run_worker` on a thread
+            of its own choosing (the server's compute thread, which also loaded the model).
     """
 
     def __init__(self, backend, *, max_batch: int = 8, max_delay: float = 0.005, max_queue: int = 1024,
                  max_wait: float = 0.2, workers: int = 1, on_batch: Optional[Callable] = None,
-                 on_task_error: Optional[Callable] = None, fold_ahead: int = 4):
+                 on_task_error: Optional[Callable] = None, fold_ahead: int = 4,
+                 start_first_worker: bool = True):
         self.backend = backend
         self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
         self.on_batch, self.on_task_error = on_batch, on_task_error
@@ -97,7 +100,7 @@ class Batcher:
         self.prefetched = 0
         self._prefetching = bool(prefetch)
         self._threads = [threading.Thread(target=self._work, name=f"liedeploy-batcher-{i}", daemon=True)
-                         for i in range(max(1, workers))]
+                         for i in range(0 if start_first_worker else 1, max(1, workers))]
         if prefetch:
             self._threads.append(threading.Thread(target=self._prefetch_loop, name="liedeploy-prefetch", daemon=True))
         for t in self._threads:
@@ -178,6 +181,10 @@ class Batcher:
         """Whether the prefetch thread may fold another task now (at most ``prefetch_depth`` folded
         tasks wait for a worker, so prefetching never evicts what it folded before it ran)."""
         return len(self._ahead) < self.prefetch_depth
+
+    def run_worker(self) -> None:
+        """Worker 0's loop on the calling thread, until :meth:`close` (``start_first_worker=False``)."""
+        self._work()
 
     def _prefetch_loop(self) -> None:
         while True:

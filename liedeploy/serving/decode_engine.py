@@ -90,9 +90,17 @@ def kv_bytes_per_token(model) -> int:
     import torch
 
     with torch.inference_mode():
-        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True)
+        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_device(model)), use_cache=True)
     cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return max(1, _cache_bytes(cache))
+
+
+def _device(model):
+    import torch
+
+    target = getattr(model, "model", model)  # a MixedView runs its replica of the base
+    p = next(target.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _cache_kwarg(model) -> str:
@@ -308,6 +316,8 @@ class DecodeEngine:
         for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
             ids[i, width - len(s.ids):] = torch.tensor(s.ids, dtype=torch.long)
             mask[i, width - len(s.ids):] = 1
+        device = _device(group.model)
+        ids, mask = ids.to(device), mask.to(device)
         self._rows(group, seqs)
         logits, cache = self._forward(group.model, ids, mask, None)
         last = self._choose(seqs, logits)
@@ -331,7 +341,7 @@ class DecodeEngine:
         self.stats["joins"] += len(seqs)
         order = sorted(range(len(group.seqs)), key=lambda i: _task_order(group.seqs[i]))
         if order != list(range(len(order))):  # rows of one task together, as the mixed view needs
-            idx = torch.tensor(order, dtype=torch.long)
+            idx = torch.tensor(order, dtype=torch.long, device=group.mask.device)
             for layer in group.cache.layers:
                 layer.keys, layer.values = layer.keys[idx], layer.values[idx]
             group.mask, group.last = group.mask[idx], group.last[idx]
@@ -340,7 +350,7 @@ class DecodeEngine:
     def _step(self, group: _Group) -> None:
         import torch
 
-        mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long)], 1)
+        mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long, device=group.mask.device)], 1)
         self._rows(group, group.seqs)
         logits, group.cache = self._forward(group.model, group.last[:, None], mask, group.cache)
         group.mask = mask
@@ -361,7 +371,7 @@ class DecodeEngine:
                 if s.top_p < 1.0:
                     scores = TopPLogitsWarper(s.top_p)(None, scores)
                 probs = torch.softmax(scores, dim=-1)
-                tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0, 0]
+                tokens[i] = torch.multinomial(probs.float().cpu(), 1, generator=s.generator)[0, 0]  # its own CPU generator
         return tokens
 
     def _drop_finished(self, group: _Group) -> None:
@@ -377,7 +387,7 @@ class DecodeEngine:
             return
         import torch
 
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=group.mask.device)
         mask = group.mask[idx]
         first = int((mask.sum(0) > 0).nonzero()[0, 0])  # columns that are padding in every row go too
         for layer in group.cache.layers:

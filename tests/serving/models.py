@@ -76,3 +76,23 @@ class Picky(Net):
 
 def picky():
     return Picky()
+
+
+THREADS: dict = {"built": set(), "forward": set()}
+
+
+class ThreadRecorder(Net):
+    """A Net that records which threads build and run it (the compute-thread layout test)."""
+
+    def forward(self, x):
+        import threading
+
+        THREADS["forward"].add(threading.get_ident())
+        return super().forward(x)
+
+
+def thread_recorder():
+    import threading
+
+    THREADS["built"].add(threading.get_ident())
+    return ThreadRecorder()
