@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,18 +29,9 @@ __all__ = ["fused_fold_cuda", "bank_1000_cuda", "generate_cuda", "SERVING_PARTS"
 
 
 def _time(fn, reps=10, warmup=2):
-    import torch
+    from benchmarks.gpu_extra import _cuda_time
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _cuda_time(fn, reps=reps, warmup=warmup)
 
 
 def fused_fold_cuda() -> dict:

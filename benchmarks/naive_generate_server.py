@@ -16,13 +16,11 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import socket
 import sys
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.naive_server import MergedLRU  # noqa: E402
+from benchmarks.naive_server import MergedLRU, run_app  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +35,6 @@ def main() -> None:
     import asyncio
 
     import torch
-    import uvicorn
     from fastapi import FastAPI, Request
     from starlette.responses import StreamingResponse
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
@@ -79,16 +76,7 @@ def main() -> None:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.get("/loads")
-    def loads():
-        return {"loads": models.loads}
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", args.port))
-    sock.listen(1024)
-    print(f"naive server listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    threading.current_thread().name = "naive-generate"
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    run_app(app, models, args.port)
 
 
 if __name__ == "__main__":

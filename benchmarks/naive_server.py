@@ -89,7 +89,6 @@ def main() -> None:
     import numpy as np
     import orjson
     import torch
-    import uvicorn
     from fastapi import FastAPI, Request, Response
 
     from benchmarks.serve_models import resnet18
@@ -128,14 +127,22 @@ def main() -> None:
         return Response(out_head + y.tobytes(), media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(len(out_head))})
 
+    run_app(app, models, args.port)
+
+
+def run_app(app, models: MergedLRU, port: int) -> None:
+    """Add ``GET /loads`` (the benchmark reads the loads), then serve ``app`` on loopback at ``port``
+    (0: a free one), printing the line the benchmark waits for."""
+    import socket
+
+    import uvicorn
+
     @app.get("/loads")
     def get_loads():
         return {"loads": models.loads}
 
-    import socket
-
     sock = socket.socket()
-    sock.bind(("127.0.0.1", args.port))
+    sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     print(f"naive server listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])

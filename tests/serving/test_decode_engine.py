@@ -216,3 +216,54 @@ def test_mixed_view_runs_each_tasks_rows_through_its_own_layers_and_refuses_flat
     fv.set_rows(["x", None])
     with pytest.raises(NotRowwise, match="first axis"):
         fv(torch.randn(2, 3, 4))
+
+
+class _FlatOut(dict):
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class _Flattening(torch.nn.Module):
+    """A toy causal LM whose adapted layer takes batch and sequence flattened together (as MoE
+    routers do): not row-wise, so the engine must fall back to one batch per task."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 40)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        from transformers import DynamicCache
+
+        h = self.emb(input_ids)
+        b, t, d = h.shape
+        h = self.mix(h.reshape(b * t, d)).reshape(b, t, d)
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        k, v = cache.update(h[:, None], h[:, None], 0)
+        mask = (attention_mask if attention_mask is not None else torch.ones(b, k.shape[2], dtype=torch.long))
+        m = mask[:, None, :, None].to(h.dtype)
+        ctx = (v * m).sum(2) / m.sum(2)
+        return _FlatOut(logits=self.head(ctx + h[:, -1:]), past_key_values=cache)
+
+
+def test_layers_that_flatten_rows_fall_back_to_one_batch_per_task(tmp_path):
+    torch.manual_seed(1)
+    model = _Flattening().eval()
+    paths = {t: _write_adapter(model, tmp_path / f"{t}.safetensors", ["mix", "head"], r=2, std=0.5, seed=i,
+                               randomize_A=True) for i, t in enumerate(("a", "b"))}
+    jobs = [("a", [1, 2, 3]), ("b", [4, 5]), (None, [6, 7, 8, 9]), ("a", [10, 11])]
+
+    async def run(mixed):
+        gen = Generator(AdapterBank(copy.deepcopy(model), adapters=paths), _tokenizer(), max_sequences=8,
+                        max_new_tokens=16)
+        gen.engine.mixed = mixed
+        seqs = [gen.start(t, ids, _p(6)) for t, ids in jobs]
+        await asyncio.gather(*(gen.complete(s) for s in seqs))
+        gen.engine.close()
+        return [s.tokens for s in seqs], gen.engine.mixed
+
+    got, still_mixed = asyncio.run(run(True))
+    want, _ = asyncio.run(run(False))
+    assert not still_mixed and got == want and all(len(t) == 6 for t in got)
