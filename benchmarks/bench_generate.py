@@ -117,6 +117,15 @@ def _load(url: str, jobs: list, new_tokens: int, procs: int) -> list:
     return res
 
 
+def _loads(srv) -> int:
+    """Folds (liedeploy) or merged-model loads (the naive server) so far."""
+    try:
+        text = urllib.request.urlopen(srv.url + "/metrics", timeout=10).read().decode()
+        return int(float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("liedeploy_folds_total"))))
+    except (urllib.error.HTTPError, StopIteration):
+        return int(json.loads(urllib.request.urlopen(srv.url + "/loads", timeout=10).read())["loads"])
+
+
 class _Refs:
     """Each task's merged model (from the merged files), built when first asked, for greedy checks."""
 
@@ -141,6 +150,7 @@ def _drive(srv, label, n_tasks, procs, prompts, args, tok, refs, out, check):
 
     w = 1.0 / np.arange(1, n_tasks + 1) ** 1.1
     _streams(srv.url, [("t0", prompts[0]), ("t0", prompts[1])], 4)  # warm-up, not timed
+    loads0 = _loads(srv)
     rates, ttft, gaps, wrong, errors = [], [], [], 0, 0
     for run in range(args.runs):
         tasks = [f"t{i}" for i in np.random.default_rng(run).choice(n_tasks, args.streams, p=w / w.sum())]
@@ -164,6 +174,7 @@ def _drive(srv, label, n_tasks, procs, prompts, args, tok, refs, out, check):
     out[label] = {"ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
                   "gap_p50_ms": 1e3 * float(np.percentile(gaps, 50)), "gap_p99_ms": 1e3 * float(np.percentile(gaps, 99)),
                   "greedy_mismatches": wrong if check else None, "errors": errors,
+                  "folds_or_loads": _loads(srv) - loads0,
                   "peak_rss_mb": _peak_rss(srv.p.pid) / 1e6}
     print(f"{label}: {statistics.median(rates):.0f} tokens/s", flush=True)
 
@@ -266,14 +277,14 @@ def _report(out, args, best, budget) -> None:
              f"servers; naive sweep (workers x threads, 10 tasks): "
              + ", ".join(f"{k} {v:.0f}" for k, v in out["naive_sweep"].items()) + f" -> best {best}",
              "| configuration | tokens/s | vs ceiling | TTFT p50 / p99 ms | inter-chunk p50 / p99 ms | errors | "
-             "greedy mismatches | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "greedy mismatches | folds / loads | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, v in out["runs"].items():
         e = out.get(k, {})
         lines.append(f"| {k} | {med[k]:.0f} ({min(v):.0f}-{max(v):.0f}) | {med[k] / ceil:.2f}x | "
                      + (f"{e['ttft_p50_ms']:.0f} / {e['ttft_p99_ms']:.0f} | {e['gap_p50_ms']:.1f} / {e['gap_p99_ms']:.1f}"
                         f" | {e['errors']} | {'-' if e['greedy_mismatches'] is None else e['greedy_mismatches']} | "
-                        f"{e['peak_rss_mb']:.0f} |" if e else "- | - | - | - | - |"))
+                        f"{e['folds_or_loads']} | {e['peak_rss_mb']:.0f} |" if e else "- | - | - | - | - | - |"))
     ratios = {
         "10 tasks: liedeploy / naive (a) (target >= 3x)": med["liedeploy serve: 10 task(s)"] / med[f"naive {best}: 10 task(s)"],
         "100 tasks: liedeploy / naive (a)": med["liedeploy serve: 100 task(s)"] / med[f"naive {best}: 100 task(s)"],

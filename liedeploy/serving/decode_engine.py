@@ -78,6 +78,11 @@ class _Group:
         self.last = None  # (rows,) the token each row feeds next
 
 
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 _MIXED = object()  # the key of the one group that holds every task's sequences in mixed mode
 
 
@@ -182,6 +187,7 @@ class DecodeEngine:
         self.stats = {"tokens": 0, "sequences": 0, "running": 0, "waiting": 0, "kv_bytes": 0, "kv_reserved_bytes": 0,
                       "steps": 0, "joins": 0}
         self._closed = False
+        self._outbox: list = []
         self.mixed = bool(mixed)
         self._owner: Optional[int] = None
         if thread:
@@ -234,6 +240,7 @@ class DecodeEngine:
                     for seq in group.seqs + group.pending:
                         self._finish(seq, None, error=exc)
                     group.seqs, group.pending, group.cache = [], [], None
+                self._flush()
                 if not group.seqs and not group.pending:
                     del self._groups[task]
             with self._cv:
@@ -270,6 +277,7 @@ class DecodeEngine:
                 if not group.seqs:
                     group.models, group.model = {}, None
             self._drop_finished(group)
+            self._flush()  # first tokens out now, not after the step
         if group.seqs:
             with torch.inference_mode():
                 self._step(group)
@@ -414,7 +422,7 @@ class DecodeEngine:
             text = text[: min(cut)]
         delta, s.text = text[len(s.text):], text
         if delta:
-            s.push(delta)
+            self._post(s, delta)
         if cut:
             self._finish(s, "stop")
         elif len(s.tokens) >= s.max_tokens:
@@ -431,7 +439,25 @@ class DecodeEngine:
             self._reserved -= s.reserved
             self.stats["sequences"] += error is None
             self._sync_counts()
-        s.push(error)  # None ends the stream; an exception is raised to the request
+        self._post(s, error)  # None ends the stream; an exception is raised to the request
+
+    def _post(self, s: Sequence, item) -> None:
+        """Queue ``item`` for ``s``'s client; :meth:`_flush` hands a step's items over in one call per loop."""
+        self._outbox.append((s, item))
+
+    def _flush(self) -> None:
+        """One ``call_soon_threadsafe`` per event loop for everything a step produced (not one per token)."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for s, item in self._outbox:
+            by_loop.setdefault(s.loop, []).append((s.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is gone: nobody reads these sequences any more
+                pass
 
     def _sync_counts(self) -> None:
         if threading.get_ident() == self._owner:  # only the engine thread walks its groups
