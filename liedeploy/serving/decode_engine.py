@@ -50,6 +50,8 @@ class Sequence:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens: list = []
         self.text = ""
+        self.prefix = self.read = 0  # incremental detokenization window
+        self.cut = False  # a stop string ended the text
         self.done = False
         self.reason: Optional[str] = None
         self.cancelled = threading.Event()
@@ -416,7 +418,15 @@ class DecodeEngine:
             return
         s.tokens.append(tok)
         self.stats["tokens"] += 1
-        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        # incremental detokenization (as TGI and vLLM do): decode a short window that ends at the new
+        # token, and emit what it adds to the window without it, once that is not a partial character
+        before = self.tokenizer.decode(s.tokens[s.prefix:s.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(s.tokens[s.prefix:], skip_special_tokens=True)
+        delta = ""
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before):]
+            s.prefix, s.read = s.read, len(s.tokens)
+        text = s.text + delta
         cut = [text.find(x) for x in s.stop if x in text]
         if cut:
             text = text[: min(cut)]
@@ -424,6 +434,7 @@ class DecodeEngine:
         if delta:
             self._post(s, delta)
         if cut:
+            s.cut = True
             self._finish(s, "stop")
         elif len(s.tokens) >= s.max_tokens:
             self._finish(s, "length")
@@ -433,6 +444,12 @@ class DecodeEngine:
     def _finish(self, s: Sequence, reason: Optional[str], error: Optional[BaseException] = None) -> None:
         if s.done:
             return
+        if error is None and not s.cut and s.read < len(s.tokens):  # a partial character held back: out now
+            rest = self.tokenizer.decode(s.tokens[s.prefix:], skip_special_tokens=True)[
+                len(self.tokenizer.decode(s.tokens[s.prefix:s.read], skip_special_tokens=True)):]
+            if rest:
+                s.text += rest
+                self._post(s, rest)
         s.done, s.reason = True, reason
         with self._cv:  # freed before the client hears the end, so its next request is admitted
             self._admitted -= 1

@@ -191,4 +191,6 @@ def completion_id(prefix: str) -> str:
 
 
 def sse(obj) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+    from liedeploy.serving.protocol import json_dumps
+
+    return b"data: " + (obj if isinstance(obj, bytes) else json_dumps(obj)) + b"\n\n"

@@ -267,3 +267,31 @@ def test_layers_that_flatten_rows_fall_back_to_one_batch_per_task(tmp_path):
     got, still_mixed = asyncio.run(run(True))
     want, _ = asyncio.run(run(False))
     assert not still_mixed and got == want and all(len(t) == 6 for t in got)
+
+
+def test_streamed_text_equals_the_full_decode_with_characters_split_across_byte_tokens():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from liedeploy.serving.decode_engine import DecodeEngine, Sequence
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["plain words here"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<eos>")
+    text = "héllo wörld 日本語 🙂 plain words"
+    ids = tok(text)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # characters split across tokens
+    engine = DecodeEngine(tok, lambda t: None, max_sequences=1, max_kv_bytes=10**9, kv_per_token=1, thread=False)
+    loop = asyncio.new_event_loop()
+    try:
+        seq = Sequence(ids[:1], _p(len(ids)), loop)
+        for t in ids:
+            engine._emit(seq, t)
+    finally:
+        loop.close()
+    deltas = [item for s, item in engine._outbox if isinstance(item, str)]
+    assert "".join(deltas) == tok.decode(ids) == text and seq.text == text
+    assert not any("\ufffd" in d for d in deltas)
