@@ -80,6 +80,39 @@ class _Group:
         self.last = None  # (rows,) the token each row feeds next
 
 
+def _growing_update(layer, key_states, value_states, *args, **kwargs):
+    """``DynamicLayer.update`` without a copy of the whole cache per step: keys and values live in
+    buffers with room to grow, and the layer's ``keys``/``values`` are views of their filled part.
+    A layer whose tensors were replaced (rows joined or dropped) gets new buffers (one copy)."""
+    import torch
+
+    keys, values = layer.keys, layer.values
+    n, t = key_states.shape[-2], keys.shape[-2]
+    buf = getattr(layer, "_lie_buf", None)
+    if (buf is None or keys.data_ptr() != buf[0].data_ptr() or keys.shape[:2] != buf[0].shape[:2]
+            or t + n > buf[0].shape[-2] or keys.shape[-1] != buf[0].shape[-1]):
+        cap = t + n + 64
+        kb = keys.new_empty(keys.shape[:2] + (cap, keys.shape[-1]))
+        vb = values.new_empty(values.shape[:2] + (cap, values.shape[-1]))
+        kb[:, :, :t].copy_(keys)
+        vb[:, :, :t].copy_(values)
+        layer._lie_buf = buf = (kb, vb)
+    buf[0][:, :, t:t + n].copy_(key_states)
+    buf[1][:, :, t:t + n].copy_(value_states)
+    layer.keys, layer.values = buf[0][:, :, :t + n], buf[1][:, :, :t + n]
+    return layer.keys, layer.values
+
+
+def _grow_in_place(cache) -> None:
+    """Give every dynamic layer of ``cache`` the buffered update (idempotent)."""
+    import types
+
+    for layer in cache.layers:
+        if getattr(layer, "_lie_growing", False) is False:
+            layer.update = types.MethodType(_growing_update, layer)
+            layer._lie_growing = True
+
+
 def _deliver(items: list) -> None:
     for queue, item in items:
         queue.put_nowait(item)
@@ -362,6 +395,8 @@ class DecodeEngine:
 
         mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long, device=group.mask.device)], 1)
         self._rows(group, group.seqs)
+        if _joinable(group.cache):
+            _grow_in_place(group.cache)
         logits, group.cache = self._forward(group.model, group.last[:, None], mask, group.cache)
         group.mask = mask
         group.last = self._choose(group.seqs, logits)

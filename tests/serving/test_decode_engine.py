@@ -295,3 +295,26 @@ def test_streamed_text_equals_the_full_decode_with_characters_split_across_byte_
     deltas = [item for s, item in engine._outbox if isinstance(item, str)]
     assert "".join(deltas) == tok.decode(ids) == text and seq.text == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_growing_cache_layers_hold_what_concatenation_would():
+    from liedeploy.serving.decode_engine import _grow_in_place, _joinable
+
+    g = torch.Generator().manual_seed(0)
+    plain, grown = (transformers.DynamicCache() for _ in range(2))
+    first = (torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g))
+    for c in (plain, grown):
+        c.update(*first, 0)
+    assert _joinable(grown)
+    _grow_in_place(grown)
+    for i in range(80):  # past the 64 columns of headroom, with rows dropped on the way
+        if i == 30:
+            for c in (plain, grown):
+                c.layers[0].keys, c.layers[0].values = c.layers[0].keys[[0, 2]], c.layers[0].values[[0, 2]]
+        rows = plain.layers[0].keys.shape[0]
+        step = (torch.randn(rows, 2, 1, 4, generator=g), torch.randn(rows, 2, 1, 4, generator=g))
+        for c in (plain, grown):
+            k, v = c.update(*step, 0)
+        torch.testing.assert_close(k, plain.layers[0].keys, rtol=0, atol=0)
+        torch.testing.assert_close(grown.layers[0].values, plain.layers[0].values, rtol=0, atol=0)
+    assert grown.get_seq_length() == plain.get_seq_length() == 85
