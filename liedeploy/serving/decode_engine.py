@@ -27,8 +27,10 @@ import time
 from typing import Callable, Optional
 
 from liedeploy.serving.errors import BadRequest, Unavailable
+from liedeploy.serving.kv_cache import (cache_bytes, cache_kwarg, cache_of, grow_in_place, joinable, left_pad,
+                                        model_device)
 
-__all__ = ["DecodeEngine", "Sequence", "kv_bytes_per_token"]
+__all__ = ["DecodeEngine", "Sequence"]
 
 
 class Sequence:
@@ -80,39 +82,6 @@ class _Group:
         self.last = None  # (rows,) the token each row feeds next
 
 
-def _growing_update(layer, key_states, value_states, *args, **kwargs):
-    """``DynamicLayer.update`` without a copy of the whole cache per step: keys and values live in
-    buffers with room to grow, and the layer's ``keys``/``values`` are views of their filled part.
-    A layer whose tensors were replaced (rows joined or dropped) gets new buffers (one copy)."""
-    import torch
-
-    keys, values = layer.keys, layer.values
-    n, t = key_states.shape[-2], keys.shape[-2]
-    buf = getattr(layer, "_lie_buf", None)
-    if (buf is None or keys.data_ptr() != buf[0].data_ptr() or keys.shape[:2] != buf[0].shape[:2]
-            or t + n > buf[0].shape[-2] or keys.shape[-1] != buf[0].shape[-1]):
-        cap = t + n + 64
-        kb = keys.new_empty(keys.shape[:2] + (cap, keys.shape[-1]))
-        vb = values.new_empty(values.shape[:2] + (cap, values.shape[-1]))
-        kb[:, :, :t].copy_(keys)
-        vb[:, :, :t].copy_(values)
-        layer._lie_buf = buf = (kb, vb)
-    buf[0][:, :, t:t + n].copy_(key_states)
-    buf[1][:, :, t:t + n].copy_(value_states)
-    layer.keys, layer.values = buf[0][:, :, :t + n], buf[1][:, :, :t + n]
-    return layer.keys, layer.values
-
-
-def _grow_in_place(cache) -> None:
-    """Give every dynamic layer of ``cache`` the buffered update (idempotent)."""
-    import types
-
-    for layer in cache.layers:
-        if getattr(layer, "_lie_growing", False) is False:
-            layer.update = types.MethodType(_growing_update, layer)
-            layer._lie_growing = True
-
-
 def _deliver(items: list) -> None:
     for queue, item in items:
         queue.put_nowait(item)
@@ -125,67 +94,6 @@ def _task_order(seq) -> tuple:
     return (seq.task is not None, seq.task or "")
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of KV cache one token of one sequence takes in ``model``, measured by a 1-token forward."""
-    import torch
-
-    with torch.inference_mode():
-        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_device(model)), use_cache=True)
-    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-    return max(1, _cache_bytes(cache))
-
-
-def _device(model):
-    import torch
-
-    target = getattr(model, "model", model)  # a MixedView runs its replica of the base
-    p = next(target.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _cache_kwarg(model) -> str:
-    """transformers >= 5.25 names the KV cache ``cache``; older releases ``past_key_values``."""
-    import inspect
-
-    kind = type(model)
-    name = _CACHE_KWARG.get(kind)
-    if name is None:
-        params = inspect.signature(model.forward).parameters
-        name = _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
-    return name
-
-
-_CACHE_KWARG: dict = {}
-
-
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _joinable(cache) -> bool:
-    """Caches whose rows can be padded, concatenated and dropped: full-attention dynamic layers."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(la) is DynamicLayer and la.keys is not None and la.keys.dim() == 4
-                                for la in layers)
-
-
-def _left_pad(t, width: int, dim: int):
-    import torch.nn.functional as F
-
-    extra = width - t.shape[dim]
-    if extra <= 0:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [extra, 0]
-    return F.pad(t, pad)
-
-
 class DecodeEngine:
     """Continuous batching over tasks; see the module docstring.
 
@@ -194,7 +102,7 @@ class DecodeEngine:
         model_for: ``task -> model`` (the bank's replica; folds a cold task). Called on the engine thread.
         max_sequences: sequences admitted at once (running and waiting).
         max_kv_bytes: KV-cache bytes reserved at most (prompt + max_tokens tokens per sequence).
-        kv_per_token: KV bytes per token of one sequence (:func:`kv_bytes_per_token`).
+        kv_per_token: KV bytes per token of one sequence (:func:`liedeploy.serving.kv_cache.kv_bytes_per_token`).
         observe: ``observe(kind, seconds)`` with kind ``"ttft"`` or ``"itl"``, called per token.
         eos_ids: token ids that end a sequence.
         thread: start the engine on a thread of its own; ``False``: the caller runs :meth:`run` on
@@ -279,7 +187,7 @@ class DecodeEngine:
                 if not group.seqs and not group.pending:
                     del self._groups[task]
             with self._cv:
-                self.stats["kv_bytes"] = sum(_cache_bytes(g.cache) for g in self._groups.values() if g.cache is not None)
+                self.stats["kv_bytes"] = sum(cache_bytes(g.cache) for g in self._groups.values() if g.cache is not None)
                 self._sync_counts()
 
     def _turn(self, key, group: _Group) -> None:
@@ -296,7 +204,7 @@ class DecodeEngine:
             self._mixed_models(group, newcomers)
         elif group.model is None or not group.seqs:
             group.model = self.model_for(key)  # the fold of a cold task happens here, on this thread
-        if newcomers and group.cache is not None and not _joinable(group.cache):
+        if newcomers and group.cache is not None and not joinable(group.cache):
             group.pending = newcomers  # this cache cannot take rows: they start when the group empties
             newcomers = []
         if newcomers:
@@ -343,8 +251,8 @@ class DecodeEngine:
     def _forward(self, model, ids, mask, cache):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{_cache_kwarg(getattr(model, "model", model)): cache})
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+                    **{cache_kwarg(getattr(model, "model", model)): cache})
+        cache = cache_of(out)
         if cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache: generation needs a causal LM with one")
         return out.logits[:, -1, :].float(), cache
@@ -359,7 +267,7 @@ class DecodeEngine:
         for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
             ids[i, width - len(s.ids):] = torch.tensor(s.ids, dtype=torch.long)
             mask[i, width - len(s.ids):] = 1
-        device = _device(group.model)
+        device = model_device(group.model)
         ids, mask = ids.to(device), mask.to(device)
         self._rows(group, seqs)
         logits, cache = self._forward(group.model, ids, mask, None)
@@ -376,9 +284,9 @@ class DecodeEngine:
 
         width = max(group.mask.shape[1], mask.shape[1])
         for old, new in zip(group.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)], 0)
-            old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)], 0)
-        group.mask = torch.cat([_left_pad(group.mask, width, 1), _left_pad(mask, width, 1)], 0)
+            old.keys = torch.cat([left_pad(old.keys, width, 2), left_pad(new.keys, width, 2)], 0)
+            old.values = torch.cat([left_pad(old.values, width, 2), left_pad(new.values, width, 2)], 0)
+        group.mask = torch.cat([left_pad(group.mask, width, 1), left_pad(mask, width, 1)], 0)
         group.last = torch.cat([group.last, last])
         group.seqs.extend(seqs)
         self.stats["joins"] += len(seqs)
@@ -395,8 +303,8 @@ class DecodeEngine:
 
         mask = torch.cat([group.mask, torch.ones((group.mask.shape[0], 1), dtype=torch.long, device=group.mask.device)], 1)
         self._rows(group, group.seqs)
-        if _joinable(group.cache):
-            _grow_in_place(group.cache)
+        if joinable(group.cache):
+            grow_in_place(group.cache)
         logits, group.cache = self._forward(group.model, group.last[:, None], mask, group.cache)
         group.mask = mask
         group.last = self._choose(group.seqs, logits)

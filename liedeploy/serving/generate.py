@@ -12,7 +12,6 @@ bytes are bounded (``max_sequences``, ``max_kv_bytes``): beyond them the answer 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Optional
 
@@ -96,7 +95,8 @@ class Generator:
     def __init__(self, bank, tokenizer, *, max_prompt_tokens: int = 2048, max_new_tokens: int = 512,
                  max_sequences: int = 8, max_kv_bytes: Optional[int] = None, observe=None,
                  engine_thread: bool = True):
-        from liedeploy.serving.decode_engine import DecodeEngine, kv_bytes_per_token
+        from liedeploy.serving.decode_engine import DecodeEngine
+        from liedeploy.serving.kv_cache import kv_bytes_per_token
 
         self.bank, self.tokenizer = bank, tokenizer
         self.max_prompt_tokens, self.max_new_tokens = int(max_prompt_tokens), int(max_new_tokens)

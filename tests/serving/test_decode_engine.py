@@ -162,7 +162,7 @@ def test_the_kv_budget_admits_refuses_and_frees(setup):
 
 
 def test_kv_bytes_per_token_matches_the_models_cache(setup):
-    from liedeploy.serving.decode_engine import kv_bytes_per_token
+    from liedeploy.serving.kv_cache import kv_bytes_per_token
 
     c = setup["model"].config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -298,15 +298,15 @@ def test_streamed_text_equals_the_full_decode_with_characters_split_across_byte_
 
 
 def test_growing_cache_layers_hold_what_concatenation_would():
-    from liedeploy.serving.decode_engine import _grow_in_place, _joinable
+    from liedeploy.serving.kv_cache import grow_in_place, joinable
 
     g = torch.Generator().manual_seed(0)
     plain, grown = (transformers.DynamicCache() for _ in range(2))
     first = (torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g))
     for c in (plain, grown):
         c.update(*first, 0)
-    assert _joinable(grown)
-    _grow_in_place(grown)
+    assert joinable(grown)
+    grow_in_place(grown)
     for i in range(80):  # past the 64 columns of headroom, with rows dropped on the way
         if i == 30:
             for c in (plain, grown):
