@@ -52,13 +52,13 @@ def run(args) -> int:
     try:
         import onnxruntime  # noqa: F401
 
-        from liedeploy.demo.onnx_steps import run_demo_onnx
+        from liedeploy.cli.demo_onnx import run_demo_onnx
     except ImportError:
         log("(ONNX step skipped: pip install 'liedeploy[demo]' to export and check the task models in ONNX Runtime)")
     else:
         run_demo_onnx(summary, args.out, seed=args.seed, log=log)
         if not args.no_compressed:
-            from liedeploy.demo.compress import run_demo_compressed
+            from liedeploy.cli.demo_compress import run_demo_compressed
 
             summary["compressed"] = run_demo_compressed(summary, args.out, epochs=max(1, args.adapter_epochs * 3 // 5),
                                                         r=args.rank, seed=args.seed, log=log)

@@ -18,7 +18,7 @@ __all__ = ["run_demo_onnx"]
 
 def run_demo_onnx(summary: dict, out_dir: str, seed: int = 0, log: Callable[[str], None] = print) -> list:
     """Export every task's merged weights (dynamic batch, verified) and report ORT accuracy per task."""
-    from liedeploy.exporters.bank_graph import BankSession, export_bank_graph  # the onnx stack: only when run
+    from liedeploy.exporters.bank_graph import BankSession, export_bank_graph  # the onnx stack: the CLI layer, only when run
     from liedeploy.exporters.onnx import export_onnx
 
     import onnxruntime as ort

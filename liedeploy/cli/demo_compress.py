@@ -25,7 +25,7 @@ def run_demo_compressed(summary: dict, out_dir: str, *, epochs: int = 15, r: int
                         log: Callable[[str], None] = print) -> dict:
     import onnxruntime as ort
 
-    from liedeploy.exporters.task_models import export_task_models  # the onnx stack: only when run
+    from liedeploy.exporters.task_models import export_task_models  # the onnx stack: the CLI layer, only when run
 
     xtr, ytr, xte, yte = split_digits(seed)
     dense = {t["task"]: t["merged_accuracy"] for t in summary["tasks"]}
