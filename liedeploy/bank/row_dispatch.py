@@ -16,6 +16,7 @@ to one forward per task.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 from liedeploy.bank.replica import clone_tree
 
 __all__ = ["MixedView", "RowDispatch", "NotRowwise", "differing_modules"]
+
+
+_PATHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # replica -> differing_modules(base, replica)
 
 
 class NotRowwise(RuntimeError):
@@ -87,7 +91,10 @@ class MixedView:
         paths = set()
         for replica in replicas.values():
             if replica is not base:
-                paths.update(differing_modules(base, replica))
+                found = _PATHS.get(replica)
+                if found is None:  # a replica's differing modules never change: found once per replica
+                    found = _PATHS[replica] = differing_modules(base, replica)
+                paths.update(found)
         # a path inside another differing path is run by the outer one
         self.paths = sorted(p for p in paths if not any(p != q and p.startswith(q + ".") for q in paths))
         self.modules = {task: {p: (replica.get_submodule(p) if p else replica) for p in self.paths}

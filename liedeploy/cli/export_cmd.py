@@ -240,6 +240,7 @@ def _named_examples(args, model) -> tuple:
     axis 0 dynamic too. Integer inputs get token ids below the model's vocabulary, or ones where the
     name says mask; float inputs random normals.
     """
+    import numpy as np
     import torch
 
     from liedeploy.serving.specs import DATATYPES
@@ -251,7 +252,7 @@ def _named_examples(args, model) -> tuple:
         name, datatype, shape = parse_export_input(text)
         dyn = tuple(i for i, s in enumerate(shape) if s == -1 or (i == 0 and args.dynamic_batch))
         size = tuple((1 if i == 0 else 8) if s == -1 else s for i, s in enumerate(shape))
-        dtype = torch.from_numpy(DATATYPES[datatype](0).reshape(1)).dtype
+        dtype = torch.from_numpy(np.zeros(1, DATATYPES[datatype])).dtype
         if dtype.is_floating_point:
             t = torch.randn(size, generator=g).to(dtype)
         elif "mask" in name.lower():

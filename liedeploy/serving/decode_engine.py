@@ -62,12 +62,6 @@ class Sequence:
         self.submitted = time.monotonic()
         self.last_token: Optional[float] = None
 
-    def push(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody reads this sequence any more
-            pass
-
 
 class _Group:
     """The running batch of one task: its replica, sequences, cache and attention mask."""
@@ -344,8 +338,8 @@ class DecodeEngine:
         mask = group.mask[idx]
         first = int((mask.sum(0) > 0).nonzero()[0, 0])  # columns that are padding in every row go too
         for layer in group.cache.layers:
-            layer.keys = layer.keys[idx][:, :, first:].contiguous()
-            layer.values = layer.values[idx][:, :, first:].contiguous()
+            layer.keys = layer.keys[idx][:, :, first:]  # the next update copies them into new buffers
+            layer.values = layer.values[idx][:, :, first:]
         group.mask, group.last = mask[:, first:], group.last[idx]
         group.seqs = [group.seqs[i] for i in keep]
 

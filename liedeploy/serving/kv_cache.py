@@ -73,9 +73,12 @@ _CACHE_KWARG: dict = {}
 
 
 def cache_bytes(cache) -> int:
+    """Bytes ``cache`` holds: its keys and values, or the buffers they are views of (growth room included)."""
     total = 0
     for layer in getattr(cache, "layers", ()):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        buf = getattr(layer, "_lie_buf", None)
+        own = buf if buf is not None and layer.keys is not None and layer.keys.data_ptr() == buf[0].data_ptr() else None
+        for t in own or (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if t is not None:
                 total += t.numel() * t.element_size()
     return total

@@ -161,23 +161,6 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
     return state
 
 
-def _generation_state(cfg: ServeConfig):
-    """Build a text-generation server's state on one compute thread, which then runs the decode engine.
-
-    torch on CPU runs its parallel regions on an OpenMP team per calling thread, and GNU OpenMP stops
-    spin-waiting once its pooled threads outnumber the cores: a second thread that ran torch work
-    (the model load, on the main thread) made every decode step about 1.6x slower on 2 cores.
-    Loading, probing, folding and decoding on the same thread keeps one team.
-    """
-    import concurrent.futures as cf
-
-    compute = cf.ThreadPoolExecutor(1, thread_name_prefix="liedeploy-compute")
-    state = compute.submit(build_state, cfg, None, None, False).result()
-    if state.generator is not None:
-        compute.submit(state.generator.engine.run)
-    return state
-
-
 def resolved_fold_ahead(cfg: ServeConfig) -> int:
     """``--fold-ahead`` as given, or its default: 0 for the torch backend on CPU, else 4."""
     if cfg.fold_ahead is not None:
@@ -186,19 +169,21 @@ def resolved_fold_ahead(cfg: ServeConfig) -> int:
 
 
 def _compute_thread_state(cfg: ServeConfig):
-    """The torch CPU server's state, built on one compute thread that then runs the batches.
+    """Build the state on one compute thread, which then runs the torch work: the decode engine of a
+    generating server, else worker 0 of the batcher (folds included with ``--fold-ahead 0``).
 
-    The same reason as :func:`_generation_state`: the thread that loads the model runs the
-    forwards and (by default, ``--fold-ahead 0``) the folds, so one thread owns the process's
-    OpenMP team. Measured on 2 cores (bench_serve's workload, one run, A/B in one sitting): 1,000
-    Zipf tasks 46 vs 34 requests/s with the model loaded on the main thread and a prefetch thread,
-    10 tasks 266 vs 156, 1 task 389 vs 289; cores busy 0.92 vs 0.73.
+    torch on CPU runs its parallel regions on an OpenMP team per calling thread, and GNU OpenMP stops
+    spin-waiting once its pooled threads outnumber the cores, so a second thread doing torch work
+    (the model load on the main thread, a prefetch thread folding) slows every operation.
+    ``benchmarks/bench_threads.py`` measures it on the decode engine; ``bench_serve.py`` compares
+    the default with ``--fold-ahead 4`` (a prefetch thread).
     """
     import concurrent.futures as cf
 
+    generating = bool(cfg.hf_model)
     compute = cf.ThreadPoolExecutor(1, thread_name_prefix="liedeploy-compute")
-    state = compute.submit(build_state, cfg, None, None, True, True).result()
-    compute.submit(state.batcher.run_worker)
+    state = compute.submit(build_state, cfg, None, None, not generating, not generating).result()
+    compute.submit(state.generator.engine.run if generating else state.batcher.run_worker)
     return state
 
 
@@ -225,9 +210,7 @@ def serve(cfg: ServeConfig, log=print) -> int:
     default_cache = cfg.cache_bytes is None and cfg.backend == "torch"
     if default_cache:
         cfg.cache_bytes = default_cache_bytes()
-    if cfg.hf_model:
-        state = _generation_state(cfg)
-    elif cfg.backend == "torch" and cfg.device == "cpu":
+    if cfg.hf_model or (cfg.backend == "torch" and cfg.device == "cpu"):
         state = _compute_thread_state(cfg)
     else:
         state = build_state(cfg)
