@@ -267,3 +267,14 @@ def test_base_hash_is_recomputed_after_in_place_change(adapter, monkeypatch):
         model.fc.parametrizations.weight.original.add_(1.0)  # the base changed in place
     with pytest.raises(AdapterFileError, match="base tensor fc.weight differs"):
         load_adapter(model, path)
+
+
+def test_file_hash_is_the_files_sha256_unless_skipped(adapter):
+    import hashlib
+
+    _, path = adapter
+    with open(path, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    assert read_adapter(path).file_sha256 == want
+    skipped = read_adapter(path, file_hash=False)
+    assert skipped.file_sha256 == "" and skipped.factors.keys() == read_adapter(path).factors.keys()

@@ -219,3 +219,30 @@ def test_lazy_registration_reads_factors_only_when_folded(bank_setup, monkeypatc
     with pytest.raises(AdapterFileError, match="differs from the one this adapter was trained on"):
         AdapterBank(_base(seed=5), adapters={"t0": paths["t0"]}, lazy=True)
     assert reads == [paths["t2"]]
+
+
+def test_a_lease_holds_storage_until_released_then_it_is_recycled(bank_setup):
+    base, refs, paths = bank_setup
+    one_task = (8 * 3 * 9 + 5 * 8) * 4
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, cache_bytes=one_task)
+    x = torch.randn(2, 3, 6, 6)
+    shared = {p.data_ptr() for p in bank.base.parameters()}
+
+    def own(model):
+        return {p.data_ptr() for p in model.parameters()} - shared
+
+    with bank.lease(None) as held:
+        assert held.model is bank.base
+    held = bank.lease("t0")
+    t0 = own(held.model)
+    bank.prefetch("t1")  # evicts t0, whose storage the lease still holds
+    with bank.lease("t1") as t1:
+        assert not own(t1.model) & t0
+    with torch.no_grad():
+        torch.testing.assert_close(held.model(x), refs["t0"](x), rtol=0, atol=0)
+    held.release()
+    held.release()  # idempotent
+    with bank.lease("t2") as t2:  # folded into t0's storage, free now
+        assert own(t2.model) and own(t2.model) <= t0
+        with torch.no_grad():
+            torch.testing.assert_close(t2.model(x), refs["t2"](x), rtol=0, atol=0)

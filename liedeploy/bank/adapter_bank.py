@@ -36,7 +36,7 @@ from liedeploy.io.safetensors_io import DTYPE_NAMES, tensor_sha256
 from liedeploy.bank.storage_pool import StoragePool
 from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
 
-__all__ = ["AdapterBank"]
+__all__ = ["AdapterBank", "TaskLease"]
 
 
 def _takes(module: nn.Module, name: str) -> bool:
@@ -59,6 +59,26 @@ class _Folded:
         self.users = 0
         self.leaked = False  # handed out by model_for(): never recycled
         self.retired = False  # evicted or removed: recycled once no call uses it
+
+
+class TaskLease:
+    """One task's module held from :meth:`AdapterBank.lease` until :meth:`release` (idempotent)."""
+
+    __slots__ = ("_bank", "_folded", "model")
+
+    def __init__(self, bank: "AdapterBank", folded: Optional[_Folded], model: nn.Module):
+        self._bank, self._folded, self.model = bank, folded, model
+
+    def release(self) -> None:
+        folded, self._folded = self._folded, None
+        if folded is not None:
+            self._bank._release(folded)
+
+    def __enter__(self) -> "TaskLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class AdapterBank:
@@ -256,6 +276,22 @@ class AdapterBank:
     def prefetch(self, task: str) -> None:
         """Fold and cache ``task`` now (e.g. before traffic arrives), evicting as the bound requires."""
         self._release(self._acquire(task))
+
+    def lease(self, task: Optional[str]) -> "TaskLease":
+        """Hold ``task``'s module (``lease.model``) until ``lease.release()`` (or the ``with`` block ends).
+
+        Unlike :meth:`model_for`, the storage of a released lease goes back to the bank: once the
+        task is evicted and no lease or call uses it, the next fold reuses it, so a server that
+        holds tasks only while it computes them stays within ``cache_bytes`` plus what it holds.
+
+        Example:
+            >>> with bank.lease("cats") as held:
+            ...     y = held.model(x)
+        """
+        if task is None:
+            return TaskLease(self, None, self.base)
+        folded = self._acquire(task)
+        return TaskLease(self, folded, folded.replica)
 
     def model_for(self, task: Optional[str]) -> nn.Module:
         """The module that computes ``task`` (the base for ``None``), to hold and call directly.

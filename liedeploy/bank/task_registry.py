@@ -100,7 +100,8 @@ class TaskEntry:
         if self._adapter is not None:
             return self._adapter
         with self._lock:
-            af = read_adapter(self.path, identity=self.identity, verified=self.verified and self.identity is not None)
+            af = read_adapter(self.path, identity=self.identity, verified=self.verified and self.identity is not None,
+                              file_hash=False)
             self.verified = True
         if af.base_sha256 != self.header.base_sha256 or af.targets != self.header.targets or set(af.full) != set(self.header.full):
             raise AdapterFileError(f"{self.path}: the file changed since the task {self.name!r} was registered; reload it")

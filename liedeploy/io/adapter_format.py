@@ -57,7 +57,7 @@ class AdapterFile:
 
 
 def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Optional[tuple] = None,
-                 verified: bool = False) -> AdapterFile:
+                 verified: bool = False, file_hash: bool = True) -> AdapterFile:
     """Read and validate an adapter file (format_version "1" or "2") without any model.
 
     The file is read once, through one descriptor. Refuses (:class:`AdapterFileError`, one
@@ -68,7 +68,8 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
 
     ``identity``: the ``(device, inode, size, mtime)`` the file must still have (a replaced file is
     refused). ``verified``: its values were already checked finite at that identity (a bank that
-    reads a task's factors again at each fold skips the scan).
+    reads a task's factors again at each fold skips the scan). ``file_hash=False`` leaves
+    ``file_sha256`` empty (a bank's folds do not need it; a merge records it as provenance).
     """
     path = os.fspath(path)
     with SafetensorsFile(path) as f:
@@ -98,7 +99,7 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
         metadata=info.metadata,
         full={P: tensors[P] for P in info.full},
         format_version=info.format_version,
-        file_sha256=hashlib.sha256(data).hexdigest(),
+        file_sha256=hashlib.sha256(data).hexdigest() if file_hash else "",
     )
 
 

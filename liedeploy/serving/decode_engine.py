@@ -69,11 +69,19 @@ class _Group:
     def __init__(self, model):
         self.model = model  # the task's replica, or a MixedView over several tasks' replicas
         self.models: dict = {}  # mixed groups: task -> replica
+        self.leases: dict = {}  # task -> the lease that holds its replica
         self.seqs: list = []
         self.pending: list = []
         self.cache = None
         self.mask = None  # (rows, columns) int64, 0 on left padding
         self.last = None  # (rows,) the token each row feeds next
+
+
+def _release(group: _Group) -> None:
+    """Let go of every replica the group holds."""
+    for held in group.leases.values():
+        held.release()
+    group.leases, group.models, group.model = {}, {}, None
 
 
 def _deliver(items: list) -> None:
@@ -93,7 +101,9 @@ class DecodeEngine:
 
     Args:
         tokenizer: decodes tokens to text (stop strings) and gives the pad and EOS ids.
-        model_for: ``task -> model`` (the bank's replica; folds a cold task). Called on the engine thread.
+        lease: ``task -> lease`` with ``lease.model`` (the task's replica; ``None``: the base) and
+            ``lease.release()`` (:meth:`liedeploy.bank.adapter_bank.AdapterBank.lease`; folds a cold
+            task). Called on the engine thread; a task's lease is released once no row of it is left.
         max_sequences: sequences admitted at once (running and waiting).
         max_kv_bytes: KV-cache bytes reserved at most (prompt + max_tokens tokens per sequence).
         kv_per_token: KV bytes per token of one sequence (:func:`liedeploy.serving.kv_cache.kv_bytes_per_token`).
@@ -106,10 +116,10 @@ class DecodeEngine:
             layers are not row-wise, gives one batch per task.
     """
 
-    def __init__(self, tokenizer, model_for: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
+    def __init__(self, tokenizer, lease: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
                  observe: Optional[Callable[[str, float], None]] = None, eos_ids=(), thread: bool = True,
                  mixed: bool = True):
-        self.tokenizer, self.model_for = tokenizer, model_for
+        self.tokenizer, self.lease = tokenizer, lease
         self.max_sequences, self.max_kv_bytes, self.kv_per_token = int(max_sequences), int(max_kv_bytes), int(kv_per_token)
         self.observe = observe or (lambda kind, seconds: None)
         self.eos = set(int(e) for e in eos_ids if e is not None)
@@ -179,6 +189,7 @@ class DecodeEngine:
                     group.seqs, group.pending, group.cache = [], [], None
                 self._flush()
                 if not group.seqs and not group.pending:
+                    _release(group)
                     del self._groups[task]
             with self._cv:
                 self.stats["kv_bytes"] = sum(cache_bytes(g.cache) for g in self._groups.values() if g.cache is not None)
@@ -197,7 +208,9 @@ class DecodeEngine:
         if key is _MIXED:
             self._mixed_models(group, newcomers)
         elif group.model is None or not group.seqs:
-            group.model = self.model_for(key)  # the fold of a cold task happens here, on this thread
+            _release(group)
+            held = self.lease(key)  # the fold of a cold task happens here, on this thread
+            group.leases, group.model = {key: held}, held.model
         if newcomers and group.cache is not None and not joinable(group.cache):
             group.pending = newcomers  # this cache cannot take rows: they start when the group empties
             newcomers = []
@@ -212,7 +225,7 @@ class DecodeEngine:
                 for s in newcomers:
                     self._groups.setdefault(s.task, _Group(None)).pending.append(s)
                 if not group.seqs:
-                    group.models, group.model = {}, None
+                    _release(group)
             self._drop_finished(group)
             self._flush()  # first tokens out now, not after the step
         if group.seqs:
@@ -228,15 +241,18 @@ class DecodeEngine:
         if needed == set(group.models) and group.model is not None:
             return
         models = {t: group.models[t] for t in needed if t in group.models}
+        for t in set(group.leases) - needed:  # no row of it is left: its storage may be reused
+            group.leases.pop(t).release()
         for t in needed - set(models):
             try:
-                models[t] = self.model_for(t)  # the fold of a cold task happens here, on this thread
+                held = self.lease(t)  # the fold of a cold task happens here, on this thread
+                group.leases[t], models[t] = held, held.model
             except Exception as exc:  # noqa: BLE001 - only this task's newcomers get the error
                 for s in [s for s in newcomers if s.task == t]:
                     newcomers.remove(s)
                     self._finish(s, None, error=exc)
         group.models = models
-        group.model = MixedView(self.model_for(None), models) if models else None
+        group.model = MixedView(self.lease(None).model, models) if models else None
 
     def _rows(self, group: _Group, seqs: list) -> None:
         if hasattr(group.model, "set_rows"):

@@ -111,7 +111,7 @@ class Generator:
         self.context = getattr(text_cfg, "max_position_embeddings", None)  # None: the model sets no bound
         eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        self.engine = DecodeEngine(tokenizer, bank.model_for, max_sequences=max_sequences,
+        self.engine = DecodeEngine(tokenizer, bank.lease, max_sequences=max_sequences,
                                    max_kv_bytes=self.max_kv_bytes, kv_per_token=self.kv_per_token,
                                    observe=observe, eos_ids=eos + [tokenizer.eos_token_id], thread=engine_thread)
 

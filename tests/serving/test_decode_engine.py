@@ -318,3 +318,27 @@ def test_growing_cache_layers_hold_what_concatenation_would():
         torch.testing.assert_close(k, plain.layers[0].keys, rtol=0, atol=0)
         torch.testing.assert_close(grown.layers[0].values, plain.layers[0].values, rtol=0, atol=0)
     assert grown.get_seq_length() == plain.get_seq_length() == 85
+
+
+def test_tasks_the_batch_no_longer_holds_give_their_storage_back(setup):
+    """The engine leases each task's replica while rows of it run, so a small cache recycles storage."""
+    probe = _bank(setup)
+    probe.prefetch("a")
+    one_task = probe.cached_bytes
+
+    async def run():
+        bank = _bank(setup, cache_bytes=one_task)  # a fold of one task evicts the other
+        gen = Generator(bank, setup["tok"], max_sequences=8, max_new_tokens=64)
+        got = []
+        for task in ("a", "b", "a", "b"):  # waves: the batch holds one task at a time
+            seqs = [gen.start(task, ids, _p(6)) for ids in ([1, 2, 3], [4, 5])]
+            await asyncio.gather(*(gen.complete(s) for s in seqs))
+            got.append((task, [s.tokens for s in seqs]))
+        gen.engine.close()
+        return bank, got
+
+    bank, got = asyncio.run(run())
+    for task, tokens in got:
+        assert tokens == [_want(setup, task, [1, 2, 3], 6), _want(setup, task, [4, 5], 6)]
+    assert bank.stats["evictions"] >= 3
+    assert bank.stats["recycled"] > 0  # released replicas' storage went into later folds
