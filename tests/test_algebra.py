@@ -124,3 +124,10 @@ def test_fold_in_place_into_w(dtype, monkeypatch):
     out = alg.fold_sum(W, [(B, A, 0.9)], "exact", out=W)
     assert out.data_ptr() == W.data_ptr()
     assert ((W.double() - ref).abs() / ref.abs()).max() <= RTOL[dtype]
+
+
+def test_a_fold_of_nothing_reports_its_check():
+    W = torch.full((2, 2), 1e6)
+    ok: list = []
+    out = fold_sum(W, [], "exact", out_dtype=torch.float16, check=ok)
+    assert ok == [False] and torch.isinf(out).all()  # 1e6 does not fit fp16
