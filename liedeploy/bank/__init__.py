@@ -1,4 +1,4 @@
-"""The bank layer: :class:`AdapterBank` composed of a task registry, a byte-bounded LRU, a storage
+"""The bank layer: :class:`AdapterBank` composed of a task registry, a byte-bounded task cache, a storage
 pool and a replica builder (one module each). ``AdapterBank`` is imported on first use."""
 
 __all__ = ["AdapterBank"]

@@ -8,7 +8,8 @@ calls for different tasks never see each other's weights (there is no global swi
 
 The bank composes four parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
 (which tasks exist; lazy: headers only until a task is used), a byte-bounded
-:class:`~liedeploy.byte_lru.ByteLRU` (which folded tasks stay), a
+:class:`~liedeploy.bank.task_cache.TaskCache` (which folded tasks stay: the most used, counted with
+decay; a rarely used task is served once rather than evict a popular one), a
 :class:`~liedeploy.storage_pool.StoragePool` (evicted storage reused for the next fold once no
 running call uses it; tensors of a replica handed out by ``model_for`` are never recycled) and the
 replica builder.
@@ -29,7 +30,7 @@ from liedeploy.core.state import lie_state
 from liedeploy.core.adapter_file import AdapterFile
 from liedeploy.core.mixed import run_mixed
 from liedeploy.core.algebra import check_finite, fold_sum
-from liedeploy.bank.byte_lru import ByteLRU
+from liedeploy.bank.task_cache import TaskCache
 from liedeploy.errors import LieError
 from liedeploy.bank.replica import build_replica
 from liedeploy.io.safetensors_io import DTYPE_NAMES, tensor_sha256
@@ -64,10 +65,15 @@ class _Folded:
 class TaskLease:
     """One task's module held from :meth:`AdapterBank.lease` until :meth:`release` (idempotent)."""
 
-    __slots__ = ("_bank", "_folded", "model")
+    __slots__ = ("_bank", "_folded", "model", "task")
 
-    def __init__(self, bank: "AdapterBank", folded: Optional[_Folded], model: nn.Module):
-        self._bank, self._folded, self.model = bank, folded, model
+    def __init__(self, bank: "AdapterBank", task: Optional[str], folded: Optional[_Folded], model: nn.Module):
+        self._bank, self.task, self._folded, self.model = bank, task, folded, model
+
+    def use(self, uses: int = 1) -> None:
+        """Count ``uses`` more uses of the held task (requests it serves), for the bank's cache."""
+        if self.task is not None:
+            self._bank.note_uses(self.task, uses)
 
     def release(self) -> None:
         folded, self._folded = self._folded, None
@@ -123,11 +129,12 @@ class AdapterBank:
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
                                      self._hash if verify_base else None,
                                      {k: DTYPE_NAMES[v.dtype] for k, v in self._tensors.items() if v.dtype in DTYPE_NAMES})
-        self.cache = ByteLRU(cache_bytes)
+        self.cache = TaskCache(cache_bytes)
         self.pool = StoragePool()
         self._folded: dict[str, _Folded] = {}
         self._build_locks: dict[str, threading.Lock] = {}
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0, "folds": 0, "fold_seconds": 0.0}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0, "folds": 0, "fold_seconds": 0.0,
+                      "not_kept": 0}
         for name, path in (adapters or {}).items():
             self.add(name, path)
 
@@ -226,10 +233,12 @@ class AdapterBank:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return _Folded(build_replica(self.base, tensors), tensors, recyclable, nbytes)
 
-    def _acquire(self, task: str) -> _Folded:
-        """The task's build with one more user (folded and cached on first use)."""
+    def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> _Folded:
+        """The task's build with one more user (folded on first use, and cached when the cache
+        admits it or ``keep``); ``uses`` uses of the task are counted."""
         with self._lock:
             entry = self.registry.get(task)
+            self.cache.record(task, uses)
             folded = self._folded.get(task)
             if folded is not None:
                 self.cache.touch(task)
@@ -260,7 +269,13 @@ class AdapterBank:
                 if not self.cache.fits(folded.nbytes):
                     folded.retired = True  # larger than the whole cache: use once
                     return folded
-                for old in self.cache.make_room(folded.nbytes):
+                victims = self.cache.victims(task, folded.nbytes, force=keep)
+                if victims is None:  # used less than what it would evict: serve it once, keep the others
+                    folded.retired = True
+                    self.stats["not_kept"] += 1
+                    return folded
+                for old in victims:
+                    self.cache.pop(old)
                     self._retire(self._folded.pop(old))
                     self.stats["evictions"] += 1
                 self.cache.put(task, folded.nbytes)
@@ -274,10 +289,16 @@ class AdapterBank:
                 self._recycle(folded)
 
     def prefetch(self, task: str) -> None:
-        """Fold and cache ``task`` now (e.g. before traffic arrives), evicting as the bound requires."""
-        self._release(self._acquire(task))
+        """Fold and cache ``task`` now (e.g. before traffic arrives), evicting as the bound requires
+        (the least used tasks first, even if they are used more than ``task``)."""
+        self._release(self._acquire(task, uses=0, keep=True))
 
-    def lease(self, task: Optional[str]) -> "TaskLease":
+    def note_uses(self, task: str, uses: int = 1) -> None:
+        """Count ``uses`` uses of ``task`` that ran on a module already held (for the cache's choice)."""
+        with self._lock:
+            self.cache.record(task, uses)
+
+    def lease(self, task: Optional[str], uses: int = 1) -> "TaskLease":
         """Hold ``task``'s module (``lease.model``) until ``lease.release()`` (or the ``with`` block ends).
 
         Unlike :meth:`model_for`, the storage of a released lease goes back to the bank: once the
@@ -289,9 +310,9 @@ class AdapterBank:
             ...     y = held.model(x)
         """
         if task is None:
-            return TaskLease(self, None, self.base)
-        folded = self._acquire(task)
-        return TaskLease(self, folded, folded.replica)
+            return TaskLease(self, None, None, self.base)
+        folded = self._acquire(task, uses)
+        return TaskLease(self, task, folded, folded.replica)
 
     def model_for(self, task: Optional[str]) -> nn.Module:
         """The module that computes ``task`` (the base for ``None``), to hold and call directly.

@@ -31,7 +31,8 @@ def get_backend_factory(name: str):
 # what stats() returns (every backend, same keys; counters are totals since start). Neutral words:
 # a "load" is whatever makes a task resident (a fold for torch, a session for ort, a refit for trt).
 STATS_KEYS = ("registered", "resident", "resident_bytes", "hits", "misses", "evictions", "loads", "load_seconds")
-# optional: "fold_fused" (1.0 when a torch backend folds with the fused kernel)
+# optional: "fold_fused" (1.0 when a torch backend folds with the fused kernel), "not_kept" (folds
+# served once and not cached: the task was used less than what it would have evicted)
 
 
 @runtime_checkable

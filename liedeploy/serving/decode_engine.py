@@ -101,9 +101,11 @@ class DecodeEngine:
 
     Args:
         tokenizer: decodes tokens to text (stop strings) and gives the pad and EOS ids.
-        lease: ``task -> lease`` with ``lease.model`` (the task's replica; ``None``: the base) and
-            ``lease.release()`` (:meth:`liedeploy.bank.adapter_bank.AdapterBank.lease`; folds a cold
-            task). Called on the engine thread; a task's lease is released once no row of it is left.
+        lease: ``(task, uses) -> lease`` with ``lease.model`` (the task's replica; ``None``: the base),
+            ``lease.use(n)`` (``n`` more requests of the held task) and ``lease.release()``
+            (:meth:`liedeploy.bank.adapter_bank.AdapterBank.lease`; folds a cold task). Called on the
+            engine thread; each request counts as one use, and a task's lease is released once no row
+            of it is left.
         max_sequences: sequences admitted at once (running and waiting).
         max_kv_bytes: KV-cache bytes reserved at most (prompt + max_tokens tokens per sequence).
         kv_per_token: KV bytes per token of one sequence (:func:`liedeploy.serving.kv_cache.kv_bytes_per_token`).
@@ -209,8 +211,10 @@ class DecodeEngine:
             self._mixed_models(group, newcomers)
         elif group.model is None or not group.seqs:
             _release(group)
-            held = self.lease(key)  # the fold of a cold task happens here, on this thread
+            held = self.lease(key, len(newcomers))  # the fold of a cold task happens here, on this thread
             group.leases, group.model = {key: held}, held.model
+        elif newcomers:
+            group.leases[key].use(len(newcomers))
         if newcomers and group.cache is not None and not joinable(group.cache):
             group.pending = newcomers  # this cache cannot take rows: they start when the group empties
             newcomers = []
@@ -238,6 +242,12 @@ class DecodeEngine:
         from liedeploy.bank.row_dispatch import MixedView
 
         needed = {s.task for s in group.seqs} | {s.task for s in newcomers}
+        uses: dict = {}
+        for s in newcomers:
+            uses[s.task] = uses.get(s.task, 0) + 1
+        for t, n in uses.items():
+            if t in group.leases:
+                group.leases[t].use(n)
         if needed == set(group.models) and group.model is not None:
             return
         models = {t: group.models[t] for t in needed if t in group.models}
@@ -245,14 +255,14 @@ class DecodeEngine:
             group.leases.pop(t).release()
         for t in needed - set(models):
             try:
-                held = self.lease(t)  # the fold of a cold task happens here, on this thread
+                held = self.lease(t, uses.get(t, 0))  # the fold of a cold task happens here, on this thread
                 group.leases[t], models[t] = held, held.model
             except Exception as exc:  # noqa: BLE001 - only this task's newcomers get the error
                 for s in [s for s in newcomers if s.task == t]:
                     newcomers.remove(s)
                     self._finish(s, None, error=exc)
         group.models = models
-        group.model = MixedView(self.lease(None).model, models) if models else None
+        group.model = MixedView(self.lease(None, 0).model, models) if models else None
 
     def _rows(self, group: _Group, seqs: list) -> None:
         if hasattr(group.model, "set_rows"):

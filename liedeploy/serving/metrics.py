@@ -46,6 +46,9 @@ class ServerMetrics:
                 yield CounterMetricFamily("liedeploy_fold_seconds", "Seconds spent folding", value=s["load_seconds"])
                 for k in ("hits", "misses", "evictions"):
                     yield CounterMetricFamily(f"liedeploy_cache_{k}", f"Folded-task cache {k}", value=s[k])
+                if "not_kept" in s:
+                    yield CounterMetricFamily("liedeploy_cache_not_kept", "Folds served once and not cached (the task "
+                                              "was used less than the tasks it would have evicted)", value=s["not_kept"])
                 yield GaugeMetricFamily("liedeploy_resident_tasks", "Tasks folded and cached", value=s["resident"])
                 yield GaugeMetricFamily("liedeploy_resident_bytes", "Bytes of folded tasks", value=s["resident_bytes"])
                 yield GaugeMetricFamily("liedeploy_registered_tasks", "Tasks registered", value=s["registered"])

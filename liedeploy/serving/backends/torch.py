@@ -124,11 +124,12 @@ class TorchBackend:
         import torch
 
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in inputs.items()}
-        with torch.inference_mode():
+        rows = max((len(a) for a in inputs.values() if np.ndim(a)), default=1)
+        with torch.inference_mode(), self.bank.lease(task, uses=max(1, rows)) as held:  # each sample is a use
             if len(self._inputs) == 1:
-                out = self.bank(tensors[self._inputs[0].name], task=task)
+                out = held.model(tensors[self._inputs[0].name])
             else:
-                out = self.bank(task=task, **tensors)
+                out = held.model(**tensors)
         return out
 
     def run(self, task: Optional[str], inputs: dict) -> dict:
@@ -142,7 +143,7 @@ class TorchBackend:
         return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
                 "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
                 "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"],
-                "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0}
+                "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0, "not_kept": s["not_kept"]}
 
 
 def _to_numpy(t) -> np.ndarray:
