@@ -238,6 +238,11 @@ def main(argv=None) -> int:
                 _drive(srv, label, n_tasks, procs, prompts, args, tok, refs, out, check=True)
         finally:
             srv.stop()
+        srv = Proc([sys.executable, "-m", "liedeploy.cli", *server, "--cache-policy", "lru"])
+        try:  # the same server keeping the most recently used tasks instead of the most used
+            _drive(srv, "liedeploy serve --cache-policy lru: 10 task(s)", 10, 1, prompts, args, tok, refs, out, check=False)
+        finally:
+            srv.stop()
         # (a) the naive server: sweep workers x threads over the cores on 10 tasks, keep the best
         sweep = sorted({(w, max(1, cores // w)) for w in (1, 2, cores)})
         best = None
@@ -290,6 +295,8 @@ def _report(out, args, best, budget) -> None:
         "100 tasks: liedeploy / naive (a)": med["liedeploy serve: 100 task(s)"] / med[f"naive {best}: 100 task(s)"],
         "1 task: liedeploy / naive (a)": med["liedeploy serve: 1 task(s)"] / med[f"naive {best}: 1 task(s)"],
         "1 task: liedeploy / ceiling (b) (target >= 0.7x)": med["liedeploy serve: 1 task(s)"] / ceil,
+        "10 tasks: default cache (most used kept) / --cache-policy lru":
+            med["liedeploy serve: 10 task(s)"] / med["liedeploy serve --cache-policy lru: 10 task(s)"],
         "1 task: 2 client processes / 1 (about 1x: the load generator is not the bottleneck)":
             med["liedeploy serve: 1 task(s), 2 client processes"] / med["liedeploy serve: 1 task(s)"],
     }

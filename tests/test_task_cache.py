@@ -88,3 +88,21 @@ def test_a_popular_task_stays_while_rare_ones_pass_through(bank_setup):  # noqa:
     bank.prefetch("t3")  # an explicit prefetch keeps its task, evicting the least used (t0)
     assert set(bank.resident) == {"t2", "t3"}
     torch.testing.assert_close(bank(x, task="t3"), refs["t3"](x), rtol=0, atol=0)
+
+
+def test_the_lru_policy_evicts_the_least_recent_and_admits_everything(bank_setup):  # noqa: F811
+    c = TaskCache(limit=20, policy="lru")
+    _fill(c, {"a": 9, "b": 1})
+    c.record("rare")
+    assert c.victims("rare", 10) == ["a"]  # used most, but least recently
+    base, refs, paths = bank_setup
+    one_task = (8 * 3 * 9 + 5 * 8) * 4
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, cache_bytes=2 * one_task, cache_policy="lru")
+    x = torch.randn(2, 3, 6, 6)
+    for t in ("t0", "t0", "t0", "t1", "t2"):
+        bank(x, task=t)
+    assert set(bank.resident) == {"t1", "t2"} and bank.stats["not_kept"] == 0
+    from liedeploy import LieError
+
+    with pytest.raises(LieError, match="cache policy must be one of frequency, lru"):
+        AdapterBank(copy.deepcopy(base), cache_policy="lfu")

@@ -97,6 +97,8 @@ class AdapterBank:
         device: where the base and the folded weights live (default: the model's device).
         verify_base: refuse adapters whose ``base_sha256`` does not match the model.
         lazy: register tasks from their headers only; factors are read at the first fold.
+        cache_policy: ``"frequency"`` (default: keep the most used tasks, see
+            :mod:`liedeploy.bank.task_cache`) or ``"lru"`` (keep the most recently used).
 
     Example:
         >>> bank = AdapterBank(model, adapters={"cats": "cats.safetensors", "dogs": "dogs.safetensors"})
@@ -113,6 +115,7 @@ class AdapterBank:
         device: Union[None, str, torch.device] = None,
         verify_base: bool = True,
         lazy: bool = False,
+        cache_policy: str = "frequency",
     ):
         if adapted_names(model) or lie_state(model) is not None:
             raise LieError("AdapterBank needs the plain base model: call remove_adapters_ or unmerge_ first")
@@ -129,7 +132,10 @@ class AdapterBank:
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
                                      self._hash if verify_base else None,
                                      {k: DTYPE_NAMES[v.dtype] for k, v in self._tensors.items() if v.dtype in DTYPE_NAMES})
-        self.cache = TaskCache(cache_bytes)
+        try:
+            self.cache = TaskCache(cache_bytes, policy=cache_policy)
+        except ValueError as exc:
+            raise LieError(str(exc)) from None
         self.pool = StoragePool()
         self._folded: dict[str, _Folded] = {}
         self._build_locks: dict[str, threading.Lock] = {}

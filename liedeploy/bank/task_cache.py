@@ -10,7 +10,8 @@ and the cache keeps the tasks used most:
   is served once and not kept, so one pass of a rare task does not push out a popular one.
 
 Counts are kept for tasks seen recently whether resident or not (a float per task), so a task
-that becomes popular is admitted after a few uses.
+that becomes popular is admitted after a few uses. ``policy="lru"`` gives a plain LRU (evict the
+least recently used, admit everything), for comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Optional
 
-__all__ = ["TaskCache"]
+__all__ = ["TaskCache", "POLICIES"]
+
+POLICIES = ("frequency", "lru")
 
 
 class TaskCache:
@@ -27,12 +30,14 @@ class TaskCache:
     Not thread safe: the owner holds its lock around calls.
     """
 
-    def __init__(self, limit: Optional[int] = None, half_life: float = 1000.0):
+    def __init__(self, limit: Optional[int] = None, half_life: float = 1000.0, policy: str = "frequency"):
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if half_life <= 0:
             raise ValueError(f"half_life must be > 0, got {half_life}")
-        self.limit = limit
+        if policy not in POLICIES:
+            raise ValueError(f"the cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.limit, self.policy = limit, policy
         self._sizes: OrderedDict = OrderedDict()  # resident keys, least recently used first
         self.total = 0
         self._counts: dict = {}  # key -> decayed uses x scale (every key used lately)
@@ -79,9 +84,13 @@ class TaskCache:
         need = 0 if self.limit is None else self.total + nbytes - self.limit
         if need <= 0:
             return []
-        order = {k: i for i, k in enumerate(self._sizes)}
+        if self.policy == "lru":
+            force, ranked = True, list(self._sizes)
+        else:
+            order = {k: i for i, k in enumerate(self._sizes)}
+            ranked = sorted(self._sizes, key=lambda k: (self._counts.get(k, 0.0), order[k]))
         out = []
-        for k in sorted(self._sizes, key=lambda k: (self._counts.get(k, 0.0), order[k])):
+        for k in ranked:
             if need <= 0:
                 break
             out.append(k)

@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
                    help="a request older than this is served first, folded task or not (the fairness bound)")
     p.add_argument("--cache-bytes", metavar="SIZE",
                    help="memory for folded tasks, e.g. 2GB (default: a quarter of the memory available at start)")
+    p.add_argument("--cache-policy", choices=["frequency", "lru"], default="frequency",
+                   help="which folded tasks stay in --cache-bytes: the most used, counted with decay, a rare task "
+                        "served once rather than evict a popular one (default), or the most recently used")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before new ones get 503")
     p.add_argument("--max-body", default="64MiB", metavar="SIZE", help="largest request body (413 beyond)")
     p.add_argument("--admin-token-file", metavar="FILE", help="bearer token for the model repository (load/unload)")
@@ -154,7 +157,7 @@ def run(args) -> int:
         backend=args.backend, device=args.device, host=args.host, port=args.port, max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms, max_wait_ms=args.max_wait_ms,
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
-        max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
+        cache_policy=args.cache_policy, max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
         trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, hf_model=args.hf_model, tokenizer=args.tokenizer,
         max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,

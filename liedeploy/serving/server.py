@@ -46,6 +46,7 @@ class ServeConfig:
     max_delay_ms: float = 5.0
     max_wait_ms: float = 200.0
     cache_bytes: Optional[int] = None
+    cache_policy: str = "frequency"  # which folded tasks stay: the most used ("frequency") or "lru"
     max_queue: int = 1024
     max_body: int = 64 << 20
     admin_token_file: Optional[str] = None

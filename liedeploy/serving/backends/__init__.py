@@ -32,7 +32,8 @@ def torch_backend(cfg):
         from liedeploy.files.model_loading import build_model
 
         model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
-    return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads)
+    return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads,
+                        cache_policy=cfg.cache_policy)
 
 
 def ort_backend(cfg):

@@ -22,6 +22,7 @@ class TorchBackend:
         input_specs: the model's inputs; one spec: called positionally, several: as keyword
             arguments by name (``input_ids``, ``attention_mask``).
         cache_bytes: the bank's byte budget for folded tasks.
+        cache_policy: which folded tasks the bank keeps (``"frequency"`` or ``"lru"``).
         device: ``"cpu"`` or ``"cuda"``.
     """
 
@@ -29,7 +30,7 @@ class TorchBackend:
     file_suffix = ".safetensors"
 
     def __init__(self, model, input_specs: Sequence[TensorSpec], *, cache_bytes: Optional[int] = None,
-                 device: str = "cpu", threads: Optional[int] = None):
+                 device: str = "cpu", threads: Optional[int] = None, cache_policy: str = "frequency"):
         import torch
 
         from liedeploy.bank.adapter_bank import AdapterBank
@@ -37,7 +38,7 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
-        self.bank = AdapterBank(model, cache_bytes=cache_bytes, device=self.device, lazy=True)
+        self.bank = AdapterBank(model, cache_bytes=cache_bytes, device=self.device, lazy=True, cache_policy=cache_policy)
         self._inputs = list(input_specs)
         self._out_specs: dict = {}
         self._out_specs[None] = self._probe(None)
