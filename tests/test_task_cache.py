@@ -106,3 +106,15 @@ def test_the_lru_policy_evicts_the_least_recent_and_admits_everything(bank_setup
 
     with pytest.raises(LieError, match="cache policy must be one of frequency, lru"):
         AdapterBank(copy.deepcopy(base), cache_policy="lfu")
+
+
+def test_every_sample_counts_as_a_use(bank_setup):  # noqa: F811
+    base, refs, paths = bank_setup
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths)
+    x = torch.randn(6, 3, 6, 6)
+    bank.forward_mixed(x, ["t1"] * 5 + ["t2"])
+    with bank.lease("t3", uses=3) as held:
+        held.use(2)
+    assert bank.cache.uses("t1") == pytest.approx(5, rel=0.01)
+    assert bank.cache.uses("t2") == pytest.approx(1, rel=0.01)
+    assert bank.cache.uses("t3") == pytest.approx(5, rel=0.01)

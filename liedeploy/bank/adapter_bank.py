@@ -376,6 +376,9 @@ class AdapterBank:
 
         def run(t, args):
             xs, kw = args
-            return self(xs, task=t, **kw) if xs is not None else self(task=t, **kw)
+            rows = len(xs) if xs is not None else next(
+                (len(v) for v in kw.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+            with torch.no_grad(), self.lease(t, uses=rows) as held:  # each sample is a use of its task
+                return held.model(xs, **kw) if xs is not None else held.model(**kw)
 
         return run_mixed(run, tasks, n, take)
