@@ -8,7 +8,8 @@ Two export modes, chosen per task from measurements (benchmarks/bench_onnx.py, R
   Fastest: weights are constants (the ratio to the bank graph is in the README's measured table).
 - long tail: one bank graph (``export_bank_graph``) whose ``.onnx_adapter`` per task is activated
   per run; memory per task = its factors, but every call recomputes W * exp(BA).
-At most ``max_sessions`` hot sessions are kept (LRU); other tasks run on the bank graph.
+At most ``max_sessions`` hot sessions are kept (the most used, as the torch bank keeps its folded
+tasks: :class:`~liedeploy.bank.task_cache.TaskCache`); other tasks run on the bank graph.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import numpy as np
 
+from liedeploy.bank.task_cache import TaskCache
 from liedeploy.io.atomic import safe_file_name
 from liedeploy.exporters.onnx_files import read_onnx_file
 from liedeploy.errors import AdapterFileError, LieError
@@ -54,11 +55,13 @@ class OrtAdapterBank:
         self.threads = threads
         self.max_sessions = max_sessions
         self._lock = threading.RLock()
-        self._sessions: OrderedDict = OrderedDict()
+        self._sessions: dict = {}  # task -> live session; which stay is the bank's task cache policy
+        self._cache = TaskCache(max(max_sessions, 1))  # one unit per session
         self._task_files: dict = {}
         self._adapters: dict = {}
         self._shared_values: dict = {}
-        self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0, "evictions": 0, "build_seconds": 0.0}
+        self.stats = {"session_hits": 0, "sessions_built": 0, "bank_graph_calls": 0, "evictions": 0, "build_seconds": 0.0,
+                      "not_kept": 0}
         self.refused: dict = {}  # task -> why its file cannot be served
         self._checked: dict = {}  # path -> (device, inode, size, mtime) when it was read and found usable
         if task_models is not None:
@@ -138,13 +141,18 @@ class OrtAdapterBank:
                 raise LieError(f"unknown task {name!r}; known tasks: {', '.join(self.tasks) or 'none'}")
             self._adapters.pop(name, None)
             self._task_files.pop(name, None)
-            self._sessions.pop(name, None)
+            self._drop_session(name)
+
+    def _drop_session(self, name: str) -> None:
+        self._sessions.pop(name, None)
+        self._cache.pop(name)
 
     def _session(self, task: str):
         with self._lock:
+            self._cache.record(task)
             sess = self._sessions.get(task)
             if sess is not None:
-                self._sessions.move_to_end(task)
+                self._cache.touch(task)
                 self.stats["session_hits"] += 1
                 return sess
         so = self._options()
@@ -159,17 +167,22 @@ class OrtAdapterBank:
         with self._lock:
             self.stats["sessions_built"] += 1
             self.stats["build_seconds"] += time.perf_counter() - t0
-            self._sessions[task] = sess
-            while len(self._sessions) > max(self.max_sessions, 1 if task == "base" else 0):
-                self._sessions.popitem(last=False)
+            victims = self._cache.victims(task, 1)
+            if victims is None:  # used less than every live session: served once, not kept
+                self.stats["not_kept"] += 1
+                return sess
+            for old in victims:
+                self._drop_session(old)
                 self.stats["evictions"] += 1
+            self._cache.put(task, 1)
+            self._sessions[task] = sess
         return sess
 
     @property
     def hot_tasks(self) -> list:
         """Tasks with a live ONNX Runtime session, least recently used first."""
         with self._lock:
-            return list(self._sessions)
+            return self._cache.keys()
 
     def add_task_model(self, name: str, path: str) -> None:
         """Add (or replace) a hot task served by its merged model (a ``<task>.onnx`` of the task-models folder).
@@ -180,7 +193,7 @@ class OrtAdapterBank:
         self._check(path)
         with self._lock:
             self._task_files[name] = path
-            self._sessions.pop(name, None)
+            self._drop_session(name)
 
     def is_hot(self, task: Optional[str]) -> bool:
         """Whether ``task`` runs without building a session (a live session, or the bank graph)."""

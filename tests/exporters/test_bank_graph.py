@@ -156,3 +156,9 @@ def test_ort_adapter_bank_hot_sessions_and_long_tail(tmp_path):
         np.testing.assert_allclose(mixed[i : i + 1], bank(xs[i : i + 1], task=t), rtol=1e-5, atol=1e-6)
     with pytest.raises(LieError, match=r"unknown task 'zz'; known tasks: task0, task1, task2"):
         bank(x, task="zz")
+    # the hot session kept is the most used one, as in the torch bank: a rare task is served, not kept
+    bank = OrtAdapterBank(task_models=str(out), bank_graph=str(tmp_path / "bank.onnx"), max_sessions=1)
+    for _ in range(3):
+        bank(x, task="task0")
+    np.testing.assert_allclose(bank(x, task="task1"), refs["task1"], rtol=1e-4, atol=1e-5)
+    assert bank.hot_tasks == ["task0"] and bank.stats["not_kept"] == 1

@@ -98,4 +98,4 @@ class OrtBackend:
         resident = len(self.bank.hot_tasks)
         return {"registered": len(self.bank.tasks), "resident": resident, "resident_bytes": 0,
                 "hits": s["session_hits"], "misses": s["sessions_built"], "evictions": s["evictions"],
-                "loads": s["sessions_built"], "load_seconds": s["build_seconds"]}
+                "loads": s["sessions_built"], "load_seconds": s["build_seconds"], "not_kept": s["not_kept"]}
