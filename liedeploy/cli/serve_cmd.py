@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-kv-bytes", metavar="SIZE",
                    help="--hf-model: KV-cache budget (e.g. 2G), reserved per sequence for its prompt + max_tokens "
                         "(503 with Retry-After beyond; default: --max-sequences sequences of full length)")
+    p.add_argument("--max-batch-tasks", type=int, metavar="N",
+                   help="--hf-model: distinct tasks decoding at once; their folded weights are held while their rows "
+                        "run, beyond --cache-bytes, so this bounds that memory; other tasks' requests wait "
+                        "(default: bounded by --max-sequences only)")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY, as JSON")
     p.add_argument("--weights", metavar="BASE.safetensors", help="base weights (a file or *.safetensors.index.json)")
     p.add_argument("--adapters", metavar="DIR", help="folder of task files: DIR/{task}.safetensors (ort: the export folder)")
@@ -117,7 +121,8 @@ def check(args) -> None:
     if args.hf_model and (args.model or args.weights or args.backend != "torch"):
         raise UsageError("--hf-model replaces --model and --weights, with the torch backend")
     for flag, v in (("--max-sequences", args.max_sequences), ("--max-new-tokens", args.max_new_tokens),
-                    ("--max-prompt-tokens", args.max_prompt_tokens)):
+                    ("--max-prompt-tokens", args.max_prompt_tokens),
+                    ("--max-batch-tasks", 1 if args.max_batch_tasks is None else args.max_batch_tasks)):
         if v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
     if args.backend in ("torch", "trt") and not args.hf_model:
@@ -161,6 +166,7 @@ def run(args) -> int:
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
         trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, hf_model=args.hf_model, tokenizer=args.tokenizer,
         max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        max_batch_tasks=args.max_batch_tasks,
         max_kv_bytes=parse_size(args.max_kv_bytes, "--max-kv-bytes") if args.max_kv_bytes is not None else None,
         max_connections=args.max_connections, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout, keep_alive=args.keep_alive_timeout,

@@ -116,11 +116,15 @@ class DecodeEngine:
         mixed: sequences of different tasks share one batch (a :class:`~liedeploy.bank.row_dispatch.MixedView`:
             shared layers run once, each task's own layers on its rows); ``False``, or a model whose
             layers are not row-wise, gives one batch per task.
+        max_tasks: distinct tasks decoding at once (the base not counted); their folded weights are
+            held while their rows run, whatever the bank's cache keeps, so this bounds that memory.
+            A sequence of another task waits (admitted, not running) until a task leaves.
+            ``None``: no bound beyond ``max_sequences``.
     """
 
     def __init__(self, tokenizer, lease: Callable, *, max_sequences: int, max_kv_bytes: int, kv_per_token: int,
                  observe: Optional[Callable[[str, float], None]] = None, eos_ids=(), thread: bool = True,
-                 mixed: bool = True):
+                 mixed: bool = True, max_tasks: Optional[int] = None):
         self.tokenizer, self.lease = tokenizer, lease
         self.max_sequences, self.max_kv_bytes, self.kv_per_token = int(max_sequences), int(max_kv_bytes), int(kv_per_token)
         self.observe = observe or (lambda kind, seconds: None)
@@ -138,6 +142,7 @@ class DecodeEngine:
         self._closed = False
         self._outbox: list = []
         self.mixed = bool(mixed)
+        self.max_tasks = None if max_tasks is None else max(1, int(max_tasks))
         self._owner: Optional[int] = None
         if thread:
             threading.Thread(target=self.run, name="liedeploy-decode", daemon=True).start()
@@ -207,11 +212,20 @@ class DecodeEngine:
                 self._finish(s, "stop")
         newcomers = [s for s in group.pending if not s.done]
         group.pending = []
+        newcomers, group.pending = self._within_max_tasks(key, group, newcomers)
+        if key is not _MIXED and not newcomers and not group.seqs:
+            _release(group)  # every task slot is taken: its sequences wait, holding nothing
+            return
         if key is _MIXED:
             self._mixed_models(group, newcomers)
         elif group.model is None or not group.seqs:
             _release(group)
-            held = self.lease(key, len(newcomers))  # the fold of a cold task happens here, on this thread
+            try:
+                held = self.lease(key, len(newcomers))  # the fold of a cold task happens here, on this thread
+            except Exception as exc:  # noqa: BLE001 - the task cannot run: its newcomers get the error
+                for s in newcomers:
+                    self._finish(s, None, error=exc)
+                return
             group.leases, group.model = {key: held}, held.model
         elif newcomers:
             group.leases[key].use(len(newcomers))
@@ -236,6 +250,26 @@ class DecodeEngine:
             with torch.inference_mode():
                 self._step(group)
             self._drop_finished(group)
+
+    def _within_max_tasks(self, key, group: _Group, newcomers: list) -> tuple:
+        """``(newcomers that may start now, the ones that wait)`` under ``max_tasks``."""
+        if self.max_tasks is None or not newcomers:
+            return newcomers, []
+        if key is _MIXED:
+            held = {s.task for s in group.seqs} - {None}
+        else:  # one group per task: the tasks of the other groups that hold rows
+            held = {k for k, g in self._groups.items() if g is not group and g.seqs} - {None}
+            if group.seqs or key is None:
+                return newcomers, []
+        start, wait = [], []
+        for s in newcomers:
+            if s.task is None or s.task in held or len(held) < self.max_tasks:
+                if s.task is not None:
+                    held.add(s.task)
+                start.append(s)
+            else:
+                wait.append(s)
+        return start, wait
 
     def _mixed_models(self, group: _Group, newcomers: list) -> None:
         """The replicas of every task in a mixed group (folding cold ones) and their view."""

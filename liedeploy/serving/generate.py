@@ -90,11 +90,13 @@ class Generator:
         observe: ``observe(kind, seconds)`` for time to first token (``"ttft"``) and between tokens (``"itl"``).
         engine_thread: run the decode engine on a thread of its own (``False``: the caller runs
             ``generator.engine.run()`` on its compute thread).
+        max_batch_tasks: distinct tasks decoding at once (their folded weights are held while their
+            rows run); sequences of other tasks wait. ``None``: no bound beyond ``max_sequences``.
     """
 
     def __init__(self, bank, tokenizer, *, max_prompt_tokens: int = 2048, max_new_tokens: int = 512,
                  max_sequences: int = 8, max_kv_bytes: Optional[int] = None, observe=None,
-                 engine_thread: bool = True):
+                 engine_thread: bool = True, max_batch_tasks: Optional[int] = None):
         from liedeploy.serving.decode_engine import DecodeEngine
         from liedeploy.serving.kv_cache import kv_bytes_per_token
 
@@ -113,7 +115,8 @@ class Generator:
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self.engine = DecodeEngine(tokenizer, bank.lease, max_sequences=max_sequences,
                                    max_kv_bytes=self.max_kv_bytes, kv_per_token=self.kv_per_token,
-                                   observe=observe, eos_ids=eos + [tokenizer.eos_token_id], thread=engine_thread)
+                                   observe=observe, eos_ids=eos + [tokenizer.eos_token_id], thread=engine_thread,
+                                   max_tasks=max_batch_tasks)
 
     @property
     def stats(self) -> dict:

@@ -33,6 +33,7 @@ class ServeConfig:
     max_new_tokens: int = 512
     max_prompt_tokens: int = 2048
     max_kv_bytes: Optional[int] = None  # KV-cache budget of generation; None: max_sequences full-length sequences
+    max_batch_tasks: Optional[int] = None  # distinct tasks decoding at once; None: bounded by max_sequences only
     weights: Optional[str] = None
     adapters: Optional[str] = None
     input_shape: Optional[tuple] = None
@@ -157,7 +158,7 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
         state.generator = Generator(backend.bank, cfg.tokenizer_object, max_prompt_tokens=cfg.max_prompt_tokens,
                                     max_new_tokens=cfg.max_new_tokens, max_sequences=cfg.max_sequences,
                                     max_kv_bytes=cfg.max_kv_bytes, observe=state.metrics.observe_generation,
-                                    engine_thread=engine_thread)
+                                    engine_thread=engine_thread, max_batch_tasks=cfg.max_batch_tasks)
     state.scan()
     return state
 
@@ -261,7 +262,10 @@ def serve(cfg: ServeConfig, log=print) -> int:
         g = state.generator
         log(f"liedeploy serve: generation: {cfg.max_sequences} sequences, KV cache {_size(g.max_kv_bytes)}"
             f"{' (default)' if cfg.max_kv_bytes is None else ''} at {g.kv_per_token} bytes per token, "
-            f"prompts up to {g.max_prompt_tokens} tokens, max_tokens up to {g.max_new_tokens}")
+            f"prompts up to {g.max_prompt_tokens} tokens, max_tokens up to {g.max_new_tokens}, "
+            + (f"at most {cfg.max_batch_tasks} task(s) decoding at once" if cfg.max_batch_tasks
+               else f"up to {cfg.max_sequences} tasks decoding at once (--max-batch-tasks), their folded weights held "
+                    "beyond --cache-bytes while their rows run"))
     log(f"liedeploy serve: listening on http://{cfg.host}:{port}")
     sys.stdout.flush()
     try:

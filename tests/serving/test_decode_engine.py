@@ -342,3 +342,73 @@ def test_tasks_the_batch_no_longer_holds_give_their_storage_back(setup):
         assert tokens == [_want(setup, task, [1, 2, 3], 6), _want(setup, task, [4, 5], 6)]
     assert bank.stats["evictions"] >= 3
     assert bank.stats["recycled"] > 0  # released replicas' storage went into later folds
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_max_tasks_bounds_the_tasks_held_at_once_and_the_others_wait(setup, mixed):
+    jobs = [("a", [1, 2, 3]), ("b", [4, 5]), ("a", [6]), ("b", [7, 8, 9]), (None, [10, 11])]
+    bank = _bank(setup)
+    held, peak = set(), [0]
+    lease = bank.lease
+
+    class Watched:  # the bank's lease, watched: which tasks are held at once
+        def __init__(self, task, uses):
+            self.inner, self.task = lease(task, uses), task
+            self.model, self.use = self.inner.model, self.inner.use
+            if task is not None:
+                held.add(id(self))
+                peak[0] = max(peak[0], len(held))
+
+        def release(self):
+            held.discard(id(self))
+            self.inner.release()
+
+    def counting(task, uses=1):
+        return Watched(task, uses)
+
+    bank.lease = counting
+
+    async def run(max_tasks):
+        held.clear()
+        peak[0] = 0
+        gen = Generator(bank, setup["tok"], max_sequences=8, max_new_tokens=64, max_batch_tasks=max_tasks)
+        gen.engine.mixed = mixed
+        seqs = [gen.start(t, ids, _p(10)) for t, ids in jobs]
+        await asyncio.gather(*(gen.complete(s) for s in seqs))
+        await _until(lambda: gen.stats["running"] == 0 and not held)
+        gen.engine.close()
+        return [s.tokens for s in seqs], peak[0]
+
+    bounded, bounded_peak = asyncio.run(run(1))
+    free, free_peak = asyncio.run(run(None))
+    assert bounded_peak == 1 and free_peak == 2  # one task at a time (the base is not counted)
+    for (task, ids), got in zip(jobs, bounded):
+        assert got == _want(setup, task, ids, 10), (task, ids)
+    assert bounded == free
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_task_that_cannot_be_folded_fails_its_requests_and_no_other(setup, mixed):
+    from liedeploy import LieError
+
+    bank = _bank(setup)
+    lease = bank.lease
+
+    def failing(task, uses=1):
+        if task == "b":
+            raise LieError("b cannot be folded")
+        return lease(task, uses)
+
+    bank.lease = failing
+
+    async def run():
+        gen = Generator(bank, setup["tok"], max_sequences=8, max_new_tokens=64)
+        gen.engine.mixed = mixed
+        seqs = [gen.start(t, ids, _p(6)) for t, ids in (("a", [1, 2]), ("b", [3, 4]))]
+        outs = await asyncio.wait_for(asyncio.gather(*(gen.complete(s) for s in seqs), return_exceptions=True), 60)
+        gen.engine.close()
+        return seqs, outs
+
+    seqs, outs = asyncio.run(run())
+    assert seqs[0].tokens == _want(setup, "a", [1, 2], 6)
+    assert isinstance(outs[1], LieError) and "b cannot be folded" in str(outs[1])

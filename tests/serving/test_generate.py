@@ -230,14 +230,15 @@ def test_concurrent_greedy_requests_share_a_batch_and_keep_their_own_tokens(lm):
 
 @pytest.fixture(scope="module")
 def tight(lm, tmp_path_factory):
-    """The same tasks on a server whose cache holds one folded task (constant eviction) and whose KV
-    budget holds 100 tokens."""
+    """The same tasks on a server whose cache holds one folded task (constant eviction), that decodes
+    one task at a time beside the base (--max-batch-tasks 1: the others wait) and whose KV budget
+    holds 100 tokens."""
     srv = lm["srv"]
     model_dir = srv.args[srv.args.index("--hf-model") + 1]
     tasks = srv.args[srv.args.index("--adapters") + 1]
     per = _kv_per_token(lm)
     with ServerProcess(["--hf-model", model_dir, "--adapters", tasks, "--max-sequences", "8", "--max-new-tokens", "64",
-                        "--cache-bytes", "70K", "--max-kv-bytes", str(100 * per)]) as s:
+                        "--cache-bytes", "70K", "--max-kv-bytes", str(100 * per), "--max-batch-tasks", "1"]) as s:
         yield {"srv": s, "refs": lm["refs"], "tok": lm["tok"], "per": per}
 
 
@@ -264,6 +265,7 @@ def test_eight_streams_over_three_tasks_with_constant_eviction_match_their_merge
         mismatches = [(t, p) for (t, p), text in zip(jobs, got) if text != _greedy(tight, t, p, 8)[0]]
         assert mismatches == []
     assert _metric(tight, "liedeploy_cache_evictions_total") > 0  # one task fits: tasks kept evicting
+    assert any("at most 1 task(s) decoding at once" in line for line in tight["srv"].lines)
 
 
 def test_kv_budget_overflow_is_503_with_retry_after_and_a_request_over_the_budget_is_400(tight):
@@ -305,3 +307,12 @@ def _metric(lm, name):
             if s.name == name:
                 return s.value
     raise KeyError(name)
+
+
+@pytest.mark.parametrize("flag", ["--max-batch-tasks", "--max-sequences"])
+def test_generation_bounds_below_one_are_usage_errors(tmp_path, capsys, flag):
+    from liedeploy.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--hf-model", str(tmp_path), "--adapters", str(tmp_path), flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
