@@ -278,3 +278,49 @@ def test_file_hash_is_the_files_sha256_unless_skipped(adapter):
     assert read_adapter(path).file_sha256 == want
     skipped = read_adapter(path, file_hash=False)
     assert skipped.file_sha256 == "" and skipped.factors.keys() == read_adapter(path).factors.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_in_any_factor_is_named_whatever_the_dtype(tmp_path, adapter, dtype, bad):
+    # the values are scanned one run of same-dtype tensors at a time: the culprit is still named
+    _, path = adapter
+    t = {k: v.to(dtype) for k, v in load_file(path).items()}
+    for key in sorted(t):
+        bent = dict(t)
+        bent[key] = t[key].clone()
+        bent[key].view(-1)[-1] = bad
+        _refused(_rewrite(path, tmp_path / f"nf-{key}.safetensors", tensors=bent),
+                 f"factor {key} holds non-finite values (NaN or inf)")
+
+
+def _raw_safetensors(out, tensors: dict, metadata: dict, pad: int) -> str:
+    """A safetensors file written by hand, with ``pad`` extra spaces in its header: the tensors'
+    bytes then start at an offset that need not suit their dtype (the format allows it)."""
+    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.float16: "F16"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    text = json.dumps(header).encode() + b" " * pad
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return str(out)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_reads_tensors_at_any_byte_offset_and_still_refuses_non_finite_ones(tmp_path, adapter, pad):
+    _, path = adapter
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata())
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t["conv.weight.lie_A"] = t["conv.weight.lie_A"].half()  # a 2-byte tensor between 4-byte ones
+    af = read_adapter(_raw_safetensors(tmp_path / f"p{pad}.safetensors", t, meta, pad))
+    for name, (B, A) in af.factors.items():
+        assert torch.equal(B, t[f"{name}.lie_B"]) and torch.equal(A, t[f"{name}.lie_A"])
+    t["fc.weight.lie_A"] = t["fc.weight.lie_A"].clone()
+    t["fc.weight.lie_A"][0, 0] = float("nan")
+    _refused(_raw_safetensors(tmp_path / f"q{pad}.safetensors", t, meta, pad),
+             "factor fc.weight.lie_A holds non-finite values (NaN or inf)")

@@ -246,3 +246,34 @@ def test_a_lease_holds_storage_until_released_then_it_is_recycled(bank_setup):
         assert own(t2.model) and own(t2.model) <= t0
         with torch.no_grad():
             torch.testing.assert_close(t2.model(x), refs["t2"](x), rtol=0, atol=0)
+
+
+def test_a_recycled_replica_serves_the_next_fold_and_never_a_holder(bank_setup, tmp_path):
+    base, refs, paths = bank_setup
+    one_task = (8 * 3 * 9 + 5 * 8) * 4
+    bank = AdapterBank(copy.deepcopy(base), adapters=paths, cache_bytes=one_task)
+    x = torch.randn(2, 3, 6, 6)
+    with bank.lease("t0") as first:
+        tree = first.model
+    bank.prefetch("t1")  # evicts t0, free: its module tree is kept for the next fold of the same names
+    with bank.lease("t2") as t2:
+        assert t2.model is tree  # reused, not cloned again
+        with torch.no_grad():
+            torch.testing.assert_close(t2.model(x), refs["t2"](x), rtol=0, atol=0)
+    held = bank.model_for("t3")  # handed out: never recycled, never refilled with another task
+    for _ in range(2):
+        for t in ("t0", "t1", "t2"):
+            torch.testing.assert_close(bank(x, task=t), refs[t](x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(held(x), refs["t3"](x), rtol=0, atol=0)
+    # a task that replaces other tensors (a head of its own) gets a tree built for its names
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(r=2, alpha=4, targets=["conv"]))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m):
+            lie.lie_B.normal_(0, 0.3)
+    p = str(tmp_path / "conv_only.safetensors")
+    save_adapter(m, p, name="conv-only")
+    bank.add("conv-only", p)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(x, task="conv-only"), merge_(m).eval()(x), rtol=0, atol=0)
+        assert bank.model_for("conv-only").fc.weight is bank.base.fc.weight

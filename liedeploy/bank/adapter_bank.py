@@ -32,7 +32,7 @@ from liedeploy.core.mixed import run_mixed
 from liedeploy.core.algebra import check_finite, fold_sum
 from liedeploy.bank.task_cache import TaskCache
 from liedeploy.errors import LieError
-from liedeploy.bank.replica import build_replica
+from liedeploy.bank.replica import build_replica, refill_replica
 from liedeploy.io.safetensors_io import DTYPE_NAMES, tensor_sha256
 from liedeploy.bank.storage_pool import StoragePool
 from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
@@ -127,6 +127,8 @@ class AdapterBank:
         self.verify_base = verify_base
         self.lazy = lazy
         self._tensors = dict(self.base.state_dict(keep_vars=True))
+        self._spare_replicas: dict = {}  # frozenset of replaced names -> a recycled replica for them
+        self._absmax: dict = {}  # name -> (tensor version, max|W|): lets a fold skip its finiteness scan
         self._hashes: dict = {}
         self._lock = threading.RLock()
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
@@ -204,6 +206,8 @@ class AdapterBank:
     def _recycle(self, folded: _Folded) -> None:
         self.pool.give(folded.recyclable)
         self.stats["recycled"] = self.pool.reused
+        if folded.replica is not None and folded.tensors:  # its module tree serves the next fold of these names
+            self._spare_replicas[frozenset(folded.tensors)] = folded.replica
         folded.tensors, folded.recyclable, folded.replica = {}, [], None
 
     # -- folding ----------------------------------------------------------------------------
@@ -219,6 +223,15 @@ class AdapterBank:
         with torch.inference_mode(False), torch.no_grad():
             return self._fold_tensors(entry)
 
+    def _w_absmax(self, name: str, W: torch.Tensor) -> float:
+        """max|W| of a base tensor, computed once per version of the tensor."""
+        hit = self._absmax.get(name)
+        if hit is not None and hit[0] == W._version:
+            return hit[1]
+        value = float(W.abs().amax()) if W.numel() else 0.0
+        self._absmax[name] = (W._version, value)
+        return value
+
     def _fold_tensors(self, entry: TaskEntry) -> _Folded:
         af = entry.adapter()
         tensors, recyclable, nbytes = {}, [], 0
@@ -226,7 +239,8 @@ class AdapterBank:
             W = self._tensors[n].detach()
             B, A = af.factors[n]
             ok: list = []
-            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok)
+            f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok,
+                         w_absmax=self._w_absmax(n, W))
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
             tensors[n] = f
             recyclable.append(f)
@@ -237,7 +251,10 @@ class AdapterBank:
                      dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
             tensors[n] = t
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return _Folded(build_replica(self.base, tensors), tensors, recyclable, nbytes)
+        with self._lock:
+            spare = self._spare_replicas.pop(frozenset(tensors), None)
+        replica = build_replica(self.base, tensors) if spare is None else refill_replica(spare, tensors)
+        return _Folded(replica, tensors, recyclable, nbytes)
 
     def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> _Folded:
         """The task's build with one more user (folded on first use, and cached when the cache

@@ -17,7 +17,7 @@ from torch import nn
 
 from liedeploy.core.tensors import owner_of, set_tensor
 
-__all__ = ["clone_tree", "build_replica"]
+__all__ = ["clone_tree", "build_replica", "refill_replica"]
 
 
 def clone_tree(module: nn.Module, memo: dict | None = None) -> nn.Module:
@@ -44,7 +44,12 @@ def build_replica(base: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     Raises:
         LieError: a name whose owning module does not exist in ``base``.
     """
-    replica = clone_tree(base)
+    return refill_replica(clone_tree(base), tensors)
+
+
+def refill_replica(replica: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Put ``tensors`` into ``replica`` in place (a replica built for the same names is reused this
+    way by a bank, instead of cloning the module tree again)."""
     for name, t in tensors.items():
         owner, attr = owner_of(replica, name, where="the base model")
         set_tensor(owner, attr, t)

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from liedeploy._version import __version__
 from liedeploy.errors import AdapterFileError
 from liedeploy.io.adapter_header import FORMAT, parse_adapter_header
 from liedeploy.io.atomic import atomic_path
-from liedeploy.io.dtypes import torch_to_st
+from liedeploy.io.dtypes import DTYPE_SIZES, FLOAT_DTYPES, st_to_torch, torch_to_st
 from liedeploy.io.safetensors_header import SafetensorsFile
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "AdapterFile", "read_adapter", "check_against_base", "write_adapter_file"]
@@ -77,15 +77,11 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
             raise AdapterFileError(f"{path}: the file was replaced or changed since it was registered; load it again "
                                    "(POST /v2/repository/models/<task>/load, or bank.add(..., replace=True))")
         info = parse_adapter_header(path, f.header, f.metadata)
-        data = f.read_all()
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors' own parser; the header was checked above
-        raise AdapterFileError(f"{path}: unreadable safetensors data ({str(exc).splitlines()[0]})") from None
-    for key in sorted(tensors):
-        if not verified and not torch.isfinite(tensors[key]).all():
-            kind = "full tensor" if key in info.full else "factor"
-            raise AdapterFileError(f"{path}: {kind} {key} holds non-finite values (NaN or inf)")
+        raw = torch.empty(f.size, dtype=torch.uint8)  # the whole file, read once, no copy after
+        f.read_into(-f.data_start, raw.numpy())
+        tensors = _tensor_views(raw, f.data_start, f.header)
+    if not verified:
+        _check_finite_values(path, raw, f.data_start, tensors, f.header, info)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return AdapterFile(
@@ -99,8 +95,52 @@ def read_adapter(path: str, device: str | torch.device = "cpu", *, identity: Opt
         metadata=info.metadata,
         full={P: tensors[P] for P in info.full},
         format_version=info.format_version,
-        file_sha256=hashlib.sha256(data).hexdigest() if file_hash else "",
+        file_sha256=hashlib.sha256(raw.numpy()).hexdigest() if file_hash else "",
     )
+
+
+def _tensor_views(raw: torch.Tensor, data_start: int, header: dict) -> dict:
+    """``{name: tensor}`` viewing ``raw`` (a whole safetensors file) by the checked header; a tensor
+    whose offset does not suit its dtype's alignment gets its own aligned copy."""
+    tensors = {}
+    for key, e in header.items():
+        b0, b1 = e["data_offsets"]
+        dtype = st_to_torch(e["dtype"])
+        chunk = raw[data_start + b0: data_start + b1]
+        if (data_start + b0) % DTYPE_SIZES[e["dtype"]]:
+            chunk = chunk.clone()
+        tensors[key] = chunk.view(dtype).view(tuple(e["shape"]))
+    return tensors
+
+
+def _check_finite_values(path: str, raw: torch.Tensor, data_start: int, tensors: dict, header: dict, info) -> None:
+    """Refuse non-finite values, scanning each run of adjacent same-dtype tensors of ``raw`` in one pass."""
+    runs: list = []  # [dtype, first byte, end byte, keys]
+    for key in sorted(tensors, key=lambda k: header[k]["data_offsets"][0]):
+        dt = header[key]["dtype"]
+        b0, b1 = header[key]["data_offsets"]
+        if runs and runs[-1][0] == dt and runs[-1][2] == b0:
+            runs[-1][2] = b1
+            runs[-1][3].append(key)
+        else:
+            runs.append([dt, b0, b1, [key]])
+    for dt, b0, b1, keys in runs:
+        if dt not in FLOAT_DTYPES:
+            continue
+        size = DTYPE_SIZES[dt]
+        if (data_start + b0) % size == 0 and (b1 - b0) % size == 0:
+            values = raw[data_start + b0: data_start + b1].view(st_to_torch(dt))
+            if dt == "F64":
+                bad = not bool(torch.isfinite(values).all())
+            else:  # a float64 sum of these values cannot overflow: it is finite iff every value is
+                bad = not math.isfinite(float(values.sum(dtype=torch.float64)))
+        else:
+            bad = True  # unaligned: tensor by tensor below
+        if bad:
+            for key in keys:
+                if not torch.isfinite(tensors[key]).all():
+                    kind = "full tensor" if key in info.full else "factor"
+                    raise AdapterFileError(f"{path}: {kind} {key} holds non-finite values (NaN or inf)")
 
 
 def check_against_base(
