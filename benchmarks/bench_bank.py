@@ -64,9 +64,13 @@ def bench(name, model, rx, shape, reps, tmp):
         paths.append(p)
     res = {}
     # cold / hot switch
-    bank = AdapterBank(copy.deepcopy(model), adapters={f"t{i}": p for i, p in enumerate(paths)})
+    probe = AdapterBank(model, adapters={"t0": paths[0]})
+    probe.prefetch("t0")
+    one_task = probe.cached_bytes
+    del probe
+    # room for one task: every switch to another task is cold
+    bank = AdapterBank(copy.deepcopy(model), adapters={f"t{i}": p for i, p in enumerate(paths)}, cache_bytes=one_task)
     bank.prefetch("t0")
-    bank.cache_bytes = bank.cached_bytes  # room for one task: every switch to another task is cold
     turn = {"i": 0}
 
     def cold():
@@ -75,7 +79,6 @@ def bench(name, model, rx, shape, reps, tmp):
 
     res["cold_switch_s"] = median_time(cold, reps)[0]
     res["hot_switch_s"] = median_time(lambda: bank.prefetch(f"t{turn['i']}"), reps * 20)[0]
-    bank.cache_bytes = None
     live = load_adapter(copy.deepcopy(model), paths[0])
     res["merge__s"] = median_time(lambda: merge_(live), reps, setup=lambda: unmerge_(live))[0]
     # PEFT: 8 LoRA adapters, switch = unmerge + set_adapter + merge
@@ -109,7 +112,9 @@ def bench(name, model, rx, shape, reps, tmp):
         hotswap_adapter(hm, lora_dirs[k["i"]], adapter_name="default", torch_device="cpu")
 
     res["peft_hotswap_s"] = median_time(hot, reps)[0]
-    # memory
+    # memory, mixed batches: a bank with room for every task
+    del bank
+    bank = AdapterBank(copy.deepcopy(model), adapters={f"t{i}": p for i, p in enumerate(paths)})
     bank.prefetch("t1")
     per_task = bank.cached_bytes // max(len(bank.resident), 1)
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())

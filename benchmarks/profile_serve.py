@@ -1,0 +1,124 @@
+"""Where a serving process's time goes: py-spy on `liedeploy serve` under bench_serve's load.
+
+    pip install py-spy
+    python benchmarks/profile_serve.py [--tasks 1000] [--duration 12] [--rate 50]
+
+The workload is bench_serve.py's (a ResNet-18-like config at 64x64, r=16 on every conv and the
+classifier, 32 clients, Zipf(1.1) over the tasks, or uniform at 10 tasks, a 0.5 GB cache budget).
+py-spy samples every thread of the server (native frames included); each sample of the compute
+thread is put in one bucket by the innermost frame that names one: the fold of a cold task (read
+of its file, the fold itself, the replica), the model's forward, or the rest. The event-loop
+thread's samples are split into waiting (epoll) and work (HTTP, encoding). Sampling pauses the
+process, so throughput under the profiler is lower than bench_serve's; the shares are what this
+measures. Writes benchmarks/results/profile_serve_cpu.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (bucket, a substring of a frame that puts a compute-thread sample in it), innermost match wins
+BUCKETS = (
+    ("fold: read the task's file", "TaskEntry.adapter"),
+    ("fold: fold_sum (product, map, multiply)", "fold_sum"),
+    ("fold: replica (module tree)", "build_replica"),
+    ("fold: replica (module tree)", "refill_replica"),
+    ("fold: other", "AdapterBank._fold"),
+    ("forward: the model", "TorchBackend._call"),
+    ("batching, answers", "Batcher._run"),
+)
+
+
+def _bucket(frames: list) -> str:
+    for frame in reversed(frames):
+        for name, needle in BUCKETS:
+            if needle in frame:
+                return name
+    return "compute thread: waiting for work" if any("Condition.wait" in f or "pthread_cond" in f for f in frames) \
+        else "compute thread: other"
+
+
+def summarize(raw_path: str) -> tuple[dict, int]:
+    """``({bucket: samples}, total samples)`` from py-spy's raw (collapsed) output with --threads."""
+    counts: collections.Counter = collections.Counter()
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            frames = stack.split(";")
+            n = int(n)
+            total += n
+            thread = frames[0]
+            if "liedeploy-compute" in thread or "liedeploy-batcher" in thread:
+                counts[_bucket(frames)] += n
+            elif "MainThread" in thread:
+                counts["event loop: waiting (epoll)" if "epoll" in frames[-1] else "event loop: HTTP, decode, encode"] += n
+            else:
+                counts["other threads"] += n
+    return dict(counts), total
+
+
+def main(argv=None) -> int:
+    from benchmarks.bench_serve import _load, _serve, _setup
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=1000, choices=(1, 10, 100, 1000))
+    ap.add_argument("--duration", type=float, default=12.0)
+    ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
+    args = ap.parse_args(argv)
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        print("profile_serve.py needs py-spy: pip install py-spy", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
+        setup = _setup(work, args.tasks)
+        proc = _serve(setup, args.tasks, 500_000_000)
+        raw = os.path.join(work, "profile.txt")
+        try:
+            rec = subprocess.Popen([spy, "record", "-p", str(proc.p.pid), "-o", raw, "-f", "raw", "-d",
+                                    str(int(args.duration)), "-r", str(args.rate), "--threads", "--native"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            spec = setup["sizes"][args.tasks]["spec"] if args.tasks != 1 else setup["spec_one"]
+            res = _load(proc, spec, zipf=0.0 if args.tasks == 10 else 1.1, duration=args.duration)
+            err = rec.communicate(timeout=args.duration + 120)[1]
+        finally:
+            proc.stop()
+        if not os.path.exists(raw):
+            print(f"py-spy wrote nothing: {err.strip().splitlines()[-1] if err.strip() else 'no message'}", file=sys.stderr)
+            return 1
+        counts, total = summarize(raw)
+    compute = sum(v for k, v in counts.items() if k.startswith(("fold", "forward", "batching", "compute")))
+    lines = [f"liedeploy serve under py-spy ({args.rate} Hz, native frames), {args.tasks} task(s) "
+             f"{'uniform' if args.tasks == 10 else 'Zipf(1.1)'}, 32 clients, {args.duration:g} s: "
+             f"{res['rps']:.1f} req/s under the profiler, {res['errors']} errors, {res['wrong']} wrong",
+             f"{'bucket':45s} {'share of all samples':>22s} {'share of the compute thread':>28s}"]
+    for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        share = f"{n / compute:.3f}" if name.startswith(("fold", "forward", "batching", "compute")) else "-"
+        lines.append(f"{name:45s} {n / max(total, 1):22.3f} {share:>28s}")
+    fold = sum(v for k, v in counts.items() if k.startswith("fold"))
+    lines.append(f"compute thread: folds {fold / max(compute, 1):.2f}, forwards "
+                 f"{counts.get('forward: the model', 0) / max(compute, 1):.2f} of its samples")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "profile_serve_cpu.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(ROOT, "benchmarks", "results", "profile_serve_cpu.json"), "w") as f:
+        json.dump({"tasks": args.tasks, "samples": total, "buckets": counts, "load": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
