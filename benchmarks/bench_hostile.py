@@ -12,7 +12,6 @@ Writes benchmarks/results/hostile_cpu.{txt,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -24,6 +23,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks._results import write_results  # noqa: E402
 
 
 def _get(url, timeout=30):
@@ -121,13 +122,7 @@ def main(argv=None) -> int:
         f"| {med['capped_max'] / med['idle_p50']:.2f}x |",
         f"time to refuse the bad body (upload included): {med['refused_seconds']:.2f} s",
     ]
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "hostile_cpu.txt"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(ROOT, "benchmarks", "results", "hostile_cpu.json"), "w") as f:
-        json.dump({"runs": runs, "median": med, "cap": cap}, f, indent=2)
+    write_results("hostile_cpu", "\n".join(lines), {"runs": runs, "median": med, "cap": cap})
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import subprocess
@@ -71,6 +70,7 @@ def summarize(raw_path: str) -> tuple[dict, int]:
 
 
 def main(argv=None) -> int:
+    from benchmarks._results import write_results
     from benchmarks.bench_serve import _load, _serve, _setup
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,13 +110,8 @@ def main(argv=None) -> int:
     fold = sum(v for k, v in counts.items() if k.startswith("fold"))
     lines.append(f"compute thread: folds {fold / max(compute, 1):.2f}, forwards "
                  f"{counts.get('forward: the model', 0) / max(compute, 1):.2f} of its samples")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "profile_serve_cpu.txt"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(ROOT, "benchmarks", "results", "profile_serve_cpu.json"), "w") as f:
-        json.dump({"tasks": args.tasks, "samples": total, "buckets": counts, "load": res}, f, indent=1)
+    write_results("profile_serve_cpu", "\n".join(lines),
+                  {"tasks": args.tasks, "samples": total, "buckets": counts, "load": res})
     return 0
 
 
