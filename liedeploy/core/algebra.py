@@ -102,40 +102,59 @@ def fold_sum(
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
         if (path or fold_path(W.device)) == "fused":
             return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
-        # write blocks straight into ``out`` unless a cast is needed or ``out`` is W itself (in place)
-        direct = out_dtype == cdt and not in_place
-        buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W.device)
-        wbuf = torch.empty((min(rows, m), n), dtype=cdt, device=W.device) if W.dtype != cdt else None
-        total = None
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            blk = O2[r0:r1] if direct else buf[: r1 - r0]
-            B0, A0 = pairs[0]
-            torch.mm(B0[r0:r1], A0, out=blk)
-            for Bi, Ai in pairs[1:]:
-                blk.addmm_(Bi[r0:r1], Ai)
-            if expmap == "exact":
-                blk.exp_()
-            else:
-                blk.add_(1.0)
-            Wb = W2[r0:r1]
-            if in_place and Wb.dtype == cdt:
-                Wb.mul_(blk)  # W <- W * map(dW) in W's own storage: no copy back
-            else:
-                if Wb.dtype != cdt:  # a half-precision base: widen the block first (mixed-dtype mul is slow)
-                    Wb = wbuf[: r1 - r0].copy_(Wb)
-                blk.mul_(Wb)
-                if not direct:
-                    O2[r0:r1].copy_(blk)
-            if check is not None:
-                bs = O2[r0:r1].sum(dtype=cdt)  # the rounded result: fp16 overflows show here
-                total = bs if total is None else total.add_(bs)
+        return _fold_blocked(W2, O2, out, pairs, expmap, rows, cdt, in_place, check)
+
+
+def _fold_blocked(W2, O2, out, pairs, expmap: str, rows: int, cdt, in_place: bool, check) -> torch.Tensor:
+    """The blocked path of :func:`fold_sum`: per block of rows, ``mm``, then the map and the multiply
+    by W as eager in-place ops, written straight into ``out`` unless a cast is needed or ``out`` is
+    W itself (in place)."""
+    m, n = W2.shape
+    direct = O2.dtype == cdt and not in_place
+    buf = None if direct else torch.empty((min(rows, m), n), dtype=cdt, device=W2.device)
+    wbuf = torch.empty((min(rows, m), n), dtype=cdt, device=W2.device) if W2.dtype != cdt else None
+    total = None
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        blk = O2[r0:r1] if direct else buf[: r1 - r0]
+        B0, A0 = pairs[0]
+        torch.mm(B0[r0:r1], A0, out=blk)
+        for Bi, Ai in pairs[1:]:
+            blk.addmm_(Bi[r0:r1], Ai)
+        if expmap == "exact":
+            blk.exp_()
+        else:
+            blk.add_(1.0)
+        Wb = W2[r0:r1]
+        if in_place and Wb.dtype == cdt:
+            Wb.mul_(blk)  # W <- W * map(dW) in W's own storage: no copy back
+        else:
+            if Wb.dtype != cdt:  # a half-precision base: widen the block first (mixed-dtype mul is slow)
+                Wb = wbuf[: r1 - r0].copy_(Wb)
+            blk.mul_(Wb)
+            if not direct:
+                O2[r0:r1].copy_(blk)
         if check is not None:
-            ok = total is None or bool(torch.isfinite(total))
-            if not ok:  # the sum may have overflowed on its own: decide exactly
-                ok = bool(torch.isfinite(out).all())
-            check.append(ok)
-        return out
+            total = _add_block_sum(total, O2[r0:r1], cdt)
+    _settle_check(check, total, out)
+    return out
+
+
+def _add_block_sum(total, block, cdt):
+    """The running sum of the rounded results (fp16 overflows show here), for the finiteness check."""
+    bs = block.sum(dtype=cdt)
+    return bs if total is None else total.add_(bs)
+
+
+def _settle_check(check, total, out) -> None:
+    """Append to ``check`` whether every result is finite: the running sum is finite iff every value
+    is, unless the sum itself overflowed, which an exact test then decides."""
+    if check is None:
+        return
+    ok = total is None or bool(torch.isfinite(total))
+    if not ok:
+        ok = bool(torch.isfinite(out).all())
+    check.append(ok)
 
 
 def _bounded(pairs, w_absmax: float, expmap: str, dtypes) -> bool:
@@ -174,13 +193,8 @@ def _fold_fused(W2, O2, out, pairs, expmap: str, rows: int, cdt, check) -> torch
             p.addmm_(Bi[r0:r1], Ai)
         O2[r0:r1].copy_(fused_block(p, W2[r0:r1], expmap == "exact", O2.dtype))
         if check is not None:
-            bs = O2[r0:r1].sum(dtype=cdt)
-            total = bs if total is None else total.add_(bs)
-    if check is not None:
-        ok = total is None or bool(torch.isfinite(total))
-        if not ok:
-            ok = bool(torch.isfinite(out).all())
-        check.append(ok)
+            total = _add_block_sum(total, O2[r0:r1], cdt)
+    _settle_check(check, total, out)
     return out
 
 

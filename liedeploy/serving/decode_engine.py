@@ -21,7 +21,6 @@ alone needs more than the whole budget is a :class:`~liedeploy.serving.errors.Ba
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Callable, Optional
@@ -29,38 +28,9 @@ from typing import Callable, Optional
 from liedeploy.serving.errors import BadRequest, Unavailable
 from liedeploy.serving.kv_cache import (cache_bytes, cache_kwarg, cache_of, grow_in_place, joinable, left_pad,
                                         model_device)
+from liedeploy.serving.sequence import Sequence
 
 __all__ = ["DecodeEngine", "Sequence"]
-
-
-class Sequence:
-    """One request: its prompt, limits, sampler and where its text goes (an asyncio queue)."""
-
-    def __init__(self, ids: list, params, loop: asyncio.AbstractEventLoop):
-        self.ids, self.loop = list(ids), loop
-        self.max_tokens, self.stop = params.max_tokens, list(params.stop)
-        self.temperature, self.top_p = float(params.temperature), float(params.top_p)
-        self.generator = None
-        if self.temperature > 0:
-            import torch
-
-            self.generator = torch.Generator()
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(int(params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.tokens: list = []
-        self.text = ""
-        self.prefix = self.read = 0  # incremental detokenization window
-        self.cut = False  # a stop string ended the text
-        self.done = False
-        self.reason: Optional[str] = None
-        self.cancelled = threading.Event()
-        self.reserved = 0
-        self.task = None  # set when submitted
-        self.submitted = time.monotonic()
-        self.last_token: Optional[float] = None
 
 
 class _Group:
@@ -413,40 +383,19 @@ class DecodeEngine:
         if tok in self.eos:
             self._finish(s, "stop")
             return
-        s.tokens.append(tok)
         self.stats["tokens"] += 1
-        # incremental detokenization (as TGI and vLLM do): decode a short window that ends at the new
-        # token, and emit what it adds to the window without it, once that is not a partial character
-        before = self.tokenizer.decode(s.tokens[s.prefix:s.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(s.tokens[s.prefix:], skip_special_tokens=True)
-        delta = ""
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            delta = after[len(before):]
-            s.prefix, s.read = s.read, len(s.tokens)
-        text = s.text + delta
-        cut = [text.find(x) for x in s.stop if x in text]
-        if cut:
-            text = text[: min(cut)]
-        delta, s.text = text[len(s.text):], text
+        delta, reason = s.add_token(tok, self.tokenizer)
         if delta:
             self._post(s, delta)
-        if cut:
-            s.cut = True
-            self._finish(s, "stop")
-        elif len(s.tokens) >= s.max_tokens:
-            self._finish(s, "length")
-        elif s.cancelled.is_set():
-            self._finish(s, "stop")
+        if reason:
+            self._finish(s, reason)
 
     def _finish(self, s: Sequence, reason: Optional[str], error: Optional[BaseException] = None) -> None:
         if s.done:
             return
-        if error is None and not s.cut and s.read < len(s.tokens):  # a partial character held back: out now
-            rest = self.tokenizer.decode(s.tokens[s.prefix:], skip_special_tokens=True)[
-                len(self.tokenizer.decode(s.tokens[s.prefix:s.read], skip_special_tokens=True)):]
-            if rest:
-                s.text += rest
-                self._post(s, rest)
+        rest = s.held_back(self.tokenizer) if error is None else ""
+        if rest:  # a partial character held back: out now
+            self._post(s, rest)
         s.done, s.reason = True, reason
         with self._cv:  # freed before the client hears the end, so its next request is admitted
             self._admitted -= 1

@@ -155,7 +155,7 @@ class Generator:
     # -- generation -------------------------------------------------------------------------------
     def start(self, task: Optional[str], ids: list, p: GenerationParams):
         """Admit one request (404, 400 or 503 here, before any byte of the answer) and return its sequence."""
-        from liedeploy.serving.decode_engine import Sequence
+        from liedeploy.serving.sequence import Sequence
 
         self.check_task(task)
         if self.context is not None and len(ids) + p.max_tokens > self.context:
