@@ -3,7 +3,10 @@ ResNet-18-like config, r=16 on every conv and the classifier), with the bank as 
 
     python benchmarks/profile_fold.py [--folds 20]
 
-Prints the operators by self CPU time and writes benchmarks/results/profile_fold_cpu.txt.
+Prints the median wall time of a fold (2 torch threads, every fold into recycled storage, as the
+server's cold tasks are) and the operators by self CPU time; writes
+benchmarks/results/profile_fold_cpu.txt. The script also runs on older commits of the bank
+(`git worktree add`), to compare fold times.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
+    import statistics
+    import time
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -27,6 +33,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folds", type=int, default=20)
+    ap.add_argument("--timed", type=int, default=200, help="folds timed for the median wall time")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base = resnet18().eval()
@@ -36,11 +43,19 @@ def main(argv=None) -> int:
                  for i in range(2)}
         bank = AdapterBank(base, adapters=paths, lazy=True, cache_bytes=1)  # every prefetch folds again
         bank.prefetch("t0")
+        walls = []
+        for i in range(args.timed):
+            t0 = time.perf_counter()
+            bank.prefetch(f"t{i % 2}")
+            walls.append(time.perf_counter() - t0)
+        wall = statistics.median(walls) * 1e3
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for i in range(args.folds):
                 bank.prefetch(f"t{i % 2}")
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
-    text = f"{args.folds} folds of a ResNet-18-like task (11M adapted weights), self CPU time per operator\n{table}"
+    text = (f"a fold of a ResNet-18-like task (11M adapted weights, r=16), {torch.get_num_threads()} threads: "
+            f"{wall:.2f} ms (median of {args.timed})\n"
+            f"{args.folds} folds, self CPU time per operator\n{table}")
     print(text)
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "profile_fold_cpu.txt"), "w") as f:
