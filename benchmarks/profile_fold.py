@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks._results import write_results
     from benchmarks.serve_models import resnet18
     from liedeploy import AdapterBank
     from tests.conftest import _write_adapter
@@ -56,10 +57,7 @@ def main(argv=None) -> int:
     text = (f"a fold of a ResNet-18-like task (11M adapted weights, r=16), {torch.get_num_threads()} threads: "
             f"{wall:.2f} ms (median of {args.timed})\n"
             f"{args.folds} folds, self CPU time per operator\n{table}")
-    print(text)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "profile_fold_cpu.txt"), "w") as f:
-        f.write(text)
+    write_results("profile_fold_cpu", text)
     return 0
 
 

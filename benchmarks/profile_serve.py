@@ -38,6 +38,9 @@ BUCKETS = (
 )
 
 
+COMPUTE = ("fold", "forward", "batching", "compute")  # the buckets of the compute thread's samples
+
+
 def _bucket(frames: list) -> str:
     for frame in reversed(frames):
         for name, needle in BUCKETS:
@@ -99,13 +102,13 @@ def main(argv=None) -> int:
             print(f"py-spy wrote nothing: {err.strip().splitlines()[-1] if err.strip() else 'no message'}", file=sys.stderr)
             return 1
         counts, total = summarize(raw)
-    compute = sum(v for k, v in counts.items() if k.startswith(("fold", "forward", "batching", "compute")))
+    compute = sum(v for k, v in counts.items() if k.startswith(COMPUTE))
     lines = [f"liedeploy serve under py-spy ({args.rate} Hz, native frames), {args.tasks} task(s) "
              f"{'uniform' if args.tasks == 10 else 'Zipf(1.1)'}, 32 clients, {args.duration:g} s: "
              f"{res['rps']:.1f} req/s under the profiler, {res['errors']} errors, {res['wrong']} wrong",
              f"{'bucket':45s} {'share of all samples':>22s} {'share of the compute thread':>28s}"]
     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-        share = f"{n / compute:.3f}" if name.startswith(("fold", "forward", "batching", "compute")) else "-"
+        share = f"{n / compute:.3f}" if name.startswith(COMPUTE) else "-"
         lines.append(f"{name:45s} {n / max(total, 1):22.3f} {share:>28s}")
     fold = sum(v for k, v in counts.items() if k.startswith("fold"))
     lines.append(f"compute thread: folds {fold / max(compute, 1):.2f}, forwards "
