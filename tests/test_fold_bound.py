@@ -60,16 +60,23 @@ def test_non_finite_factors_fall_back_to_the_scan(bad):
     B[3, 1] = bad
     ok: list = []
     with _CountSums() as mode:
-        out = fold_sum(W, [(B, A, 1.0)], "exact", check=ok, w_absmax=float(W.abs().amax()))
+        out = fold_sum(W, [(B, A, 1.0)], "exact", check=ok, w_absmax=float(W.abs().amax()), path="blocked")
     assert mode.sums > 0  # the bound proved nothing: the result was scanned
     assert ok == [bool(torch.isfinite(out).all())]
     if bad != float("-inf"):  # -inf in a factor maps to exp(-inf) = 0: finite, and scanned so
         assert ok == [False]
+    fused: list = []  # the fused kernel flags non-finite results as it writes them: the same answer
+    out2 = fold_sum(W, [(B, A, 1.0)], "exact", check=fused, w_absmax=float(W.abs().amax()), path="fused")
+    assert fused == ok
+    assert torch.equal(torch.isfinite(out2), torch.isfinite(out))
 
 
 def test_a_large_but_finite_fold_near_the_limit_is_scanned_and_accepted():
     W, B, A = _case(torch.float16, scale=1.0)  # exp of up to ~|4|: the bound is loose, the values fit
     ok: list = []
-    with _CountSums() as mode:
-        out = fold_sum(W, [(B, A, 1.0)], "exact", check=ok, w_absmax=1e4)  # a bound that proves nothing
+    with _CountSums() as mode:  # a bound that proves nothing
+        out = fold_sum(W, [(B, A, 1.0)], "exact", check=ok, w_absmax=1e4, path="blocked")
     assert mode.sums > 0 and ok == [True] and bool(torch.isfinite(out).all())
+    fused: list = []
+    assert torch.equal(fold_sum(W, [(B, A, 1.0)], "exact", check=fused, w_absmax=1e4, path="fused"), out)
+    assert fused == [True]

@@ -1,21 +1,22 @@
-"""The fused fold (one generated kernel per block, torch.compile) against the blocked eager fold and
-a float64 reference, on every layer kind, in fp32, fp16 and bf16. The fused path is forced on CPU
-here (on CPU ``auto`` picks the blocked path).
+"""The fused fold (on CPU the compiled C kernel of liedeploy.core.native) against the blocked eager
+fold and a float64 reference, on every layer kind, in fp32, fp16 and bf16.
 
 Contract: both round once from the float64-exact value up to the float32 compute (tolerance: one
 rounding of the output dtype, i.e. 2 ulp of the output plus 1e-6 relative for the float32 exp);
-zeros stay zeros; non-finite results are refused; the blocked path is what ``auto`` runs on CPU.
+zeros stay zeros; non-finite results are refused; ``auto`` runs the fused path on CPU where the
+kernel builds, and the blocked path where no compiler is found.
 """
+
+import os
 
 import pytest
 import torch
 
 from liedeploy.core.algebra import fold_sum
-from liedeploy.core.fused import fold_path
+from liedeploy.core.fused import fold_path, fold_path_reason
 
 from .layer_cases import CASES, make_case, randomize_factors
 
-pytestmark = pytest.mark.slow  # one compile per dtype and map
 
 
 def _factors(model):
@@ -59,10 +60,150 @@ def test_fused_fold_refuses_non_finite_results_like_the_blocked_one():
         assert ok == [False], path
 
 
-def test_auto_picks_the_blocked_path_on_cpu_and_the_env_forces_either(monkeypatch):
+def test_auto_picks_the_fused_path_on_cpu_and_the_env_forces_blocked(monkeypatch):
+    from liedeploy.core import native
+
     monkeypatch.delenv("LIEDEPLOY_FOLD", raising=False)
-    assert fold_path(torch.device("cpu")) == "blocked"
-    monkeypatch.setenv("LIEDEPLOY_FOLD", "fused")
+    assert native.status() == "ready"  # a C compiler is part of this machine kind
     assert fold_path(torch.device("cpu")) == "fused"
     monkeypatch.setenv("LIEDEPLOY_FOLD", "blocked")
     assert fold_path(torch.device("cpu")) == "blocked"
+
+
+def test_without_a_compiler_the_blocked_path_runs_and_says_why(monkeypatch, tmp_path):
+    from liedeploy.core import native
+
+    monkeypatch.delenv("LIEDEPLOY_FOLD", raising=False)
+    monkeypatch.setenv("LIEDEPLOY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "_state", {})
+    assert fold_path_reason(torch.device("cpu")) == ("blocked", "no C compiler found ($CC, cc, gcc, clang)")
+    W = torch.randn(8, 70)
+    B, A = torch.randn(8, 2) * 0.1, torch.randn(2, 70)
+    got = fold_sum(W, [(B, A, 1.0)], "exact", path="fused")  # forced: falls back, same numbers
+    assert torch.equal(got, fold_sum(W, [(B, A, 1.0)], "exact", path="blocked"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_compiler_falls_back_naming_it(monkeypatch, tmp_path):
+    from liedeploy.core import native
+
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'fake-cc: cannot compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LIEDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_compiler", lambda: str(fake))
+    monkeypatch.setattr(native, "_state", {})
+    assert not native.available()
+    assert native.status() == f"the C compiler {fake} could not build the fold kernel (fake-cc: cannot compile)"
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
+
+
+def test_the_kernel_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
+    from liedeploy.core import native
+
+    monkeypatch.setenv("LIEDEPLOY_CACHE_DIR", str(tmp_path))
+    lib, why = native._build()
+    assert why is None and os.path.dirname(lib) == str(tmp_path)
+    mtime = os.stat(lib).st_mtime_ns
+    calls = []
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    assert native._build() == (lib, None)
+    assert [a[0][1] for a in calls] == ["--version"]  # no second compile
+    assert os.stat(lib).st_mtime_ns == mtime
+
+
+real_run = __import__("subprocess").run
+
+
+def _fold1(W, B, A, expmap, **kw):
+    return fold_sum(W, [(B, A, 1.0)], expmap, path="fused", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_half_precision_value_passes_through_a_zero_update_unchanged(dtype):
+    """exp(0) = 1 exactly, so W * 1 rounded to W's dtype is W, bit for bit: the kernel's widening and
+    rounding of all 65,536 bit patterns (subnormals, inf, NaN included)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int16)
+    W = bits.view(dtype).reshape(256, 256)
+    B, A = torch.zeros(256, 4), torch.randn(4, 256)
+    for expmap in ("exact", "first_order"):
+        got = _fold1(W, B, A, expmap)
+        nan = torch.isnan(W)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got.view(torch.int16)[~nan], W.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounding_to_half_precision_matches_torch_bit_for_bit(dtype):
+    """float32 results of every magnitude (random bit patterns, halfway cases, the overflow edge)
+    round to nearest even exactly as torch's cast does."""
+    g = torch.Generator().manual_seed(1)
+    rnd = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    near = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-10, 3.4e38])
+    halfway = (torch.arange(0, 1 << 12, dtype=torch.int32) * (1 << 12) + 0x3F800000 + (1 << 12)).view(torch.float32)
+    x = torch.cat([rnd, near, -near, halfway])
+    x = torch.cat([x, torch.zeros((-x.numel()) % 128)]).reshape(-1, 128)
+    B, A = torch.zeros(x.shape[0], 1), torch.zeros(1, 128)
+    got = fold_sum(x, [(B, A, 1.0)], "first_order", out_dtype=dtype, path="fused")
+    want = x.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+def test_exp_is_within_two_ulp_of_float64_and_overflows_and_underflows_as_ieee():
+    x = torch.cat([torch.linspace(-110, 100, 200_000, dtype=torch.float64), torch.tensor([0.0, 88.72, 88.73, -87.3])])
+    x = torch.cat([x, torch.zeros((-x.numel()) % 64, dtype=torch.float64)])
+    xf = x.float()
+    B, A = xf.reshape(-1, 1), torch.ones(1, 1)  # one column: every value goes through the tail tile too
+    W = torch.ones(x.numel(), 1)
+    got = _fold1(W, B, A, "exact").reshape(-1).double()
+    ref = torch.exp(xf.double())
+    normal = (ref > torch.finfo(torch.float32).tiny) & (ref < torch.finfo(torch.float32).max)
+    rel = ((got - ref).abs() / ref)[normal]
+    assert float(rel.max()) <= 2 * torch.finfo(torch.float32).eps
+    assert bool(torch.isinf(got[ref > torch.finfo(torch.float32).max]).all())
+    sub = ref <= torch.finfo(torch.float32).tiny  # subnormal results: within one subnormal step
+    assert float((got[sub] - ref[sub]).abs().max()) <= 2 * 2.0**-149
+    rows = xf[::1000].reshape(-1, 1)  # the same values through full tiles: the same bits
+    wide = _fold1(torch.ones(rows.shape[0], 256), rows, torch.ones(1, 256), "exact")
+    assert torch.equal(wide, got.float()[::1000].reshape(-1, 1).expand_as(wide))
+
+
+def test_several_adapters_in_place_and_threads_give_the_same_bits():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(300, 200, generator=g)
+    f = [(torch.randn(300, 4, generator=g) * 0.1, torch.randn(4, 200, generator=g), 0.5),
+         (torch.randn(300, 8, generator=g) * 0.1, torch.randn(8, 200, generator=g), 2.0)]
+    one = fold_sum(W, f, "exact", path="fused")
+    ref = W.double() * torch.exp(sum(s * B.double() @ A.double() for B, A, s in f))
+    tol = (2 * torch.finfo(torch.float32).eps + 1e-6) * ref.abs()  # as above: float32 product and exp
+    assert float(((one.double() - ref).abs() - tol).max()) <= 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fold_sum(W, f, "exact", path="fused")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, single)
+    Wc = W.clone()
+    fold_sum(Wc, f, "exact", out=Wc, path="fused")
+    assert torch.equal(Wc, one)
+
+
+@pytest.mark.parametrize("where", ["full tile", "tail"])
+@pytest.mark.parametrize("what", ["overflow", "nan factor"])
+def test_the_fused_check_flags_one_bad_result_anywhere(where, what):
+    W = torch.ones(64, 100)  # columns 0-63 a full tile, 64-99 the tail
+    B, A = torch.zeros(64, 2), torch.zeros(2, 100)
+    col = 10 if where == "full tile" else 97
+    A[0, col] = float("nan") if what == "nan factor" else 1.0
+    B[33, 0] = 100.0
+    ok: list = []
+    out = fold_sum(W, [(B, A, 1.0)], "exact", check=ok, path="fused")
+    assert ok == [False]
+    assert not bool(torch.isfinite(out[33, col]))
+    ok2: list = []
+    fold_sum(W, [(torch.zeros(64, 2), A.nan_to_num(0.0), 1.0)], "exact", check=ok2, path="fused")
+    assert ok2 == [True]

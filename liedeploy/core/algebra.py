@@ -101,7 +101,10 @@ def fold_sum(
         n = W2.shape[1]
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
         if (path or fold_path(W.device)) == "fused":
-            return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
+            if W.device.type != "cpu":
+                return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
+            if cdt == torch.float32 and _fold_native(W2, O2, pairs, expmap, check):
+                return out
         return _fold_blocked(W2, O2, out, pairs, expmap, rows, cdt, in_place, check)
 
 
@@ -175,6 +178,22 @@ def _bounded(pairs, w_absmax: float, expmap: str, dtypes) -> bool:
     else:
         top = w_absmax * (1.0 + bound)
     return all(top * (1 + 1e-3) < torch.finfo(dt).max / 2 for dt in dtypes)
+
+
+def _fold_native(W2, O2, pairs, expmap: str, check) -> bool:
+    """The fused path on CPU (:mod:`liedeploy.core.native`): every adapter's factors side by side,
+    one pass of the compiled kernel. False (nothing written) where the kernel does not run here or
+    does not take these tensors; the caller then folds the blocked way."""
+    from liedeploy.core import native
+
+    B = pairs[0][0] if len(pairs) == 1 else torch.cat([Bi for Bi, _ in pairs], dim=1)
+    A = pairs[0][1] if len(pairs) == 1 else torch.cat([Ai for _, Ai in pairs], dim=0)
+    if not (native.available() and native.supports(W2, O2, B.shape[1], W2.shape[1])):
+        return False
+    finite = native.fold_rows(W2, O2, B, A, expmap == "exact")
+    if check is not None:
+        check.append(finite)
+    return True
 
 
 def _fold_fused(W2, O2, out, pairs, expmap: str, rows: int, cdt, check) -> torch.Tensor:

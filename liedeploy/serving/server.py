@@ -254,6 +254,11 @@ def serve(cfg: ServeConfig, log=print) -> int:
     log(f"liedeploy serve: {len(state.backend.tasks())} task(s) registered"
         + (f", unavailable: {refused}" if refused else "")
         + f"; backend {state.backend.kind}; ready in {time.monotonic() - t0:.1f} s")
+    if getattr(state.backend, "device", None) is not None and state.backend.kind == "torch":
+        from liedeploy.core.fused import fold_path_reason
+
+        path, why = fold_path_reason(state.backend.device)  # builds the CPU kernel now, not at the first fold
+        log(f"liedeploy serve: folds: {path} ({why})")
     log(f"liedeploy serve: limits: cache {_size(cfg.cache_bytes)}{' (default: a quarter of available memory)' if default_cache else ''}, "
         f"body {_size(cfg.max_body)}, bytes in flight {_size(state.inflight_bytes.limit)}, "
         f"{cfg.max_connections} connections, head/body/keep-alive timeouts {cfg.header_timeout:g}/{cfg.body_timeout:g}/"

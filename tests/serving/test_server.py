@@ -353,6 +353,9 @@ def test_metrics_scrape_parses(server):
     assert status == 200
     text = body.decode()
     assert _metric(text, "liedeploy_registered_tasks") == N_TASKS
+    # folds take the compiled CPU kernel here (a C compiler is part of this machine kind), said at start
+    assert _metric(text, "liedeploy_fold_fused") == 1
+    assert "liedeploy serve: folds: fused (the C fold kernel is built and checked)" in server.lines
     ok = _metric(text, "liedeploy_requests_total", {"outcome": "ok"})
     x = np.zeros((1, 3, 8, 8), np.float32)
     assert _infer_json(server.url, "task0", x)[0] == 200

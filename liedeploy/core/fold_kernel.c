@@ -1,0 +1,180 @@
+/* The fused fold on CPU: out = round(W * map(B @ A)), one pass over W, no full-size intermediate.
+ *
+ * Built at first use by liedeploy/core/native.py with the machine's C compiler (-O3 -march=native)
+ * and loaded with ctypes, which releases the GIL for the call, so Python threads can fold disjoint
+ * row ranges at once. Written with GCC/Clang vector extensions (no intrinsics): the same source
+ * vectorizes for AVX-512, AVX2, SSE and NEON.
+ *
+ * Per tile of 64 columns of one row: the rank-R product in registers (R fused multiply-adds per
+ * element, B already scaled and every adapter's factors concatenated along R), the map (exp, or
+ * 1 + x), the multiply by W widened to float32, the rounding to the output dtype (float32, float16
+ * or bfloat16, round to nearest even), and a flag for any non-finite result.
+ *
+ * exp is Cephes' expf (about 1 ulp): n = round(x log2 e), r = x - n ln 2 in two parts, a degree-7
+ * polynomial, times 2^n applied as two powers of two, so that overflow gives inf and underflow
+ * gives subnormals and zero as IEEE exp does; NaN stays NaN.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define VW 16
+#define TILE (4 * VW)
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+static inline vf splat(float x) { vf v = {0}; return v + x; }
+static inline vu splatu(uint32_t x) { vu v = {0}; return v + x; }
+static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+static inline vu selu(vi m, vu a, vu b) { return (vu)(((vu)m & a) | (~(vu)m & b)); }
+
+static inline vf vexp(vf x) {
+    vi nan = x != x;
+    vf xc = sel(x > splat(100.0f), splat(100.0f), x);
+    xc = sel(xc < splat(-110.0f), splat(-110.0f), xc);
+    xc = sel(nan, splat(0.0f), xc);
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf z = r * r;
+    vf y = splat(1.9875691500e-4f);
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    vi ni = __builtin_convertvector(n, vi);
+    vi n1 = ni >> 1, n2 = ni - n1;
+    vf s1 = (vf)((n1 + 127) << 23), s2 = (vf)((n2 + 127) << 23);
+    return sel(nan, x, (y * s1) * s2);
+}
+
+/* float32 -> float16, round to nearest even (F. Giesen's float_to_half_fast3_rtne, vectorized). */
+static inline vh to_f16(vf x) {
+    vu f = (vu)x;
+    vu sign = f & 0x80000000u;
+    f ^= sign;
+    vu big = selu((vi)(f > 0x7f800000u), splatu(0x7e00u), splatu(0x7c00u));
+    const vf denorm_magic = (vf)splatu(((127u - 15u) + (23u - 10u) + 1u) << 23);
+    vu sub = (vu)((vf)f + denorm_magic) - (vu)denorm_magic;
+    vu mant_odd = (f >> 13) & 1u;
+    vu norm = (f + (((uint32_t)(15 - 127) << 23) + 0xfffu) + mant_odd) >> 13;
+    vu o = selu((vi)(f >= ((127u + 16u) << 23)), big, selu((vi)(f < (113u << 23)), sub, norm));
+    return __builtin_convertvector(o | (sign >> 16), vh);
+}
+
+static inline vf from_f16(vh h16) {
+    vu h = __builtin_convertvector(h16, vu);
+    const vu shifted_exp = splatu(0x7c00u << 13);
+    vu o = (h & 0x7fffu) << 13;
+    vu e = o & shifted_exp;
+    o += (127u - 15u) << 23;
+    vi inf = (vi)(e == shifted_exp), zero = (vi)(e == 0u);
+    o = selu(inf, o + ((128u - 16u) << 23), o);
+    vf sub = (vf)(o + (1u << 23)) - (vf)splatu(113u << 23);
+    o = selu(zero, (vu)sub, o);
+    return (vf)(o | ((h & 0x8000u) << 16));
+}
+
+static inline vh to_bf16(vf x) {
+    vu u = (vu)x;
+    vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
+    return __builtin_convertvector(selu(nan, (u >> 16) | 0x40u, rounded), vh);
+}
+
+static inline vf load_w(const void *w, int64_t i, int dt) {
+    if (dt == F32) { vf v; memcpy(&v, (const float *)w + i, sizeof v); return v; }
+    vh h; memcpy(&h, (const uint16_t *)w + i, sizeof h);
+    if (dt == F16) return from_f16(h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+/* Store one vector of results; returns a mask of the non-finite ones. */
+static inline vi store_out(void *o, int64_t i, vf v, int dt) {
+    if (dt == F32) {
+        memcpy((float *)o + i, &v, sizeof v);
+        return (vi)(((vu)v & 0x7fffffffu) >= 0x7f800000u);
+    }
+    vh h = dt == F16 ? to_f16(v) : to_bf16(v);
+    memcpy((uint16_t *)o + i, &h, sizeof h);
+    vu hu = __builtin_convertvector(h, vu);
+    uint32_t em = dt == F16 ? 0x7c00u : 0x7f80u;
+    return (vi)((hu & em) == em);
+}
+
+static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
+                      void *o, int64_t off, int wdt, int odt, int exact) {
+    vf acc0 = splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (int64_t k = 0; k < R; k++) {
+        const float *ak = a + k * lda;
+        vf b = splat(brow[k]), a0, a1, a2, a3;
+        memcpy(&a0, ak, sizeof a0);
+        memcpy(&a1, ak + VW, sizeof a1);
+        memcpy(&a2, ak + 2 * VW, sizeof a2);
+        memcpy(&a3, ak + 3 * VW, sizeof a3);
+        acc0 += b * a0; acc1 += b * a1; acc2 += b * a2; acc3 += b * a3;
+    }
+    if (exact) {
+        acc0 = vexp(acc0); acc1 = vexp(acc1); acc2 = vexp(acc2); acc3 = vexp(acc3);
+    } else {
+        acc0 += 1.0f; acc1 += 1.0f; acc2 += 1.0f; acc3 += 1.0f;
+    }
+    vi bad = store_out(o, off, load_w(w, off, wdt) * acc0, odt);
+    bad |= store_out(o, off + VW, load_w(w, off + VW, wdt) * acc1, odt);
+    bad |= store_out(o, off + 2 * VW, load_w(w, off + 2 * VW, wdt) * acc2, odt);
+    bad |= store_out(o, off + 3 * VW, load_w(w, off + 3 * VW, wdt) * acc3, odt);
+    return bad;
+}
+
+static int esize(int dt) { return dt == F32 ? 4 : 2; }
+
+/* Rows [r0, r1) of out (m x n, row-major) = round(W * map(B @ A)); B is m x R, A is R x n, both
+ * float32 row-major; W and out row-major in their dtypes (out may be W itself). The last n % 64
+ * columns go through a zero-padded copy of A's tail columns, built once per call (R <= 64).
+ * Returns 1 if any result is non-finite, 0 if none, -1 if R is too large for the tail copy. */
+int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, const float *a,
+                  int64_t n, int64_t R, int64_t r0, int64_t r1, int exact) {
+    int64_t full = n - n % TILE, rest = n - full;
+    float tail_a[64 * TILE];
+    vi bad = (vi)splatu(0);
+    int tail_bad = 0;
+    if (rest > 0) {
+        if (R > 64) return -1;
+        memset(tail_a, 0, sizeof(float) * (size_t)(R * TILE));
+        for (int64_t k = 0; k < R; k++)
+            memcpy(tail_a + k * TILE, a + k * n + full, sizeof(float) * (size_t)rest);
+    }
+    for (int64_t i = r0; i < r1; i++) {
+        const float *brow = b + i * R;
+        int64_t base = i * n;
+        for (int64_t j = 0; j < full; j += TILE)
+            bad |= tile(brow, a + j, n, R, w, out, base + j, wdt, odt, exact);
+        if (rest > 0) { /* W's tail into a padded tile, folded, the valid part copied out */
+            unsigned char wt[TILE * 4], ot[TILE * 4];
+            memset(wt, 0, sizeof wt);
+            memcpy(wt, (const unsigned char *)w + (size_t)(base + full) * esize(wdt), (size_t)rest * esize(wdt));
+            (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, exact);
+            for (int64_t c = 0; c < rest; c++) { /* only the valid lanes count */
+                if (odt == F32) {
+                    uint32_t u; memcpy(&u, ot + 4 * c, 4);
+                    tail_bad |= (u & 0x7fffffffu) >= 0x7f800000u;
+                } else {
+                    uint16_t h; memcpy(&h, ot + 2 * c, 2);
+                    uint16_t em = odt == F16 ? 0x7c00u : 0x7f80u;
+                    tail_bad |= (h & em) == em;
+                }
+            }
+            memcpy((unsigned char *)out + (size_t)(base + full) * esize(odt), ot, (size_t)rest * esize(odt));
+        }
+    }
+    int any = tail_bad;
+    for (int l = 0; l < VW; l++) any |= bad[l] != 0;
+    return any;
+}

@@ -1,0 +1,210 @@
+"""The fused fold on CPU: ``fold_kernel.c``, compiled once per machine with its C compiler, loaded with ctypes.
+
+The kernel folds a range of rows in one pass (the rank-R product in registers, the map, the multiply
+by W, the rounding, a non-finite flag: see the C file). ctypes releases the GIL for the call, so
+:func:`fold_rows` splits the rows between ``torch.get_num_threads()`` Python threads.
+
+The shared library is built at the first fold (about a second) into a cache folder,
+``$LIEDEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/liedeploy``, else ``~/.cache/liedeploy``, under a
+name that hashes the source, the compiler's version, the flags and the CPU, written to a temporary
+name and renamed (two processes building at once both succeed). The compiler is ``$CC``, else
+``cc``, ``gcc`` or ``clang``. Before first use the library is checked against torch's own ops on a
+small case; where no compiler is found, the build fails or the check disagrees, :func:`status` says
+why and the blocked eager fold runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "fold_rows", "status", "supports"]
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fold_kernel.c")
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MAX_TAIL_RANK = 64  # the kernel's padded tail tile holds at most this many rows of A
+_MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thread alone
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "fn": the ctypes function or None, "why": the reason it is None
+_pool: dict = {}  # "pool", "size": the thread pool that splits rows
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("LIEDEPLOY_CACHE_DIR")
+    if not d:
+        d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                         "liedeploy")
+    return d
+
+
+def _compiler() -> Optional[str]:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> tuple:
+    """(path of the shared library, None) or (None, why not)."""
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang)"
+    try:
+        with open(_SRC, "rb") as f:
+            src = f.read()
+        version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C compiler {cc} could not be run ({e})"
+    for arch in (["-march=native"], ["-mcpu=native"], []):
+        flags = _FLAGS + arch
+        key = hashlib.sha256(b"\0".join([src, version, " ".join(flags).encode(), platform.machine().encode(),
+                                         _cpu_id().encode()])).hexdigest()[:20]
+        folder = _cache_dir()
+        lib = os.path.join(folder, f"fold_kernel-{key}.so")
+        if os.path.isfile(lib):
+            return lib, None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".fold_kernel-", suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError as e:
+            return None, f"the kernel cache folder {folder} is not writable ({e}); set LIEDEPLOY_CACHE_DIR"
+        try:
+            r = subprocess.run([cc, *flags, "-o", tmp, _SRC], capture_output=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, lib)
+                return lib, None
+            why = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        except (OSError, subprocess.SubprocessError) as e:
+            why = [str(e)]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None, f"the C compiler {cc} could not build the fold kernel ({why[0]})"
+
+
+def _self_test(fn) -> Optional[str]:
+    """None if the library agrees with torch's ops on a small case in every dtype, else why not."""
+    g = torch.Generator().manual_seed(0)
+    m, n, R = 5, 150, 3  # 150 = two full tiles and a tail
+    B = torch.randn(m, R, generator=g) * 0.3
+    A = torch.randn(R, n, generator=g)
+    for dt in _DTYPES:
+        W = (torch.randn(m, n, generator=g) * 2).to(dt)
+        for exact in (True, False):
+            p = B @ A
+            ref = (W.float() * (torch.exp(p) if exact else p + 1)).to(dt)
+            out = torch.empty_like(W)
+            bad = _call(fn, W, out, B, A, exact, 0, m)
+            tol = 4 * torch.finfo(dt).eps
+            if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
+                return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
+    return None
+
+
+def _load() -> None:
+    lib, why = _build()
+    fn = None
+    if lib is not None:
+        try:
+            fn = ctypes.CDLL(lib).lie_fold_rows
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int]
+            why = _self_test(fn)
+        except (OSError, AttributeError) as e:
+            why = f"the fold kernel {lib} could not be loaded ({e})"
+        if why is not None:
+            fn = None
+    _state.update(fn=fn, why=why)
+
+
+def _kernel():
+    if "fn" not in _state:
+        with _lock:
+            if "fn" not in _state:
+                _load()
+    return _state["fn"]
+
+
+def available() -> bool:
+    """Whether the CPU fused fold can run here (builds and checks it at the first call)."""
+    return _kernel() is not None
+
+
+def status() -> str:
+    """``"ready"``, or one sentence saying why the CPU fused fold does not run here."""
+    return "ready" if available() else _state["why"]
+
+
+def supports(W: torch.Tensor, out: torch.Tensor, rank: int, n: int) -> bool:
+    """Whether :func:`fold_rows` takes these tensors (contiguous, on the CPU, float32/16/bf16)."""
+    return (W.device.type == "cpu" and out.device.type == "cpu" and W.dtype in _DTYPES and out.dtype in _DTYPES
+            and W.is_contiguous() and out.is_contiguous() and (n % 64 == 0 or rank <= _MAX_TAIL_RANK))
+
+
+def _call(fn, W, out, B, A, exact: bool, r0: int, r1: int) -> int:
+    return fn(W.data_ptr(), _DTYPES[W.dtype], out.data_ptr(), _DTYPES[out.dtype], B.data_ptr(), A.data_ptr(),
+              A.shape[1], A.shape[0], r0, r1, 1 if exact else 0)
+
+
+def _threads(size: int) -> ThreadPoolExecutor:
+    with _lock:
+        if _pool.get("size") != size:
+            old = _pool.get("pool")
+            _pool.update(pool=ThreadPoolExecutor(size, thread_name_prefix="liedeploy-fold"), size=size)
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool["pool"]
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def fold_rows(W2: torch.Tensor, O2: torch.Tensor, B: torch.Tensor, A: torch.Tensor, exact: bool) -> bool:
+    """``O2 = round(W2 * map(B @ A))`` for 2-D row-major ``W2``/``O2`` (``O2`` may be ``W2``), ``B`` (m x R)
+    and ``A`` (R x n) contiguous float32. Returns whether every result is finite."""
+    fn = _kernel()
+    m, n = W2.shape
+    B = B.contiguous()
+    A = A.contiguous()
+    threads = max(1, min(torch.get_num_threads(), m))
+    if threads == 1 or m * n < _MIN_SPLIT:
+        bad = _call(fn, W2, O2, B, A, exact, 0, m)
+    else:
+        step = -(-m // threads)
+        jobs = [_threads(threads - 1).submit(_call, fn, W2, O2, B, A, exact, r0, min(m, r0 + step))
+                for r0 in range(step, m, step)]
+        bad = _call(fn, W2, O2, B, A, exact, 0, step)  # the first range on this thread
+        bad = max([bad] + [j.result() for j in jobs])
+    if bad < 0:
+        raise RuntimeError("fold kernel: rank too large for the tail tile")  # supports() rules this out
+    return bad == 0
