@@ -93,18 +93,19 @@ def fold_sum(
             if check is not None:
                 check.append(bool(torch.isfinite(out).all()))
             return out
-        if check is not None and w_absmax is not None and _bounded(pairs, w_absmax, expmap, (cdt, out_dtype)):
-            check.append(True)  # proven finite from the factors: no scan of the result
-            check = None
         W2 = W.reshape(m, -1)
         O2 = out.view(m, -1)
         n = W2.shape[1]
         rows = max(1, _CHUNK_BYTES // max(1, n * 4))
-        if (path or fold_path(W.device)) == "fused":
-            if W.device.type != "cpu":
-                return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
-            if cdt == torch.float32 and _fold_native(W2, O2, pairs, expmap, check):
+        fused = (path or fold_path(W.device)) == "fused"
+        if fused and W.device.type == "cpu" and cdt == torch.float32:
+            if _fold_native(W2, O2, pairs, expmap, check):  # its check is free: no bound needed
                 return out
+        if check is not None and w_absmax is not None and _bounded(pairs, w_absmax, expmap, (cdt, out_dtype)):
+            check.append(True)  # proven finite from the factors: no scan of the result
+            check = None
+        if fused and W.device.type != "cpu":
+            return _fold_fused(W2, O2, out, pairs, expmap, rows, cdt, check)
         return _fold_blocked(W2, O2, out, pairs, expmap, rows, cdt, in_place, check)
 
 
@@ -190,6 +191,8 @@ def _fold_native(W2, O2, pairs, expmap: str, check) -> bool:
     A = pairs[0][1] if len(pairs) == 1 else torch.cat([Ai for _, Ai in pairs], dim=0)
     if not (native.available() and native.supports(W2, O2, B.shape[1], W2.shape[1])):
         return False
+    if A.data_ptr() % 64 or not A.is_contiguous():  # a view into a file's buffer: vector loads of
+        A = A.contiguous().clone()  # A would straddle cache lines, so align it (A is small: R x n)
     finite = native.fold_rows(W2, O2, B, A, expmap == "exact")
     if check is not None:
         check.append(finite)

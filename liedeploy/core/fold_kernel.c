@@ -33,12 +33,13 @@ static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b))
 static inline vu selu(vi m, vu a, vu b) { return (vu)(((vu)m & a) | (~(vu)m & b)); }
 
 static inline vf vexp(vf x) {
-    vi nan = x != x;
+    /* NaN needs no test: it fails both clamps and propagates through the polynomial */
     vf xc = sel(x > splat(100.0f), splat(100.0f), x);
     xc = sel(xc < splat(-110.0f), splat(-110.0f), xc);
-    xc = sel(nan, splat(0.0f), xc);
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf t = xc * 1.44269504088896341f + magic;
+    vf n = t - magic;
+    vi ni = (vi)t - 0x4b400000; /* the integer n, read from t's low bits (no float -> int conversion) */
     vf r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     vf z = r * r;
@@ -49,10 +50,9 @@ static inline vf vexp(vf x) {
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * z + r + 1.0f;
-    vi ni = __builtin_convertvector(n, vi);
     vi n1 = ni >> 1, n2 = ni - n1;
     vf s1 = (vf)((n1 + 127) << 23), s2 = (vf)((n2 + 127) << 23);
-    return sel(nan, x, (y * s1) * s2);
+    return (y * s1) * s2;
 }
 
 /* float32 -> float16, round to nearest even (F. Giesen's float_to_half_fast3_rtne, vectorized). */
@@ -133,11 +133,76 @@ static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R,
     return bad;
 }
 
+/* Four rows at once: each load of A feeds four rows' accumulators (16 of the 32 vector registers). */
+#define ROW_FINISH(acc0, acc1, acc2, acc3, off)                                                     \
+    do {                                                                                            \
+        if (exact) { acc0 = vexp(acc0); acc1 = vexp(acc1); acc2 = vexp(acc2); acc3 = vexp(acc3); } \
+        else { acc0 += 1.0f; acc1 += 1.0f; acc2 += 1.0f; acc3 += 1.0f; }                           \
+        bad |= store_out(o, (off), load_w(w, (off), wdt) * acc0, odt);                              \
+        bad |= store_out(o, (off) + VW, load_w(w, (off) + VW, wdt) * acc1, odt);                    \
+        bad |= store_out(o, (off) + 2 * VW, load_w(w, (off) + 2 * VW, wdt) * acc2, odt);            \
+        bad |= store_out(o, (off) + 3 * VW, load_w(w, (off) + 3 * VW, wdt) * acc3, odt);            \
+    } while (0)
+
+static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, const void *w, void *o,
+                       int64_t off, int64_t n, int wdt, int odt, int exact) {
+    vf z = splat(0.0f);
+    vf p0 = z, p1 = z, p2 = z, p3 = z, q0 = z, q1 = z, q2 = z, q3 = z;
+    vf r0 = z, r1 = z, r2 = z, r3 = z, s0 = z, s1 = z, s2 = z, s3 = z;
+    const float *b1 = b0 + R, *b2 = b1 + R, *b3 = b2 + R;
+    for (int64_t k = 0; k < R; k++) {
+        const float *ak = a + k * lda;
+        vf a0, a1, a2, a3;
+        memcpy(&a0, ak, sizeof a0);
+        memcpy(&a1, ak + VW, sizeof a1);
+        memcpy(&a2, ak + 2 * VW, sizeof a2);
+        memcpy(&a3, ak + 3 * VW, sizeof a3);
+        vf c = splat(b0[k]);
+        p0 += c * a0; p1 += c * a1; p2 += c * a2; p3 += c * a3;
+        c = splat(b1[k]);
+        q0 += c * a0; q1 += c * a1; q2 += c * a2; q3 += c * a3;
+        c = splat(b2[k]);
+        r0 += c * a0; r1 += c * a1; r2 += c * a2; r3 += c * a3;
+        c = splat(b3[k]);
+        s0 += c * a0; s1 += c * a1; s2 += c * a2; s3 += c * a3;
+    }
+    vi bad = (vi)splatu(0);
+    ROW_FINISH(p0, p1, p2, p3, off);
+    ROW_FINISH(q0, q1, q2, q3, off + n);
+    ROW_FINISH(r0, r1, r2, r3, off + 2 * n);
+    ROW_FINISH(s0, s1, s2, s3, off + 3 * n);
+    return bad;
+}
+
 static int esize(int dt) { return dt == F32 ? 4 : 2; }
 
+/* The last n % 64 columns of row i: W's tail into a zero-padded tile, folded with A's padded tail
+ * columns, the valid part copied out. Returns 1 if a valid result is non-finite. */
+static int tail_row(const float *brow, int64_t R, const float *tail_a, const void *w, void *out, int64_t base,
+                    int64_t rest, int wdt, int odt, int exact) {
+    unsigned char wt[TILE * 4], ot[TILE * 4];
+    memset(wt, 0, sizeof wt);
+    memcpy(wt, (const unsigned char *)w + (size_t)base * esize(wdt), (size_t)rest * esize(wdt));
+    (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, exact);
+    int bad = 0;
+    for (int64_t c = 0; c < rest; c++) { /* only the valid lanes count */
+        if (odt == F32) {
+            uint32_t u; memcpy(&u, ot + 4 * c, 4);
+            bad |= (u & 0x7fffffffu) >= 0x7f800000u;
+        } else {
+            uint16_t h; memcpy(&h, ot + 2 * c, 2);
+            uint16_t em = odt == F16 ? 0x7c00u : 0x7f80u;
+            bad |= (h & em) == em;
+        }
+    }
+    memcpy((unsigned char *)out + (size_t)base * esize(odt), ot, (size_t)rest * esize(odt));
+    return bad;
+}
+
 /* Rows [r0, r1) of out (m x n, row-major) = round(W * map(B @ A)); B is m x R, A is R x n, both
- * float32 row-major; W and out row-major in their dtypes (out may be W itself). The last n % 64
- * columns go through a zero-padded copy of A's tail columns, built once per call (R <= 64).
+ * float32 row-major; W and out row-major in their dtypes (out may be W itself). Rows go four at a
+ * time through full tiles of 64 columns; the last n % 64 columns go through a zero-padded copy of
+ * A's tail columns, built once per call (R <= 64).
  * Returns 1 if any result is non-finite, 0 if none, -1 if R is too large for the tail copy. */
 int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, const float *a,
                   int64_t n, int64_t R, int64_t r0, int64_t r1, int exact) {
@@ -151,30 +216,54 @@ int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, co
         for (int64_t k = 0; k < R; k++)
             memcpy(tail_a + k * TILE, a + k * n + full, sizeof(float) * (size_t)rest);
     }
-    for (int64_t i = r0; i < r1; i++) {
-        const float *brow = b + i * R;
-        int64_t base = i * n;
+    int64_t i = r0;
+    for (; i + 4 <= r1; i += 4) {
         for (int64_t j = 0; j < full; j += TILE)
-            bad |= tile(brow, a + j, n, R, w, out, base + j, wdt, odt, exact);
-        if (rest > 0) { /* W's tail into a padded tile, folded, the valid part copied out */
-            unsigned char wt[TILE * 4], ot[TILE * 4];
-            memset(wt, 0, sizeof wt);
-            memcpy(wt, (const unsigned char *)w + (size_t)(base + full) * esize(wdt), (size_t)rest * esize(wdt));
-            (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, exact);
-            for (int64_t c = 0; c < rest; c++) { /* only the valid lanes count */
-                if (odt == F32) {
-                    uint32_t u; memcpy(&u, ot + 4 * c, 4);
-                    tail_bad |= (u & 0x7fffffffu) >= 0x7f800000u;
-                } else {
-                    uint16_t h; memcpy(&h, ot + 2 * c, 2);
-                    uint16_t em = odt == F16 ? 0x7c00u : 0x7f80u;
-                    tail_bad |= (h & em) == em;
-                }
-            }
-            memcpy((unsigned char *)out + (size_t)(base + full) * esize(odt), ot, (size_t)rest * esize(odt));
-        }
+            bad |= tile4(b + i * R, R, a + j, n, w, out, i * n + j, n, wdt, odt, exact);
+        for (int64_t q = i; rest > 0 && q < i + 4; q++)
+            tail_bad |= tail_row(b + q * R, R, tail_a, w, out, q * n + full, rest, wdt, odt, exact);
+    }
+    for (; i < r1; i++) {
+        for (int64_t j = 0; j < full; j += TILE)
+            bad |= tile(b + i * R, a + j, n, R, w, out, i * n + j, wdt, odt, exact);
+        if (rest > 0)
+            tail_bad |= tail_row(b + i * R, R, tail_a, w, out, i * n + full, rest, wdt, odt, exact);
     }
     int any = tail_bad;
     for (int l = 0; l < VW; l++) any |= bad[l] != 0;
     return any;
+}
+
+/* Whether this build splits rows over OpenMP threads (built with -fopenmp against the OpenMP
+ * runtime torch already loaded, so the fold runs on torch's own thread team). */
+int lie_fold_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* All m rows, split into nthreads ranges of whole groups of four rows (OpenMP builds; otherwise one
+ * range on the calling thread). Returns as lie_fold_rows does. */
+int lie_fold_all(const void *w, int wdt, void *out, int odt, const float *b, const float *a, int64_t n,
+                 int64_t R, int64_t m, int exact, int nthreads) {
+    int res = 0;
+#ifdef _OPENMP
+    if (nthreads > 1) {
+        int64_t step = (m + nthreads - 1) / nthreads;
+        step = (step + 3) / 4 * 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max : res)
+        for (int t = 0; t < nthreads; t++) {
+            int64_t r0 = t * step, r1 = r0 + step < m ? r0 + step : m;
+            if (r0 < r1) {
+                int one = lie_fold_rows(w, wdt, out, odt, b, a, n, R, r0, r1, exact);
+                res = one < 0 ? 1 << 20 : (one > res ? one : res);
+            }
+        }
+        return res == 1 << 20 ? -1 : res;
+    }
+#endif
+    (void)nthreads;
+    return lie_fold_rows(w, wdt, out, odt, b, a, n, R, 0, m, exact);
 }

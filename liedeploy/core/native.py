@@ -1,8 +1,12 @@
 """The fused fold on CPU: ``fold_kernel.c``, compiled once per machine with its C compiler, loaded with ctypes.
 
 The kernel folds a range of rows in one pass (the rank-R product in registers, the map, the multiply
-by W, the rounding, a non-finite flag: see the C file). ctypes releases the GIL for the call, so
-:func:`fold_rows` splits the rows between ``torch.get_num_threads()`` Python threads.
+by W, the rounding, a non-finite flag: see the C file). The rows are split between
+``torch.get_num_threads()`` threads: where torch runs on the GNU OpenMP runtime (Linux wheels), the
+library is built with ``-fopenmp`` against that same runtime and the fold runs on torch's own thread
+team, whose threads are awake right after torch's ops (a second team, or Python threads, would
+compete with them for the cores: a fold right after a parallel torch op took twice as long so).
+Elsewhere ctypes releases the GIL for the call and Python threads split the rows.
 
 The shared library is built at the first fold (about a second) into a cache folder,
 ``$LIEDEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/liedeploy``, else ``~/.cache/liedeploy``, under a
@@ -28,16 +32,18 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "fold_rows", "status", "supports"]
+__all__ = ["available", "fold_rows", "openmp", "status", "supports"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fold_kernel.c")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TAIL_RANK = 64  # the kernel's padded tail tile holds at most this many rows of A
 _MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thread alone
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
+_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+         ctypes.c_int64, ctypes.c_int64]
 
 _lock = threading.Lock()
-_state: dict = {}  # "fn": the ctypes function or None, "why": the reason it is None
+_state: dict = {}  # "fn"/"all": the ctypes functions or None, "why": the reason, "omp": threads in C
 _pool: dict = {}  # "pool", "size": the thread pool that splits rows
 
 
@@ -66,8 +72,18 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _gomp_runtimes() -> set:
+    """Paths of the GNU OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return set()
+
+
 def _build() -> tuple:
-    """(path of the shared library, None) or (None, why not)."""
+    """(path of the shared library, None) or (None, why not). An OpenMP build where torch runs on
+    exactly one GNU OpenMP runtime (the build links the same soname, so the loader reuses it)."""
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
@@ -77,8 +93,8 @@ def _build() -> tuple:
         version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C compiler {cc} could not be run ({e})"
-    for arch in (["-march=native"], ["-mcpu=native"], []):
-        flags = _FLAGS + arch
+    omp = [["-fopenmp"], []] if len(_gomp_runtimes()) == 1 else [[]]
+    for flags in ([*_FLAGS, *o, *arch] for o in omp for arch in (["-march=native"], ["-mcpu=native"], [])):
         key = hashlib.sha256(b"\0".join([src, version, " ".join(flags).encode(), platform.machine().encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
         folder = _cache_dir()
@@ -105,7 +121,7 @@ def _build() -> tuple:
     return None, f"the C compiler {cc} could not build the fold kernel ({why[0]})"
 
 
-def _self_test(fn) -> Optional[str]:
+def _self_test(fn, fn_all) -> Optional[str]:
     """None if the library agrees with torch's ops on a small case in every dtype, else why not."""
     g = torch.Generator().manual_seed(0)
     m, n, R = 5, 150, 3  # 150 = two full tiles and a tail
@@ -117,29 +133,33 @@ def _self_test(fn) -> Optional[str]:
             p = B @ A
             ref = (W.float() * (torch.exp(p) if exact else p + 1)).to(dt)
             out = torch.empty_like(W)
-            bad = _call(fn, W, out, B, A, exact, 0, m)
             tol = 4 * torch.finfo(dt).eps
-            if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
-                return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
+            for bad in (_call(fn, W, out, B, A, exact, 0, m), fn_all(*_args(W, out, B, A), m, int(exact), 2)):
+                if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
+                    return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
     return None
 
 
 def _load() -> None:
     lib, why = _build()
-    fn = None
+    fn = fn_all = None
+    omp = False
     if lib is not None:
+        before = _gomp_runtimes()
         try:
-            fn = ctypes.CDLL(lib).lie_fold_rows
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int]
-            why = _self_test(fn)
+            dll = ctypes.CDLL(lib)
+            fn, fn_all = dll.lie_fold_rows, dll.lie_fold_all
+            fn.restype = fn_all.restype = ctypes.c_int
+            fn.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            fn_all.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+            # OpenMP threads only when loading the library brought no second runtime in
+            omp = bool(dll.lie_fold_openmp()) and _gomp_runtimes() == before
+            why = _self_test(fn, fn_all)
         except (OSError, AttributeError) as e:
             why = f"the fold kernel {lib} could not be loaded ({e})"
         if why is not None:
-            fn = None
-    _state.update(fn=fn, why=why)
+            fn = fn_all = None
+    _state.update(fn=fn, all=fn_all, omp=omp, why=why)
 
 
 def _kernel():
@@ -155,6 +175,11 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def openmp() -> bool:
+    """Whether folds split their rows over torch's own OpenMP threads (else over Python threads)."""
+    return available() and bool(_state["omp"])
+
+
 def status() -> str:
     """``"ready"``, or one sentence saying why the CPU fused fold does not run here."""
     return "ready" if available() else _state["why"]
@@ -166,9 +191,13 @@ def supports(W: torch.Tensor, out: torch.Tensor, rank: int, n: int) -> bool:
             and W.is_contiguous() and out.is_contiguous() and (n % 64 == 0 or rank <= _MAX_TAIL_RANK))
 
 
+def _args(W, out, B, A) -> tuple:
+    return (W.data_ptr(), _DTYPES[W.dtype], out.data_ptr(), _DTYPES[out.dtype], B.data_ptr(), A.data_ptr(),
+            A.shape[1], A.shape[0])
+
+
 def _call(fn, W, out, B, A, exact: bool, r0: int, r1: int) -> int:
-    return fn(W.data_ptr(), _DTYPES[W.dtype], out.data_ptr(), _DTYPES[out.dtype], B.data_ptr(), A.data_ptr(),
-              A.shape[1], A.shape[0], r0, r1, 1 if exact else 0)
+    return fn(*_args(W, out, B, A), r0, r1, 1 if exact else 0)
 
 
 def _threads(size: int) -> ThreadPoolExecutor:
@@ -199,6 +228,8 @@ def fold_rows(W2: torch.Tensor, O2: torch.Tensor, B: torch.Tensor, A: torch.Tens
     threads = max(1, min(torch.get_num_threads(), m))
     if threads == 1 or m * n < _MIN_SPLIT:
         bad = _call(fn, W2, O2, B, A, exact, 0, m)
+    elif _state["omp"]:  # on torch's own OpenMP team
+        bad = _state["all"](*_args(W2, O2, B, A), m, 1 if exact else 0, threads)
     else:
         step = -(-m // threads)
         jobs = [_threads(threads - 1).submit(_call, fn, W2, O2, B, A, exact, r0, min(m, r0 + step))
