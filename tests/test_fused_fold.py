@@ -228,3 +228,44 @@ def test_small_updates_take_the_short_exp_within_one_ulp_and_large_ones_do_not()
     got = _fold1(wide, mixed.reshape(-1, 1), torch.ones(1, 64), "exact")
     assert float(_ulps(got[:, 0], torch.exp(mixed.double())).max()) <= 1.0
     assert torch.equal(got, got[:, :1].expand_as(got))
+
+
+def test_merge_merge_files_and_the_bank_all_fold_on_the_fused_path(tmp_path, monkeypatch):
+    """The compiled kernel is what every entry point runs on CPU (auto), and the fallback gives the
+    same weights to one rounding."""
+    import copy
+
+    from liedeploy import AdapterBank, load_adapter, merge_, merge_files
+    from liedeploy.core import native
+    from safetensors.torch import load_file
+    from tests.conftest import _write_adapter, save_state_dict
+    from tests.models import MixedLayers
+
+    monkeypatch.delenv("LIEDEPLOY_FOLD", raising=False)
+    calls = []
+    real = native.fold_rows
+    monkeypatch.setattr(native, "fold_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    base = MixedLayers()
+    base_path = str(tmp_path / "base.safetensors")
+    save_state_dict(base, base_path)
+    ad = _write_adapter(base, str(tmp_path / "a.safetensors"), ["conv", "fc"], r=3, std=0.1)
+    results = {}
+    for path in ("fused", "blocked"):
+        monkeypatch.setenv("LIEDEPLOY_FOLD", path)
+        out = str(tmp_path / f"{path}.safetensors")
+        counts = [len(calls)]
+        merge_files(base_path, [ad], out)
+        counts.append(len(calls))
+        live = merge_(load_adapter(copy.deepcopy(base), ad)).state_dict()
+        counts.append(len(calls))
+        bank = AdapterBank(base, adapters={"a": ad}).model_for("a").state_dict()
+        counts.append(len(calls))
+        results[path] = (load_file(out), live, bank)
+        ran = [b > a for a, b in zip(counts, counts[1:])]  # merge_files, merge_, the bank
+        assert ran == [path == "fused"] * 3, (path, ran)
+    for got_f, got_b in zip(results["fused"], results["blocked"]):
+        for k, v in got_b.items():
+            if v.is_floating_point():
+                tol = 2 * torch.finfo(v.dtype).eps * float(v.abs().max()) + 1e-7
+                assert float((got_f[k].float() - v.float()).abs().max()) <= tol, k
