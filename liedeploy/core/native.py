@@ -11,7 +11,9 @@ Elsewhere ctypes releases the GIL for the call and Python threads split the rows
 The shared library is built at the first fold (about a second) into a cache folder,
 ``$LIEDEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/liedeploy``, else ``~/.cache/liedeploy``, under a
 name that hashes the source, the compiler's version, the flags and the CPU, written to a temporary
-name and renamed (two processes building at once both succeed). The compiler is ``$CC``, else
+name and renamed (two processes building at once both succeed). Where that folder cannot be
+written, the library is built in a private temporary folder for this process alone and removed
+once loaded. The compiler is ``$CC``, else
 ``cc``, ``gcc`` or ``clang``. Before first use the library is checked against torch's own ops on a
 small case; where no compiler is found, the build fails or the check disagrees, :func:`status` says
 why and the blocked eager fold runs instead.
@@ -105,8 +107,11 @@ def _build() -> tuple:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".fold_kernel-", suffix=".so", dir=folder)
             os.close(fd)
-        except OSError as e:
-            return None, f"the kernel cache folder {folder} is not writable ({e}); set LIEDEPLOY_CACHE_DIR"
+        except OSError:  # no writable cache: a private folder of this process, removed once loaded
+            folder = _state["private"] = tempfile.mkdtemp(prefix="liedeploy-fold-")
+            lib = os.path.join(folder, f"fold_kernel-{key}.so")
+            fd, tmp = tempfile.mkstemp(prefix=".fold_kernel-", suffix=".so", dir=folder)
+            os.close(fd)
         try:
             r = subprocess.run([cc, *flags, "-o", tmp, _SRC], capture_output=True, timeout=120)
             if r.returncode == 0:
@@ -159,6 +164,9 @@ def _load() -> None:
             why = f"the fold kernel {lib} could not be loaded ({e})"
         if why is not None:
             fn = fn_all = None
+    private = _state.pop("private", None)
+    if private:  # the loaded library stays mapped
+        shutil.rmtree(private, ignore_errors=True)
     _state.update(fn=fn, all=fn_all, omp=omp, why=why)
 
 
