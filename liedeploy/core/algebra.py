@@ -67,9 +67,12 @@ def fold_sum(
     result by ``w_absmax * exp(bound)`` (or ``* (1 + bound)``), and a bound well inside the output
     dtype's range proves every result finite without reading it again; otherwise the scan runs.
 
-    The product of each block is computed with ``mm``; the rest of the block (the map, the
-    multiply by W, the rounding) runs as one generated kernel where :func:`liedeploy.core.fused.fold_path`
-    says ``"fused"``, else as eager in-place ops (``"blocked"``); ``path`` forces one. Both round once.
+    Where :func:`liedeploy.core.fused.fold_path` says ``"fused"`` (``path`` forces one), a CPU fold
+    runs the compiled kernel of :mod:`liedeploy.core.native` (the product, the map, the multiply by W,
+    the rounding and the finiteness flag in one pass; every factor pair side by side along the rank)
+    and a CUDA fold computes each block's product with ``mm`` and the rest as one generated kernel;
+    otherwise (``"blocked"``, or tensors the kernel does not take) the product, the map and the
+    multiply run as eager in-place ops block by block. Both round once.
     """
     from liedeploy.core.fused import fold_path
 

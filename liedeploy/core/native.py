@@ -12,11 +12,11 @@ The shared library is built at the first fold (about a second) into a cache fold
 ``$LIEDEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/liedeploy``, else ``~/.cache/liedeploy``, under a
 name that hashes the source, the compiler's version, the flags and the CPU, written to a temporary
 name and renamed (two processes building at once both succeed). Where that folder cannot be
-written, the library is built in a private temporary folder for this process alone and removed
-once loaded. The compiler is ``$CC``, else
-``cc``, ``gcc`` or ``clang``. Before first use the library is checked against torch's own ops on a
-small case; where no compiler is found, the build fails or the check disagrees, :func:`status` says
-why and the blocked eager fold runs instead.
+written, the library is built in a private temporary folder for this process alone and removed once
+loaded. The compiler is ``$CC``, else ``cc``, ``gcc`` or ``clang``. Before first use the library is
+checked against torch's own ops on a small case, on a short-lived thread of its own; where no
+compiler is found, the build fails or the check disagrees, :func:`status` says why and the blocked
+eager fold runs instead.
 """
 
 from __future__ import annotations
