@@ -291,3 +291,37 @@ def test_merge_merge_files_and_the_bank_all_fold_on_the_fused_path(tmp_path, mon
             if v.is_floating_point():
                 tol = 2 * torch.finfo(v.dtype).eps * float(v.abs().max()) + 1e-7
                 assert float((got_f[k].float() - v.float()).abs().max()) <= tol, k
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_ranks_and_dtype_pairs_match_float64_and_the_blocked_path(seed):
+    """Rows not a multiple of four, columns with and without a tail, ranks from 1 to 80 (past the
+    tail tile's 64: those fall back), several adapters, every pair of input and output dtypes."""
+    g = torch.Generator().manual_seed(100 + seed)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    for _ in range(8):
+        m = int(torch.randint(1, 70, (1,), generator=g))
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        w_dt, o_dt = (dtypes[int(i)] for i in torch.randint(0, 3, (2,), generator=g))
+        expmap = ("exact", "first_order")[int(torch.randint(0, 2, (1,), generator=g))]
+        f = []
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
+            r = int(torch.randint(1, 41, (1,), generator=g))
+            spread = float(torch.rand(1, generator=g)) * 0.3  # some cases take the short exp, some not
+            f.append((torch.randn(m, r, generator=g) * spread, torch.randn(r, n, generator=g), 1.5))
+        W = torch.randn(m, n, generator=g).to(w_dt)
+        W.view(-1)[:: 7] = 0
+        fused = fold_sum(W, f, expmap, out_dtype=o_dt, path="fused")
+        blocked = fold_sum(W, f, expmap, out_dtype=o_dt, path="blocked")
+        d = sum(s * B.double() @ A.double() for B, A, s in f)
+        ref = W.double() * (torch.exp(d) if expmap == "exact" else 1 + d)
+        # float32 computes dW with an absolute error of a few ulp of sum |s B||A| (cancellation in
+        # 1 + dW or in the sum is not the kernel's to fix), then the output dtype rounds once
+        terms = sum(abs(s) * B.double().abs() @ A.double().abs() for B, A, s in f)
+        scale = ref.abs() if expmap == "exact" else W.double().abs()
+        tol = 2 * torch.finfo(o_dt).eps * ref.abs() + 8 * torch.finfo(torch.float32).eps * terms * scale
+        case = (m, n, [B.shape[1] for B, _, _ in f], w_dt, o_dt, expmap)
+        for got in (fused, blocked):
+            assert got.dtype == o_dt
+            assert float(((got.double() - ref).abs() - tol).max()) <= 0, case
+            assert bool((got.view(-1)[:: 7] == 0).all()), case
