@@ -178,8 +178,9 @@ def _setup(work: str, n_tasks: int) -> dict:
 
 
 def _serve(setup, n: int, budget: int, *, max_batch: int = 16, threads: int = 2, fold_ahead=None,
-           cache_policy=None) -> Proc:
+           cache_policy=None, workers: int = 1) -> Proc:
     extra = [] if fold_ahead is None else ["--fold-ahead", str(fold_ahead)]  # None: the server's default
+    extra += [] if workers == 1 else ["--workers", str(workers)]
     extra += [] if cache_policy is None else ["--cache-policy", cache_policy]
     return Proc([sys.executable, "-m", "liedeploy.cli", "serve", "--model", "benchmarks.serve_models:resnet18",
                  "--weights", setup["base"], "--adapters", setup["sizes"][n]["dir"], "--input-shape", "1,3,64,64",

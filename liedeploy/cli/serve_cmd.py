@@ -86,7 +86,12 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-alive-timeout", type=float, default=5.0,
                    help="seconds an idle connection is kept between requests (default 5)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is answered 503")
-    p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads (default: the cores, "
+                   "divided among --workers)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads running batches, each a whole batch at a time (default 1). With the torch backend on "
+                        "CPU keep workers x --threads = the cores: on 2 cores, --workers 2 (1 thread each) measured "
+                        "1.20x the requests/s at 10 uniform tasks and 0.92x at 1 task (smaller batches)")
     p.add_argument("--fold-ahead", type=int, default=None,
                    help="cold tasks folded by a prefetch thread beside the batches, that may wait for their batch "
                         "(0: no prefetch thread, folds and batches share the compute thread; default 0 for the torch "
@@ -101,7 +106,8 @@ def check(args) -> None:
     from liedeploy.cli.export_cmd import check_model_flags, parse_shape
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
-                        ("--trt-slots", args.trt_slots, 1), ("--fold-ahead", 0 if args.fold_ahead is None else args.fold_ahead, 0)):
+                        ("--trt-slots", args.trt_slots, 1), ("--fold-ahead", 0 if args.fold_ahead is None else args.fold_ahead, 0),
+                        ("--workers", args.workers, 1)):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -164,7 +170,7 @@ def run(args) -> int:
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
         cache_policy=args.cache_policy, max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
-        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, hf_model=args.hf_model, tokenizer=args.tokenizer,
+        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, workers=args.workers, hf_model=args.hf_model, tokenizer=args.tokenizer,
         max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         max_batch_tasks=args.max_batch_tasks,
         max_kv_bytes=parse_size(args.max_kv_bytes, "--max-kv-bytes") if args.max_kv_bytes is not None else None,

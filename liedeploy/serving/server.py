@@ -59,6 +59,7 @@ class ServeConfig:
     request_timeout: float = 60.0
     drain_timeout: float = 30.0
     threads: Optional[int] = None
+    workers: int = 1  # threads running batches; with torch on CPU, threads default to cores // workers
     # folded tasks that may wait for a batch; 0: no prefetch thread, workers fold inline;
     # None: 0 for the torch backend on CPU (one compute thread: measured faster), else 4
     fold_ahead: Optional[int] = None
@@ -150,7 +151,7 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                          max_body=cfg.max_body, max_inflight_bytes=cfg.max_inflight_bytes, request_timeout=cfg.request_timeout, replica_id=replica_id,
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0,
-                                       fold_ahead=resolved_fold_ahead(cfg),
+                                       fold_ahead=resolved_fold_ahead(cfg), workers=max(1, int(cfg.workers)),
                                        **(dict(start_first_worker=False) if compute_thread else {})))
     if cfg.hf_model and backend.kind == "torch":
         from liedeploy.serving.generate import Generator
@@ -161,6 +162,22 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                                     engine_thread=engine_thread, max_batch_tasks=cfg.max_batch_tasks)
     state.scan()
     return state
+
+
+def resolved_threads(cfg: ServeConfig) -> Optional[str]:
+    """With several ``--workers`` on a CPU torch backend, give each worker its share of the cores
+    (``--threads`` = cores // workers unless given) and say so; warn where workers x threads exceed
+    the cores (GNU OpenMP then stops spin-waiting and every batch waits for sleeping threads)."""
+    if cfg.workers <= 1 or cfg.backend != "torch" or not str(cfg.device).startswith("cpu"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.threads is None:
+        cfg.threads = max(1, cores // cfg.workers)
+        return f"{cfg.workers} workers x {cfg.threads} torch thread(s) on {cores} cores"
+    note = f"{cfg.workers} workers x {cfg.threads} torch thread(s) on {cores} cores"
+    if cfg.workers * cfg.threads > cores:
+        note += " (more threads than cores: batches will wait for each other; --threads 1 or fewer --workers)"
+    return note
 
 
 def resolved_fold_ahead(cfg: ServeConfig) -> int:
@@ -212,6 +229,7 @@ def serve(cfg: ServeConfig, log=print) -> int:
     default_cache = cfg.cache_bytes is None and cfg.backend == "torch"
     if default_cache:
         cfg.cache_bytes = default_cache_bytes()
+    split = resolved_threads(cfg)
     if cfg.hf_model or (cfg.backend == "torch" and cfg.device == "cpu"):
         state = _compute_thread_state(cfg)
     else:
@@ -254,6 +272,8 @@ def serve(cfg: ServeConfig, log=print) -> int:
     log(f"liedeploy serve: {len(state.backend.tasks())} task(s) registered"
         + (f", unavailable: {refused}" if refused else "")
         + f"; backend {state.backend.kind}; ready in {time.monotonic() - t0:.1f} s")
+    if split:
+        log(f"liedeploy serve: {split}")
     if getattr(state.backend, "device", None) is not None and state.backend.kind == "torch":
         from liedeploy.core.fused import fold_path_reason
 

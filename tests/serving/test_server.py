@@ -113,7 +113,8 @@ def test_plain_http_json(server, farm):
     np.testing.assert_allclose(got, _ref(farm, "task5", x), rtol=1e-5, atol=1e-6)
 
 
-def test_threads_over_20_tasks_with_constant_eviction(server, farm):
+def _many_clients(server, farm, rounds=50):
+    """16 client threads, ``rounds`` random-task requests each (binary or JSON); (errors, wrong)."""
     rng = np.random.default_rng(2)
     xs = {t: rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for t in farm["refs"]}
     want = {t: _ref(farm, t, x) for t, x in xs.items()}
@@ -123,7 +124,7 @@ def test_threads_over_20_tasks_with_constant_eviction(server, farm):
     def client(seed):
         c = httpclient.InferenceServerClient(server.hostport, connection_timeout=30, network_timeout=30)
         r = np.random.default_rng(seed)
-        for _ in range(50):
+        for _ in range(rounds):
             t = tasks[r.integers(len(tasks))]
             inp = httpclient.InferInput("input", [1, 3, 8, 8], "FP32")
             inp.set_data_from_numpy(xs[t], binary_data=bool(r.integers(2)))
@@ -137,11 +138,40 @@ def test_threads_over_20_tasks_with_constant_eviction(server, farm):
 
     with cf.ThreadPoolExecutor(16) as pool:
         list(pool.map(client, range(16)))
+    return errors, wrong
+
+
+def test_threads_over_20_tasks_with_constant_eviction(server, farm):
+    errors, wrong = _many_clients(server, farm)
     assert errors == [] and wrong == []
     _, _, metrics = _http(f"{server.url}/metrics")
     text = metrics.decode()
     assert _metric(text, "liedeploy_cache_evictions_total") > 0  # the cache held 2 of 20 tasks
     assert _metric(text, "liedeploy_resident_bytes") <= 2 * ONE_TASK_BYTES
+
+
+def test_two_workers_share_the_cores_and_answer_right_under_eviction(farm):
+    cores = len(os.sched_getaffinity(0))
+    args = ["--model", "tests.serving.models:net", "--weights", farm["base"], "--adapters", farm["tasks"],
+            "--input-shape", "1,3,8,8", "--cache-bytes", str(2 * ONE_TASK_BYTES), "--max-batch", "8",
+            "--max-delay-ms", "2", "--workers", "2"]
+    with ServerProcess(args) as srv:
+        assert f"liedeploy serve: 2 workers x {max(1, cores // 2)} torch thread(s) on {cores} cores" in srv.lines
+        errors, wrong = _many_clients(srv, farm, rounds=20)
+        assert errors == [] and wrong == []
+        text = _http(f"{srv.url}/metrics")[2].decode()
+        assert _metric(text, "liedeploy_cache_evictions_total") > 0
+    with ServerProcess(args + ["--threads", str(cores)]) as srv:  # more threads than cores: said at start
+        assert any("more threads than cores" in line for line in srv.lines)
+
+
+def test_workers_below_one_is_a_usage_error(capsys, tmp_path):
+    from liedeploy.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "tests.serving.models:net", "--weights", str(tmp_path / "w.safetensors"),
+              "--adapters", str(tmp_path), "--workers", "0"])
+    assert e.value.code == 2 and "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _metric(text, name, labels=None):

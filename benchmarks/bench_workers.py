@@ -1,0 +1,73 @@
+"""Batch workers on a CPU torch server: `--workers 2 --threads 1` against the default (one worker,
+2 torch threads), on bench_serve's workload.
+
+    python benchmarks/bench_workers.py [--runs 3] [--duration 8]
+
+Workload and load generator as in bench_serve.py (a ResNet-18-like config at 64x64, r=16 on every
+conv and the classifier, 32 clients in their own process, binary tensors, a 0.5 GB budget): 1 task,
+10 tasks uniform and 1,000 tasks Zipf(1.1). The two configurations alternate within each round;
+medians over the rounds, with the range. Writes benchmarks/results/workers_cpu.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = {"1 worker x 2 threads (default)": dict(workers=1, threads=2), "2 workers x 1 thread": dict(workers=2, threads=1)}
+LOADS = {"1 task": (1, 0.0), "10 tasks uniform": (10, 0.0), "1,000 tasks Zipf(1.1)": (1000, 1.1)}
+
+
+def main(argv=None) -> int:
+    from benchmarks import bench_serve as bs
+    from benchmarks._results import write_results
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=8.0)
+    args = ap.parse_args(argv)
+    raw: dict = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
+        setup = bs._setup(work, 1000)
+        for _ in range(args.runs):
+            for load, (n, zipf) in LOADS.items():
+                spec = setup["spec_one"] if n == 1 else setup["sizes"][n]["spec"]
+                for name, kw in CONFIGS.items():
+                    proc = bs._serve(setup, n, bs.GB // 2, **kw)
+                    try:
+                        res = bs._load(proc, spec, zipf=zipf, duration=args.duration)
+                        res["mean_batch"] = bs._metric(proc.url, "liedeploy_batch_size_sum") / max(
+                            bs._metric(proc.url, "liedeploy_batch_size_count"), 1)
+                    finally:
+                        proc.stop()
+                    assert res["errors"] == 0 and res["wrong"] == 0, (load, name, res["error_kinds"])
+                    raw.setdefault(load, {}).setdefault(name, []).append(res)
+                    print(f"{load:24s} {name:32s} {res['rps']:7.1f} req/s  batch {res['mean_batch']:.1f}  "
+                          f"cores busy {res['server_cores_busy']:.2f}", flush=True)
+    base, alt = list(CONFIGS)
+    lines = [f"--workers 2 --threads 1 vs the default, medians of {args.runs} alternating runs ({args.duration:g} s each), "
+             f"req/s (range); 0 errors, 0 wrong outputs",
+             f"{'load':24s} {'default':>22s} {'2 workers x 1 thread':>22s} {'ratio':>7s} {'batch':>11s} {'cores busy':>11s}"]
+    med = {}
+    for load, by in raw.items():
+        m = {k: statistics.median(r["rps"] for r in v) for k, v in by.items()}
+        med[load] = m
+        rng = {k: f"{m[k]:.1f} ({min(r['rps'] for r in v):.0f}-{max(r['rps'] for r in v):.0f})" for k, v in by.items()}
+        batch = "/".join(f"{statistics.median(r['mean_batch'] for r in by[k]):.1f}" for k in (base, alt))
+        busy = "/".join(f"{statistics.median(r['server_cores_busy'] for r in by[k]):.2f}" for k in (base, alt))
+        lines.append(f"{load:24s} {rng[base]:>22s} {rng[alt]:>22s} {m[alt] / m[base]:6.2f}x {batch:>11s} {busy:>11s}")
+    ten, one = "10 tasks uniform", "1 task"
+    lines.append(f"10 tasks uniform / 1 task (the ceiling), each configuration against its own: default "
+                 f"{med[ten][base] / med[one][base]:.2f}x, 2 workers {med[ten][alt] / med[one][alt]:.2f}x")
+    write_results("workers_cpu", "\n".join(lines), {"runs": raw, "median_rps": med})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
