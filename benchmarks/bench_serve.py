@@ -281,8 +281,9 @@ def main(argv=None) -> int:
         "1000 tasks: default cache (most used kept) / --cache-policy lru": ratio(
             "liedeploy: 1000 tasks Zipf, binary", "liedeploy --cache-policy lru: 1000 tasks Zipf"),
     }
-    busy = {k: statistics.median(r["server_cores_busy"] for r in v) for k, v in raw.items()}
-    rss = {k: max(r["server_peak_rss"] for r in v) for k, v in raw.items()}
+    # (the Ray runs measure no single server process: they have neither)
+    busy = {k: statistics.median(r["server_cores_busy"] for r in v) for k, v in raw.items() if "server_cores_busy" in v[0]}
+    rss = {k: max(r["server_peak_rss"] for r in v) for k, v in raw.items() if "server_peak_rss" in v[0]}
     print()
     print(f"competent naive baseline: {nb} (workers x torch threads, best of {[f'{w}x{t}' for w, t in naive_configs]})")
     print(f"{'ratio (median of ' + str(runs) + ' runs; min-max)':62s} {'value':>8s}")
