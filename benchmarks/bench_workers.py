@@ -6,14 +6,19 @@
 Workload and load generator as in bench_serve.py (a ResNet-18-like config at 64x64, r=16 on every
 conv and the classifier, 32 clients in their own process, binary tensors, a 0.5 GB budget): 1 task,
 10 tasks uniform and 1,000 tasks Zipf(1.1). The two configurations alternate within each round;
-medians over the rounds, with the range. Writes benchmarks/results/workers_cpu.{txt,json}.
+medians over the rounds, with the range. Also in process, without HTTP (each configuration in a
+fresh process): 10 replicas of the model forwarded round robin for 4 s by one worker of 2 torch
+threads or by two workers of 1, at batches of 1, 5 and 16. Writes
+benchmarks/results/workers_cpu.{txt,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -24,6 +29,51 @@ CONFIGS = {"1 worker x 2 threads (default)": dict(workers=1, threads=2), "2 work
 LOADS = {"1 task": (1, 0.0), "10 tasks uniform": (10, 0.0), "1,000 tasks Zipf(1.1)": (1000, 1.1)}
 
 
+def _forward_rate(workers: int, batch: int, seconds: float = 4.0) -> float:
+    """Samples/s of ``workers`` threads forwarding 10 replicas round robin, cores / workers torch
+    threads each (torch's thread count is per process: call in a fresh one)."""
+    import copy
+    import threading
+    import time
+
+    import torch
+
+    from benchmarks.serve_models import resnet18
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.manual_seed(0)
+    models = [copy.deepcopy(resnet18().eval()) for _ in range(10)]
+    x = torch.randn(batch, 3, 64, 64)
+    done = [0] * workers
+
+    def work(k):
+        with torch.no_grad():
+            for m in models:  # warm
+                m(x)
+            end, i = time.monotonic() + seconds, k
+            while time.monotonic() < end:
+                models[i % 10](x)
+                done[k] += batch
+                i += workers
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / seconds
+
+
+def _in_process() -> dict:
+    out = {}
+    for batch in (1, 5, 16):
+        for workers in (1, 2):
+            r = subprocess.run([sys.executable, __file__, "--forward-rate", str(workers), str(batch)],
+                               capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            out[f"batch {batch}, {workers} worker(s)"] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv=None) -> int:
     from benchmarks import bench_serve as bs
     from benchmarks._results import write_results
@@ -31,7 +81,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--forward-rate", nargs=2, type=int, help=argparse.SUPPRESS)  # WORKERS BATCH, in a child
     args = ap.parse_args(argv)
+    if args.forward_rate:
+        print(json.dumps(_forward_rate(*args.forward_rate)))
+        return 0
     raw: dict = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
         setup = bs._setup(work, 1000)
@@ -65,7 +119,11 @@ def main(argv=None) -> int:
     ten, one = "10 tasks uniform", "1 task"
     lines.append(f"10 tasks uniform / 1 task (the ceiling), each configuration against its own: default "
                  f"{med[ten][base] / med[one][base]:.2f}x, 2 workers {med[ten][alt] / med[one][alt]:.2f}x")
-    write_results("workers_cpu", "\n".join(lines), {"runs": raw, "median_rps": med})
+    fwd = _in_process()
+    lines.append("in process, no HTTP, samples/s of 10 replicas round robin (one run of 4 s each): " + "; ".join(
+        f"batch {b}: 2 workers x 1 thread {fwd[f'batch {b}, 2 worker(s)']:.0f} vs 1 x 2 {fwd[f'batch {b}, 1 worker(s)']:.0f}, "
+        f"{fwd[f'batch {b}, 2 worker(s)'] / fwd[f'batch {b}, 1 worker(s)']:.2f}x" for b in (1, 5, 16)))
+    write_results("workers_cpu", "\n".join(lines), {"runs": raw, "median_rps": med, "in_process": fwd})
     return 0
 
 

@@ -4,7 +4,8 @@ ResNet-18-like config, r=16 on every conv and the classifier), with the bank as 
     python benchmarks/profile_fold.py [--folds 20]
 
 Prints the median wall time of a fold (2 torch threads, every fold into recycled storage, as the
-server's cold tasks are) and the operators by self CPU time; writes
+server's cold tasks are), the fused kernel's row split on torch's OpenMP team against Python
+threads, and the operators by self CPU time; writes
 benchmarks/results/profile_fold_cpu.txt. The script also runs on older commits of the bank
 (`git worktree add`), to compare fold times.
 """
@@ -54,11 +55,45 @@ def main(argv=None) -> int:
             for i in range(args.folds):
                 bank.prefetch(f"t{i % 2}")
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    split = _thread_split(args.timed)
     text = (f"a fold of a ResNet-18-like task (11M adapted weights, r=16), {torch.get_num_threads()} threads: "
-            f"{wall:.2f} ms (median of {args.timed})\n"
+            f"{wall:.2f} ms (median of {args.timed})\n{split}\n"
             f"{args.folds} folds, self CPU time per operator\n{table}")
     write_results("profile_fold_cpu", text)
     return 0
+
+
+def _thread_split(reps: int) -> str:
+    """The fused kernel's row split on torch's own OpenMP team against Python threads, for one
+    512x4608 tensor folded right after a parallel torch op (whose OpenMP workers then spin)."""
+    import statistics
+    import time
+
+    import torch
+
+    from liedeploy.core import native
+
+    if not native.openmp():
+        return f"(the fold kernel does not run on OpenMP here: {native.status()})"
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(512, 4608, generator=g)
+    out, B, A = torch.empty_like(W), torch.randn(512, 16, generator=g) * 0.02, torch.randn(16, 4608, generator=g)
+    busy = torch.randn(1 << 20, generator=g)
+    res = {}
+    for how in ("torch's OpenMP team", "Python threads", "torch's OpenMP team", "Python threads"):
+        native._state["omp"] = how.startswith("torch")  # the two splits fold_rows knows
+        try:
+            ts = []
+            for _ in range(reps):
+                busy.add_(1.0)  # a parallel torch op just before
+                t0 = time.perf_counter()
+                native.fold_rows(W, out, B, A, True)
+                ts.append(time.perf_counter() - t0)
+        finally:
+            native._state["omp"] = True
+        res[how] = statistics.median(ts) * 1e3
+    return ("one 512x4608 fold right after a parallel torch op, rows split over: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in res.items()) + " (last of two alternating rounds)")
 
 
 if __name__ == "__main__":

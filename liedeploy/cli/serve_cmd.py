@@ -91,7 +91,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="threads running batches, each a whole batch at a time (default 1). With the torch backend on "
                         "CPU keep workers x --threads = the cores: on 2 cores, --workers 2 (1 thread each) measured "
-                        "1.20x the requests/s at 10 uniform tasks and 0.92x at 1 task (smaller batches)")
+                        "1.05-1.16x the requests/s at 10 uniform tasks and 0.91-0.95x at 1 task (smaller batches; "
+                        "benchmarks/bench_workers.py)")
     p.add_argument("--fold-ahead", type=int, default=None,
                    help="cold tasks folded by a prefetch thread beside the batches, that may wait for their batch "
                         "(0: no prefetch thread, folds and batches share the compute thread; default 0 for the torch "

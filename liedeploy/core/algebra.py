@@ -194,8 +194,8 @@ def _fold_native(W2, O2, pairs, expmap: str, check) -> bool:
     A = pairs[0][1] if len(pairs) == 1 else torch.cat([Ai for _, Ai in pairs], dim=0)
     if not (native.available() and native.supports(W2, O2, B.shape[1], W2.shape[1])):
         return False
-    if A.data_ptr() % 64 or not A.is_contiguous():  # a view into a file's buffer: vector loads of
-        A = A.contiguous().clone()  # A would straddle cache lines, so align it (A is small: R x n)
+    if A.data_ptr() % 64 or not A.is_contiguous():  # a view into a file's buffer: vector loads of A
+        A = A.clone(memory_format=torch.contiguous_format)  # would straddle cache lines (A is small: R x n)
     finite = native.fold_rows(W2, O2, B, A, expmap == "exact")
     if check is not None:
         check.append(finite)

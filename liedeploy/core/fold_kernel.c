@@ -1,9 +1,10 @@
 /* The fused fold on CPU: out = round(W * map(B @ A)), one pass over W, no full-size intermediate.
  *
  * Built at first use by liedeploy/core/native.py with the machine's C compiler (-O3 -march=native)
- * and loaded with ctypes, which releases the GIL for the call, so Python threads can fold disjoint
- * row ranges at once. Written with GCC/Clang vector extensions (no intrinsics): the same source
- * vectorizes for AVX-512, AVX2, SSE and NEON.
+ * and loaded with ctypes. lie_fold_all splits the rows over OpenMP threads where the build links
+ * torch's own OpenMP runtime; elsewhere native.py calls lie_fold_rows on disjoint row ranges from
+ * Python threads (ctypes releases the GIL). Written with GCC/Clang vector extensions (no
+ * intrinsics): the same source vectorizes for AVX-512, AVX2, SSE and NEON.
  *
  * Per tile of 64 columns of one row: the rank-R product in registers (R fused multiply-adds per
  * element, B already scaled and every adapter's factors concatenated along R), the map (exp, or
@@ -134,7 +135,7 @@ static inline vi store_out(void *o, int64_t i, vf v, int dt) {
 }
 
 static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
-                      void *o, int64_t off, int wdt, int odt, int exact) {
+                      void *o, int64_t off, int wdt, int odt, int map) {
     vf acc0 = splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
     for (int64_t k = 0; k < R; k++) {
         const float *ak = a + k * lda;
@@ -145,7 +146,7 @@ static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R,
         memcpy(&a3, ak + 3 * VW, sizeof a3);
         acc0 += b * a0; acc1 += b * a1; acc2 += b * a2; acc3 += b * a3;
     }
-    acc0 = vmap(acc0, exact); acc1 = vmap(acc1, exact); acc2 = vmap(acc2, exact); acc3 = vmap(acc3, exact);
+    acc0 = vmap(acc0, map); acc1 = vmap(acc1, map); acc2 = vmap(acc2, map); acc3 = vmap(acc3, map);
     vi bad = store_out(o, off, load_w(w, off, wdt) * acc0, odt);
     bad |= store_out(o, off + VW, load_w(w, off + VW, wdt) * acc1, odt);
     bad |= store_out(o, off + 2 * VW, load_w(w, off + 2 * VW, wdt) * acc2, odt);
@@ -156,8 +157,8 @@ static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R,
 /* Four rows at once: each load of A feeds four rows' accumulators (16 of the 32 vector registers). */
 #define ROW_FINISH(acc0, acc1, acc2, acc3, off)                                                     \
     do {                                                                                            \
-        acc0 = vmap(acc0, exact); acc1 = vmap(acc1, exact);                                         \
-        acc2 = vmap(acc2, exact); acc3 = vmap(acc3, exact);                                         \
+        acc0 = vmap(acc0, map); acc1 = vmap(acc1, map);                                             \
+        acc2 = vmap(acc2, map); acc3 = vmap(acc3, map);                                             \
         bad |= store_out(o, (off), load_w(w, (off), wdt) * acc0, odt);                              \
         bad |= store_out(o, (off) + VW, load_w(w, (off) + VW, wdt) * acc1, odt);                    \
         bad |= store_out(o, (off) + 2 * VW, load_w(w, (off) + 2 * VW, wdt) * acc2, odt);            \
@@ -165,7 +166,7 @@ static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R,
     } while (0)
 
 static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, const void *w, void *o,
-                       int64_t off, int64_t n, int wdt, int odt, int exact) {
+                       int64_t off, int64_t n, int wdt, int odt, int map) {
     vf z = splat(0.0f);
     vf p0 = z, p1 = z, p2 = z, p3 = z, q0 = z, q1 = z, q2 = z, q3 = z;
     vf r0 = z, r1 = z, r2 = z, r3 = z, s0 = z, s1 = z, s2 = z, s3 = z;
@@ -196,16 +197,17 @@ static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, 
 
 static int esize(int dt) { return dt == F32 ? 4 : 2; }
 
-/* The last n % 64 columns of row i: W's tail into a zero-padded tile, folded with A's padded tail
- * columns, the valid part copied out. Returns 1 if a valid result is non-finite. */
+/* The last n % 64 columns of a row: W's tail into a zero-padded tile, folded with A's zero-padded
+ * tail columns, the valid part copied out. Returns 1 if a valid result is non-finite (a padded
+ * lane may be NaN where B is infinite while the valid ones are exp(-inf) = 0: they are not read). */
 static int tail_row(const float *brow, int64_t R, const float *tail_a, const void *w, void *out, int64_t base,
-                    int64_t rest, int wdt, int odt, int exact) {
+                    int64_t rest, int wdt, int odt, int map) {
     unsigned char wt[TILE * 4], ot[TILE * 4];
     memset(wt, 0, sizeof wt);
     memcpy(wt, (const unsigned char *)w + (size_t)base * esize(wdt), (size_t)rest * esize(wdt));
-    (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, exact);
+    (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, map);
     int bad = 0;
-    for (int64_t c = 0; c < rest; c++) { /* only the valid lanes count */
+    for (int64_t c = 0; c < rest; c++) {
         if (odt == F32) {
             uint32_t u; memcpy(&u, ot + 4 * c, 4);
             bad |= (u & 0x7fffffffu) >= 0x7f800000u;
@@ -219,11 +221,6 @@ static int tail_row(const float *brow, int64_t R, const float *tail_a, const voi
     return bad;
 }
 
-/* Rows [r0, r1) of out (m x n, row-major) = round(W * map(B @ A)); B is m x R, A is R x n, both
- * float32 row-major; W and out row-major in their dtypes (out may be W itself). Rows go four at a
- * time through full tiles of 64 columns; the last n % 64 columns go through a zero-padded copy of
- * A's tail columns, built once per call (R <= 64).
- * Returns 1 if any result is non-finite, 0 if none, -1 if R is too large for the tail copy. */
 /* max_j |a[j]| over n floats; +inf if any is NaN or inf. */
 static float absmax(const float *a, int64_t n) {
     vf m = splat(0.0f);
@@ -264,6 +261,11 @@ static int row_map(const float *b, int64_t R, int64_t rows, const float *amax, i
     return MAP_EXP_SMALL;
 }
 
+/* Rows [r0, r1) of out (m x n, row-major) = round(W * map(B @ A)); B is m x R, A is R x n, both
+ * float32 row-major; W and out row-major in their dtypes (out may be W itself). Rows go four at a
+ * time through full tiles of 64 columns; the last n % 64 columns go through a zero-padded copy of
+ * A's tail columns, built once per call (R <= 64).
+ * Returns 1 if any result is non-finite, 0 if none, -1 if R is too large for the tail copy. */
 int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, const float *a,
                   int64_t n, int64_t R, int64_t r0, int64_t r1, int exact) {
     int64_t full = n - n % TILE, rest = n - full;
@@ -316,20 +318,18 @@ int lie_fold_openmp(void) {
  * range on the calling thread). Returns as lie_fold_rows does. */
 int lie_fold_all(const void *w, int wdt, void *out, int odt, const float *b, const float *a, int64_t n,
                  int64_t R, int64_t m, int exact, int nthreads) {
-    int res = 0;
+    if (n % TILE && R > 64) return -1; /* as lie_fold_rows would for every range */
 #ifdef _OPENMP
     if (nthreads > 1) {
         int64_t step = (m + nthreads - 1) / nthreads;
         step = (step + 3) / 4 * 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max : res)
+        int res = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : res)
         for (int t = 0; t < nthreads; t++) {
             int64_t r0 = t * step, r1 = r0 + step < m ? r0 + step : m;
-            if (r0 < r1) {
-                int one = lie_fold_rows(w, wdt, out, odt, b, a, n, R, r0, r1, exact);
-                res = one < 0 ? 1 << 20 : (one > res ? one : res);
-            }
+            if (r0 < r1) res |= lie_fold_rows(w, wdt, out, odt, b, a, n, R, r0, r1, exact);
         }
-        return res == 1 << 20 ? -1 : res;
+        return res;
     }
 #endif
     (void)nthreads;
