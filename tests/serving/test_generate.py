@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 from liedeploy import load_adapter, merge_  # noqa: E402
 from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.helpers import ServerProcess  # noqa: E402
-from tests.serving.test_server import _http  # noqa: E402
+from tests.serving.server_farm import request  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(36)]
 
@@ -133,9 +133,9 @@ def test_kserve_generate_and_generate_stream(lm):
     url = lm["srv"].url
     want, _ = _greedy(lm, "poet", "w2 w4", 8)
     body = json.dumps({"text_input": "w2 w4", "parameters": {"max_tokens": 8, "temperature": 0}}).encode()
-    status, _, out = _http(f"{url}/v2/models/poet/generate", "POST", body, {"Content-Type": "application/json"})
+    status, _, out = request(f"{url}/v2/models/poet/generate", "POST", body, {"Content-Type": "application/json"})
     assert status == 200 and json.loads(out)["text_output"] == want
-    status, _, out = _http(f"{url}/v2/models/poet/generate_stream", "POST", body, {"Content-Type": "application/json"})
+    status, _, out = request(f"{url}/v2/models/poet/generate_stream", "POST", body, {"Content-Type": "application/json"})
     parts = [json.loads(line[6:])["text_output"] for line in out.decode().splitlines() if line.startswith("data: ")]
     assert status == 200 and "".join(parts) == want
 
@@ -151,7 +151,7 @@ def test_kserve_generate_and_generate_stream(lm):
      "plus max_tokens (64) exceed the model's context of 128 tokens"),
 ])
 def test_bad_requests_get_openai_errors(lm, payload, status, words):
-    code, _, body = _http(f"{lm['srv'].url}/v1/completions", "POST", json.dumps(payload).encode(),
+    code, _, body = request(f"{lm['srv'].url}/v1/completions", "POST", json.dumps(payload).encode(),
                           {"Content-Type": "application/json"})
     err = json.loads(body)["error"]
     assert code == status and words in err["message"] and err["code"] == status
@@ -167,7 +167,7 @@ def test_metrics_count_generated_tokens(lm):
 def _tokens(lm):
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = _http(f"{lm['srv'].url}/metrics")[2].decode()
+    text = request(f"{lm['srv'].url}/metrics")[2].decode()
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "liedeploy_generated_tokens_total":
@@ -201,7 +201,7 @@ def test_the_tensor_api_serves_logits_too(lm):
     ids = [[1, 2, 3]]
     body = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": ids[0]},
                                   {"name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1]}]})
-    status, _, out = _http(f"{lm['srv'].url}/v2/models/poet/infer", "POST", body.encode(),
+    status, _, out = request(f"{lm['srv'].url}/v2/models/poet/infer", "POST", body.encode(),
                            {"Content-Type": "application/json"})
     outs = {o["name"]: o for o in json.loads(out)["outputs"]}
     assert status == 200 and outs["logits"]["shape"] == [1, 3, 40]
@@ -272,20 +272,20 @@ def test_kv_budget_overflow_is_503_with_retry_after_and_a_request_over_the_budge
     url = tight["srv"].url + "/v1/completions"
     hdr = {"Content-Type": "application/json"}
     too_big = json.dumps({"model": "poet", "prompt": "w1 " * 50, "max_tokens": 64, "temperature": 0}).encode()
-    status, _, body = _http(url, "POST", too_big, hdr)
+    status, _, body = request(url, "POST", too_big, hdr)
     assert status == 400 and "--max-kv-bytes" in json.loads(body)["error"]["message"]
     import concurrent.futures as cf
 
     each = json.dumps({"model": "poet", "prompt": "w1 " * 30, "max_tokens": 64, "temperature": 0}).encode()
     with cf.ThreadPoolExecutor(6) as ex:  # each reserves 94 of the 100 tokens: one at a time fits
-        answers = list(ex.map(lambda _: _http(url, "POST", each, hdr), range(6)))
+        answers = list(ex.map(lambda _: request(url, "POST", each, hdr), range(6)))
     codes = sorted(a[0] for a in answers)
     assert codes[0] == 200 and codes[-1] == 503 and set(codes) == {200, 503}, codes
     for status, headers, body in answers:
         if status == 503:
             assert "KV cache budget" in json.loads(body)["error"]["message"]
             assert int({k.lower(): v for k, v in headers.items()}["retry-after"]) >= 1
-    assert _http(url, "POST", each, hdr)[0] == 200  # the budget came back
+    assert request(url, "POST", each, hdr)[0] == 200  # the budget came back
 
 
 def test_generation_metrics_report_latency_sequences_and_kv_bytes(tight):
@@ -301,7 +301,7 @@ def test_generation_metrics_report_latency_sequences_and_kv_bytes(tight):
 def _metric(lm, name):
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = _http(f"{lm['srv'].url}/metrics")[2].decode()
+    text = request(f"{lm['srv'].url}/metrics")[2].decode()
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == name:

@@ -18,12 +18,12 @@ pytest.importorskip("starlette")
 from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.helpers import ServerProcess  # noqa: E402
 from tests.serving.models import Net, Tokens  # noqa: E402
-from tests.serving.test_server import _http, _infer_json  # noqa: E402
+from tests.serving.server_farm import infer_json, request  # noqa: E402
 from tests.conftest import save_state_dict
 
 
 def _post_json(url, payload, timeout=30):
-    return _http(url, "POST", json.dumps(payload).encode(), {"Content-Type": "application/json"}, timeout=timeout)
+    return request(url, "POST", json.dumps(payload).encode(), {"Content-Type": "application/json"}, timeout=timeout)
 
 
 def _ids_request(ids):
@@ -32,13 +32,13 @@ def _ids_request(ids):
 
 
 def _index(url, token):
-    status, _, body = _http(f"{url}/v2/repository/index", "POST", b"{}", {"Authorization": f"Bearer {token}"})
+    status, _, body = request(f"{url}/v2/repository/index", "POST", b"{}", {"Authorization": f"Bearer {token}"})
     assert status == 200
     return {r["name"]: r for r in json.loads(body)}
 
 
 def _metric(url, line_start):
-    _, _, body = _http(f"{url}/metrics")
+    _, _, body = request(f"{url}/metrics")
     for line in body.decode().splitlines():
         if line.startswith(line_start):
             return float(line.split()[-1])
@@ -100,7 +100,7 @@ def test_a_model_fault_on_one_request_fails_only_that_request(farm):
             want = farm["model"](torch.from_numpy(x)).numpy()
         jobs = ["good"] * 5 + ["bad"] + ["good"] * 2
         with cf.ThreadPoolExecutor(len(jobs)) as ex:
-            results = list(ex.map(lambda k: (k, _infer_json(srv.url, "base", x if k == "good" else x * 0 + 1e7)), jobs))
+            results = list(ex.map(lambda k: (k, infer_json(srv.url, "base", x if k == "good" else x * 0 + 1e7)), jobs))
         for kind, (status, _, body) in results:
             if kind == "good":
                 assert status == 200, body
@@ -122,7 +122,7 @@ def test_idle_half_header_connections_never_lock_a_normal_client_out(farm):
                 s.sendall(b"POST /v2/models/base/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
                 socks.append(s)
             t0 = time.monotonic()
-            status, _, _ = _http(f"{srv.url}/v2/health/ready", timeout=10)
+            status, _, _ = request(f"{srv.url}/v2/health/ready", timeout=10)
             assert status == 200 and time.monotonic() - t0 < 5
         finally:
             for s in socks:
@@ -148,7 +148,7 @@ def test_health_stays_fast_while_a_large_bad_body_is_refused(farm):
         result = {}
 
         def send():
-            result["r"] = _http(f"{srv.url}/v2/models/base/infer", "POST", body, {"Content-Type": "application/json"},
+            result["r"] = request(f"{srv.url}/v2/models/base/infer", "POST", body, {"Content-Type": "application/json"},
                                 timeout=60)
 
         th = threading.Thread(target=send)
@@ -157,7 +157,7 @@ def test_health_stays_fast_while_a_large_bad_body_is_refused(farm):
         try:
             while th.is_alive() and len(lat) < 400:
                 t0 = time.monotonic()
-                assert _http(f"{srv.url}/v2/health/live", timeout=10)[0] == 200
+                assert request(f"{srv.url}/v2/health/live", timeout=10)[0] == 200
                 lat.append(time.monotonic() - t0)
                 time.sleep(0.01)
         finally:
@@ -197,8 +197,8 @@ def test_admin_loads_after_traffic_with_a_small_cache(farm):
         x = np.zeros((1, 3, 8, 8), np.float32)
         auth = {"Authorization": "Bearer s3cret"}
         for i in range(6):
-            assert _infer_json(srv.url, f"t{i % 3}", x)[0] == 200
-            status, _, body = _http(f"{srv.url}/v2/repository/models/t{(i + 1) % 3}/load", "POST", b"{}", auth)
+            assert infer_json(srv.url, f"t{i % 3}", x)[0] == 200
+            status, _, body = request(f"{srv.url}/v2/repository/models/t{(i + 1) % 3}/load", "POST", b"{}", auth)
             assert status == 200, body
 
 
@@ -240,9 +240,9 @@ def test_odd_entries_and_unusable_heads_are_unavailable_and_start_up_goes_on(far
             assert idx[t]["state"] == "UNAVAILABLE" and idx[t]["reason"], t
         assert "has shape [2, 5] but the base's module takes [5, 8]" in idx["badhead"]["reason"]
         x = np.zeros((1, 3, 8, 8), np.float32)
-        status, _, body = _infer_json(srv.url, "badhead", x)
+        status, _, body = infer_json(srv.url, "badhead", x)
         assert status == 503 and b"badhead" in body
-        assert _infer_json(srv.url, "t1", x)[0] == 200
+        assert infer_json(srv.url, "t1", x)[0] == 200
 
 
 # 9. unload mid-traffic leaves no ghost; errors never enumerate tasks ---------------------------------
@@ -256,13 +256,13 @@ def test_unload_during_traffic_leaves_no_ghost_and_errors_name_no_other_task(far
             for _ in range(300):
                 if stop.is_set():
                     break
-                statuses.append(_infer_json(srv.url, "t1", x)[0])
+                statuses.append(infer_json(srv.url, "t1", x)[0])
 
         th = threading.Thread(target=traffic)
         th.start()
         try:
             time.sleep(0.3)
-            assert _http(f"{srv.url}/v2/repository/models/t1/unload", "POST", b"{}",
+            assert request(f"{srv.url}/v2/repository/models/t1/unload", "POST", b"{}",
                          {"Authorization": "Bearer s3cret"})[0] == 200
             time.sleep(0.3)
         finally:
@@ -270,7 +270,7 @@ def test_unload_during_traffic_leaves_no_ghost_and_errors_name_no_other_task(far
             th.join(60)
         assert set(statuses) <= {200, 404}, set(statuses)
         assert "t1" not in _index(srv.url, "s3cret")
-        status, _, body = _infer_json(srv.url, "t1", x)
+        status, _, body = infer_json(srv.url, "t1", x)
         assert status == 404 and b"t0" not in body and b"t2" not in body
 
 
@@ -316,13 +316,13 @@ def test_a_replaced_task_file_is_unavailable_until_loaded_again(farm, tmp_path):
     shutil.copytree(farm["tasks"], folder)
     with _net_server(farm, "--cache-bytes", "1", adapters=str(folder)) as srv:  # every fold reads the file
         x = np.zeros((1, 3, 8, 8), np.float32)
-        assert _infer_json(srv.url, "t0", x)[0] == 200
+        assert infer_json(srv.url, "t0", x)[0] == 200
         _write_adapter(farm["model"], folder / "new.safetensors", ["conv", "fc"], std=0.3, seed=99)
         os.replace(folder / "new.safetensors", folder / "t0.safetensors")
-        status, _, body = _infer_json(srv.url, "t0", x)
+        status, _, body = infer_json(srv.url, "t0", x)
         assert status == 503 and b"replaced or changed since it was registered" in body
-        assert _http(f"{srv.url}/v2/repository/models/t0/load", "POST", b"{}", {"Authorization": "Bearer s3cret"})[0] == 200
-        assert _infer_json(srv.url, "t0", x)[0] == 200
+        assert request(f"{srv.url}/v2/repository/models/t0/load", "POST", b"{}", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert infer_json(srv.url, "t0", x)[0] == 200
 
 
 # newcomer edges ----------------------------------------------------------------------------------
@@ -336,12 +336,12 @@ def test_draining_says_so_without_naming_replicas(farm):
     with _net_server(farm, model="tests.serving.models:slow") as srv:
         x = np.zeros((1, 3, 8, 8), np.float32)
         with cf.ThreadPoolExecutor(4) as ex:
-            futs = [ex.submit(_infer_json, srv.url, "t0", x) for _ in range(4)]
+            futs = [ex.submit(infer_json, srv.url, "t0", x) for _ in range(4)]
             time.sleep(0.3)
             srv.proc.send_signal(15)
             time.sleep(0.05)
             try:
-                status, _, body = _infer_json(srv.url, "t0", x, )
+                status, _, body = infer_json(srv.url, "t0", x, )
             except OSError:
                 status, body = None, b""
             [f.result() for f in futs]
@@ -384,6 +384,6 @@ def test_ort_backend_bad_files_make_one_task_unavailable(farm, tmp_path):
         assert "outside the graph's folder" in idx["escape"]["reason"]
         assert "FIFO" in idx["fifo"]["reason"] and "not an ONNX model" in idx["x"]["reason"]
         x = np.zeros((1, 3, 8, 8), np.float32)
-        assert _infer_json(srv.url, "t1", x)[0] == 200
-        status, _, body = _infer_json(srv.url, "escape", x)
+        assert infer_json(srv.url, "t1", x)[0] == 200
+        status, _, body = infer_json(srv.url, "escape", x)
         assert status == 503
