@@ -1,4 +1,6 @@
-"""The fused fold on CPU: ``fold_kernel.c``, compiled once per machine with its C compiler, loaded with ctypes.
+"""The CPU kernels, compiled once per machine with its C compiler and loaded with ctypes: the fused
+fold (``fold_kernel.c``) and row segments through their own Linear weights (``rows_kernel.c``, for
+decode steps of several tasks at once: :func:`rows_linear`).
 
 The kernel folds a range of rows in one pass (the rank-R product in registers, the map, the multiply
 by W, the rounding, a non-finite flag: see the C file). The rows are split between
@@ -30,19 +32,22 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["available", "fold_rows", "openmp", "status", "supports"]
+__all__ = ["available", "fold_rows", "openmp", "rows_linear", "rows_supported", "status", "supports"]
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fold_kernel.c")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SRCS = (os.path.join(_HERE, "fold_kernel.c"), os.path.join(_HERE, "rows_kernel.c"))
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TAIL_RANK = 64  # the kernel's padded tail tile holds at most this many rows of A
 _MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thread alone
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int64, ctypes.c_int64]
+_ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 _lock = threading.Lock()
 _state: dict = {}  # "fn"/"all": the ctypes functions or None, "why": the reason, "omp": threads in C
@@ -90,8 +95,10 @@ def _build() -> tuple:
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     try:
-        with open(_SRC, "rb") as f:
-            src = f.read()
+        src = b""
+        for path in _SRCS:
+            with open(path, "rb") as f:
+                src += f.read() + b"\0"
         version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C compiler {cc} could not be run ({e})"
@@ -100,20 +107,20 @@ def _build() -> tuple:
         key = hashlib.sha256(b"\0".join([src, version, " ".join(flags).encode(), platform.machine().encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
         folder = _cache_dir()
-        lib = os.path.join(folder, f"fold_kernel-{key}.so")
+        lib = os.path.join(folder, f"kernels-{key}.so")
         if os.path.isfile(lib):
             return lib, None
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".fold_kernel-", suffix=".so", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
             os.close(fd)
         except OSError:  # no writable cache: a private folder of this process, removed once loaded
             folder = _state["private"] = tempfile.mkdtemp(prefix="liedeploy-fold-")
-            lib = os.path.join(folder, f"fold_kernel-{key}.so")
-            fd, tmp = tempfile.mkstemp(prefix=".fold_kernel-", suffix=".so", dir=folder)
+            lib = os.path.join(folder, f"kernels-{key}.so")
+            fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
             os.close(fd)
         try:
-            r = subprocess.run([cc, *flags, "-o", tmp, _SRC], capture_output=True, timeout=120)
+            r = subprocess.run([cc, *flags, "-o", tmp, *_SRCS], capture_output=True, timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, lib)
                 return lib, None
@@ -126,8 +133,9 @@ def _build() -> tuple:
     return None, f"the C compiler {cc} could not build the fold kernel ({why[0]})"
 
 
-def _self_test(fn, fn_all) -> Optional[str]:
-    """None if the library agrees with torch's ops on a small case in every dtype, else why not."""
+def _self_test(fn, fn_all, rows) -> Optional[str]:
+    """None if the library agrees with torch's ops on small cases (the fold in every dtype, the row
+    segments with and without bias), else why not."""
     g = torch.Generator().manual_seed(0)
     m, n, R = 5, 150, 3  # 150 = two full tiles and a tail
     B = torch.randn(m, R, generator=g) * 0.3
@@ -142,6 +150,16 @@ def _self_test(fn, fn_all) -> Optional[str]:
             for bad in (_call(fn, W, out, B, A, exact, 0, m), fn_all(*_args(W, out, B, A), m, int(exact), 1)):
                 if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
                     return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
+    x = torch.randn(7, 37, generator=g)
+    Ws = [torch.randn(70, 37, generator=g) for _ in range(3)]
+    bias = torch.randn(70, generator=g)
+    starts = torch.tensor([0, 1, 5, 7], dtype=torch.int64)
+    out = torch.full((7, 70), float("nan"))
+    _rows_call(rows, x, out, starts, Ws, [None, bias, None], 1)
+    ref = torch.cat([torch.nn.functional.linear(x[a:b], W, bb) for a, b, W, bb in
+                     zip(starts[:-1].tolist(), starts[1:].tolist(), Ws, [None, bias, None])])
+    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+        return "the built row-segment kernel disagrees with torch's linear"
     return None
 
 
@@ -153,28 +171,30 @@ def _load() -> None:
         before = _gomp_runtimes()
         try:
             dll = ctypes.CDLL(lib)
-            fn, fn_all = dll.lie_fold_rows, dll.lie_fold_all
+            fn, fn_all, rows = dll.lie_fold_rows, dll.lie_fold_all, dll.lie_rows_linear
             fn.restype = fn_all.restype = ctypes.c_int
+            rows.restype = None
             fn.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
             fn_all.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+            rows.argtypes = _ROWS_ARGS
             # OpenMP threads only when loading the library brought no second runtime in
             omp = bool(dll.lie_fold_openmp()) and _gomp_runtimes() == before
-            why = _self_test(fn, fn_all)
+            why = _self_test(fn, fn_all, rows)
         except (OSError, AttributeError) as e:
             why = f"the fold kernel {lib} could not be loaded ({e})"
         if why is not None:
-            fn = fn_all = None
+            fn = fn_all = rows = None
     private = _state.pop("private", None)
     if private:  # the loaded library stays mapped
         shutil.rmtree(private, ignore_errors=True)
-    _state.update(fn=fn, all=fn_all, omp=omp, why=why)
+    _state.update(fn=fn, all=fn_all, rows=rows if fn is not None else None, omp=omp, why=why)
 
 
 def _load_guarded() -> None:
     try:
         _load()
     except Exception as e:  # noqa: BLE001 - any failure means the blocked path, with the reason
-        _state.update(fn=None, all=None, omp=False, why=f"the fold kernel could not be set up ({e})")
+        _state.update(fn=None, all=None, rows=None, omp=False, why=f"the fold kernel could not be set up ({e})")
 
 
 def _kernel():
@@ -260,3 +280,42 @@ def fold_rows(W2: torch.Tensor, O2: torch.Tensor, B: torch.Tensor, A: torch.Tens
     if bad < 0:
         raise RuntimeError("fold kernel: rank too large for the tail tile")  # supports() rules this out
     return bad == 0
+
+
+# -- row segments through their own Linear weights (decode steps of several tasks) --------------------
+ROWS_MAX = 16  # rows per segment up to which rows_linear beats one BLAS call per segment (measured)
+
+
+def rows_supported(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether :func:`rows_linear` takes these tensors (float32, contiguous, on the CPU, shapes that
+    agree) and the kernel runs here."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2:
+        return False
+    n_out = weights[0].shape[0] if weights else 0
+    for W, b in zip(weights, biases):
+        if (W.dtype != torch.float32 or W.device.type != "cpu" or not W.is_contiguous() or W.dim() != 2
+                or W.shape != (n_out, x.shape[1])):
+            return False
+        if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous()
+                              or b.shape != (n_out,)):
+            return False
+    return available()
+
+
+def _rows_call(rows, x, out, starts, weights, biases, threads) -> None:
+    n = len(weights)
+    wp = (ctypes.c_void_p * n)(*[W.data_ptr() for W in weights])
+    bp = (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in biases])
+    rows(x.data_ptr(), out.data_ptr(), x.shape[1], out.shape[1], n, starts.data_ptr(), wp, bp, threads)
+
+
+def rows_linear(x: torch.Tensor, starts: torch.Tensor, weights: Sequence[torch.Tensor],
+                biases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``out[a:b] = x[a:b] @ weights[s].T + biases[s]`` for each segment ``s`` = rows
+    ``[starts[s], starts[s + 1])`` of the 2-D float32 ``x``; ``starts`` an int64 tensor of
+    ``len(weights) + 1`` offsets from 0 to ``len(x)``. Each row's result is independent of the other
+    rows and of the thread count. Check :func:`rows_supported` first."""
+    out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=torch.float32)
+    threads = torch.get_num_threads() if _state.get("omp") else 1
+    _rows_call(_state["rows"], x, out, starts, weights, biases, threads)
+    return out

@@ -1,0 +1,108 @@
+/* Row segments through their own Linear weights, for decode steps of several tasks at once:
+ * out[r, :] = x[r, :] @ W_s^T (+ b_s) for the rows r of segment s, float32, W_s row-major (N x K).
+ *
+ * Built with fold_kernel.c into one library by liedeploy/core/native.py. A decode step feeds a
+ * Linear one to a few rows per task; a BLAS GEMM at M = 1-4 reaches a fraction of the memory
+ * bandwidth there (0.4-0.5 of it measured on a 2-core EPYC with weights out of cache), and one call
+ * per task adds its own overhead. Here every segment's weight is streamed once: per block of four
+ * weight rows, each 16-float load of W feeds every row of x of the segment (x stays in L1), with one
+ * vector accumulator per (row, weight row) pair, summed across lanes at the end. The sum's order is
+ * fixed (vector lanes, then the lanes pairwise, then the K % 16 tail), so a row's result does not
+ * depend on the other rows, their tasks or the thread count.
+ *
+ * lie_rows_linear splits (segment, block of 64 output columns) items over OpenMP threads where the
+ * build links torch's own OpenMP runtime; elsewhere it runs on the calling thread.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define VW 16
+#define COLS 64 /* output columns per work item */
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+
+static inline vf loadv(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum(vf v) {
+    /* pairwise over the lanes: a fixed order */
+    float s[VW];
+    memcpy(s, &v, sizeof s);
+    for (int w = VW / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
+}
+
+/* rows [0, m) of x (ldx apart) times weight rows [n0, n1) of W (K floats each), into out (ldo apart) */
+static void block(const float *x, int64_t ldx, int64_t m, const float *W, int64_t K, const float *bias, float *out,
+                  int64_t ldo, int64_t n0, int64_t n1) {
+    const int64_t kv = K / VW * VW;
+    for (int64_t r = 0; r < m; r += 4) {
+        const int64_t mr = m - r < 4 ? m - r : 4;
+        const float *x0 = x + r * ldx;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+            const float *w0 = W + n * K;
+            vf acc[4][4];
+            memset(acc, 0, sizeof acc);
+            if (mr == 4) {
+                for (int64_t k = 0; k < kv; k += VW) {
+                    vf a = loadv(w0 + k), b = loadv(w0 + K + k), c = loadv(w0 + 2 * K + k), d = loadv(w0 + 3 * K + k);
+                    for (int i = 0; i < 4; i++) {
+                        vf xv = loadv(x0 + i * ldx + k);
+                        acc[i][0] += xv * a;
+                        acc[i][1] += xv * b;
+                        acc[i][2] += xv * c;
+                        acc[i][3] += xv * d;
+                    }
+                }
+            } else {
+                for (int64_t k = 0; k < kv; k += VW) {
+                    vf a = loadv(w0 + k), b = loadv(w0 + K + k), c = loadv(w0 + 2 * K + k), d = loadv(w0 + 3 * K + k);
+                    for (int i = 0; i < mr; i++) {
+                        vf xv = loadv(x0 + i * ldx + k);
+                        acc[i][0] += xv * a;
+                        acc[i][1] += xv * b;
+                        acc[i][2] += xv * c;
+                        acc[i][3] += xv * d;
+                    }
+                }
+            }
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < 4; j++) {
+                    float s = hsum(acc[i][j]);
+                    for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * w0[j * K + k];
+                    out[(r + i) * ldo + n + j] = bias ? s + bias[n + j] : s;
+                }
+        }
+        for (; n < n1; n++) {
+            const float *w0 = W + n * K;
+            for (int i = 0; i < mr; i++) {
+                vf acc = {0};
+                for (int64_t k = 0; k < kv; k += VW) acc += loadv(x0 + i * ldx + k) * loadv(w0 + k);
+                float s = hsum(acc);
+                for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * w0[k];
+                out[(r + i) * ldo + n] = bias ? s + bias[n] : s;
+            }
+        }
+    }
+}
+
+/* Segment s covers rows [starts[s], starts[s + 1]) of x (R x K) and out (R x N), through weights[s]
+ * (N x K) and biases[s] (N floats, or NULL). */
+void lie_rows_linear(const float *x, float *out, int64_t K, int64_t N, int64_t nseg, const int64_t *starts,
+                     const float *const *weights, const float *const *biases, int nthreads) {
+    const int64_t per = (N + COLS - 1) / COLS, items = nseg * per;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (nthreads > 1)
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t s = it / per, n0 = (it % per) * COLS, n1 = n0 + COLS < N ? n0 + COLS : N;
+        const int64_t r0 = starts[s], m = starts[s + 1] - r0;
+        if (m > 0) block(x + r0 * K, K, m, weights[s], K, biases[s], out + r0 * N, N, n0, n1);
+    }
+    (void)nthreads;
+}
