@@ -5,7 +5,9 @@ Workload: bench_generate's LLaMA-like config and budget (50 MB of folded tasks),
 awaited with ``Generator.complete`` on one event loop, the model built, folded and decoded on one
 compute thread (as the server does). 1 task, and 10 registered tasks with the 16 requests spread
 over 9 of them as a Zipf draw would (5, 3, 2, 1, 1, 1, 1, 1, 1). A warm-up round, then ``--rounds``
-timed rounds, each setting in a fresh process; median tokens/s.
+timed rounds, each setting in a fresh process; median tokens/s. 10 tasks also with
+``LIEDEPLOY_ROWS=blas`` (one BLAS call per task in each Linear instead of the row-segment kernel),
+in the same run.
 
     python benchmarks/bench_engine.py [--rounds 5]
 
@@ -77,14 +79,18 @@ def main() -> int:
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = {}
-    for n in (10, 1):
+    settings = {"1": (1, "auto"), "10": (10, "auto"), "10, LIEDEPLOY_ROWS=blas": (10, "blas")}
+    for name in ("10", "10, LIEDEPLOY_ROWS=blas", "1"):
+        n, rows = settings[name]
         proc = subprocess.run([sys.executable, __file__, "--measure", str(n), str(args.rounds)], capture_output=True,
-                              text=True, env=env, check=True)
-        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+                              text=True, env=dict(env, LIEDEPLOY_ROWS=rows), check=True)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     lines = [f"decode engine in process (no HTTP), 16 sequences x 64 new tokens, greedy; tokens/s, median of "
              f"{args.rounds} rounds (range)", "| tasks | tokens/s |", "|---|---|"]
-    for n in (1, 10):
-        lines.append(f"| {n} | {statistics.median(out[n]):.0f} ({min(out[n]):.0f}-{max(out[n]):.0f}) |")
+    for name in settings:
+        lines.append(f"| {name} | {statistics.median(out[name]):.0f} ({min(out[name]):.0f}-{max(out[name]):.0f}) |")
+    lines.append(f"10 tasks: row-segment kernel / one BLAS call per task: "
+                 f"{statistics.median(out['10']) / statistics.median(out['10, LIEDEPLOY_ROWS=blas']):.2f}x")
     write_results("engine_cpu", "\n".join(lines), {"rounds": out, "median": {n: statistics.median(v) for n, v in out.items()}})
     return 0
 

@@ -9,6 +9,12 @@ copies) in which each module that differs in any of the given tasks' replicas is
 ``forward``, so every option of the layer keeps working), and the outputs are concatenated. Rows
 must be grouped by task, in the order :meth:`MixedView.set_rows` is given.
 
+A path that is a plain float32 ``nn.Linear`` in every task, fed 2+ segments of at most
+``liedeploy.core.native.ROWS_MAX`` rows each on CPU (a decode step), runs all segments in one call
+of the row-segment kernel (``rows_kernel.c``), which streams each task's weight once; its rows agree
+with the task's own ``Linear`` to float32 rounding (summed in another order), not bit for bit.
+``LIEDEPLOY_ROWS=blas`` keeps one call of the task's module per segment.
+
 A module whose input does not have the rows as its first axis (a layer that flattens batch and
 sequence together, as mixture-of-experts routers do) raises :class:`NotRowwise`; callers fall back
 to one forward per task.

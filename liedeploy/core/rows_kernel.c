@@ -36,6 +36,35 @@ static inline float hsum(vf v) {
     return s[0];
 }
 
+/* MR rows of x times four weight rows (a compile-time MR: the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void tile(const float *x0, int64_t ldx, const float *w0, int64_t K,
+                                                       int64_t kv, const float *bias, float *o, int64_t ldo,
+                                                       int64_t n, const int MR) {
+    vf acc[4][4];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < kv; k += VW) {
+        vf a = loadv(w0 + k), b = loadv(w0 + K + k), c = loadv(w0 + 2 * K + k), d = loadv(w0 + 3 * K + k);
+        /* the weight rows two tiles ahead (a hint: never faults, also past the weight's end) */
+        __builtin_prefetch(w0 + 8 * K + k);
+        __builtin_prefetch(w0 + 9 * K + k);
+        __builtin_prefetch(w0 + 10 * K + k);
+        __builtin_prefetch(w0 + 11 * K + k);
+        for (int i = 0; i < MR; i++) {
+            vf xv = loadv(x0 + i * ldx + k);
+            acc[i][0] += xv * a;
+            acc[i][1] += xv * b;
+            acc[i][2] += xv * c;
+            acc[i][3] += xv * d;
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++) {
+            float s = hsum(acc[i][j]);
+            for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * w0[j * K + k];
+            o[i * ldo + n + j] = bias ? s + bias[n + j] : s;
+        }
+}
+
 /* rows [0, m) of x (ldx apart) times weight rows [n0, n1) of W (K floats each), into out (ldo apart) */
 static void block(const float *x, int64_t ldx, int64_t m, const float *W, int64_t K, const float *bias, float *out,
                   int64_t ldo, int64_t n0, int64_t n1) {
@@ -43,40 +72,16 @@ static void block(const float *x, int64_t ldx, int64_t m, const float *W, int64_
     for (int64_t r = 0; r < m; r += 4) {
         const int64_t mr = m - r < 4 ? m - r : 4;
         const float *x0 = x + r * ldx;
+        float *o = out + r * ldo;
         int64_t n = n0;
         for (; n + 4 <= n1; n += 4) {
             const float *w0 = W + n * K;
-            vf acc[4][4];
-            memset(acc, 0, sizeof acc);
-            if (mr == 4) {
-                for (int64_t k = 0; k < kv; k += VW) {
-                    vf a = loadv(w0 + k), b = loadv(w0 + K + k), c = loadv(w0 + 2 * K + k), d = loadv(w0 + 3 * K + k);
-                    for (int i = 0; i < 4; i++) {
-                        vf xv = loadv(x0 + i * ldx + k);
-                        acc[i][0] += xv * a;
-                        acc[i][1] += xv * b;
-                        acc[i][2] += xv * c;
-                        acc[i][3] += xv * d;
-                    }
-                }
-            } else {
-                for (int64_t k = 0; k < kv; k += VW) {
-                    vf a = loadv(w0 + k), b = loadv(w0 + K + k), c = loadv(w0 + 2 * K + k), d = loadv(w0 + 3 * K + k);
-                    for (int i = 0; i < mr; i++) {
-                        vf xv = loadv(x0 + i * ldx + k);
-                        acc[i][0] += xv * a;
-                        acc[i][1] += xv * b;
-                        acc[i][2] += xv * c;
-                        acc[i][3] += xv * d;
-                    }
-                }
+            switch (mr) {
+            case 4: tile(x0, ldx, w0, K, kv, bias, o, ldo, n, 4); break;
+            case 3: tile(x0, ldx, w0, K, kv, bias, o, ldo, n, 3); break;
+            case 2: tile(x0, ldx, w0, K, kv, bias, o, ldo, n, 2); break;
+            default: tile(x0, ldx, w0, K, kv, bias, o, ldo, n, 1); break;
             }
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < 4; j++) {
-                    float s = hsum(acc[i][j]);
-                    for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * w0[j * K + k];
-                    out[(r + i) * ldo + n + j] = bias ? s + bias[n + j] : s;
-                }
         }
         for (; n < n1; n++) {
             const float *w0 = W + n * K;
@@ -85,7 +90,7 @@ static void block(const float *x, int64_t ldx, int64_t m, const float *W, int64_
                 for (int64_t k = 0; k < kv; k += VW) acc += loadv(x0 + i * ldx + k) * loadv(w0 + k);
                 float s = hsum(acc);
                 for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * w0[k];
-                out[(r + i) * ldo + n] = bias ? s + bias[n] : s;
+                o[i * ldo + n] = bias ? s + bias[n] : s;
             }
         }
     }
