@@ -2,6 +2,7 @@
 
     pip install py-spy
     python benchmarks/profile_serve.py [--tasks 1000] [--duration 12] [--rate 50]
+    python benchmarks/profile_serve.py --tasks 10 --workers 2 --threads 1 --gil
 
 The workload is bench_serve.py's (a ResNet-18-like config at 64x64, r=16 on every conv and the
 classifier, 32 clients, Zipf(1.1) over the tasks, or uniform at 10 tasks, a 0.5 GB cache budget).
@@ -10,7 +11,11 @@ thread is put in one bucket by the innermost frame that names one: the fold of a
 of its file, the fold itself, the replica), the model's forward, or the rest. The event-loop
 thread's samples are split into waiting (epoll) and work (HTTP, encoding). Sampling pauses the
 process, so throughput under the profiler is lower than bench_serve's; the shares are what this
-measures. Writes benchmarks/results/profile_serve_cpu.txt.
+measures. ``--gil`` also samples threads that are off the CPU (py-spy ``--idle``) and puts a
+compute-thread sample whose innermost native frames take the GIL back (after a torch operation
+released it, or to drop a tensor's Python object) in its own bucket, "waiting for the GIL": what
+several batch workers (``--workers``) lose to one another and to the event loop. Writes
+benchmarks/results/profile_serve_cpu.txt (``--gil``: profile_serve_gil_WxT_cpu.txt).
 """
 
 from __future__ import annotations
@@ -39,9 +44,19 @@ BUCKETS = (
 
 
 COMPUTE = ("fold", "forward", "batching", "compute")  # the buckets of the compute thread's samples
+# native frames of a thread blocked on taking the GIL (CPython's and pybind11's names)
+GIL_FRAMES = ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread", "PyGILState_Ensure", "gil_scoped_acquire",
+              "~gil_scoped_release")
 
 
-def _bucket(frames: list) -> str:
+def _gil_wait(frames: list) -> bool:
+    inner = frames[-6:]
+    return any(g in f for f in inner for g in GIL_FRAMES) and any("pthread_cond" in f or "futex" in f for f in inner)
+
+
+def _bucket(frames: list, gil: bool = False) -> str:
+    if gil and _gil_wait(frames):
+        return "compute thread: waiting for the GIL"
     for frame in reversed(frames):
         for name, needle in BUCKETS:
             if needle in frame:
@@ -50,8 +65,9 @@ def _bucket(frames: list) -> str:
         else "compute thread: other"
 
 
-def summarize(raw_path: str) -> tuple[dict, int]:
-    """``({bucket: samples}, total samples)`` from py-spy's raw (collapsed) output with --threads."""
+def summarize(raw_path: str, gil: bool = False) -> tuple[dict, int]:
+    """``({bucket: samples}, total samples)`` from py-spy's raw (collapsed) output with --threads
+    (``gil``: a GIL-wait bucket for the compute threads)."""
     counts: collections.Counter = collections.Counter()
     total = 0
     with open(raw_path) as f:
@@ -64,7 +80,7 @@ def summarize(raw_path: str) -> tuple[dict, int]:
             total += n
             thread = frames[0]
             if "liedeploy-compute" in thread or "liedeploy-batcher" in thread:
-                counts[_bucket(frames)] += n
+                counts[_bucket(frames, gil)] += n
             elif "MainThread" in thread:
                 counts["event loop: waiting (epoll)" if "epoll" in frames[-1] else "event loop: HTTP, decode, encode"] += n
             else:
@@ -80,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=1000, choices=(1, 10, 100, 1000))
     ap.add_argument("--duration", type=float, default=12.0)
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers")
+    ap.add_argument("--threads", type=int, default=2, help="serve --threads")
+    ap.add_argument("--gil", action="store_true", help="also sample off-CPU threads; a GIL-wait bucket")
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
@@ -87,11 +106,12 @@ def main(argv=None) -> int:
         return 1
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
         setup = _setup(work, args.tasks)
-        proc = _serve(setup, args.tasks, 500_000_000)
+        proc = _serve(setup, args.tasks, 500_000_000, workers=args.workers, threads=args.threads)
         raw = os.path.join(work, "profile.txt")
         try:
             rec = subprocess.Popen([spy, "record", "-p", str(proc.p.pid), "-o", raw, "-f", "raw", "-d",
-                                    str(int(args.duration)), "-r", str(args.rate), "--threads", "--native"],
+                                    str(int(args.duration)), "-r", str(args.rate), "--threads", "--native"]
+                                   + (["--idle"] if args.gil else []),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             spec = setup["sizes"][args.tasks]["spec"] if args.tasks != 1 else setup["spec_one"]
             res = _load(proc, spec, zipf=0.0 if args.tasks == 10 else 1.1, duration=args.duration)
@@ -101,10 +121,11 @@ def main(argv=None) -> int:
         if not os.path.exists(raw):
             print(f"py-spy wrote nothing: {err.strip().splitlines()[-1] if err.strip() else 'no message'}", file=sys.stderr)
             return 1
-        counts, total = summarize(raw)
+        counts, total = summarize(raw, args.gil)
     compute = sum(v for k, v in counts.items() if k.startswith(COMPUTE))
     lines = [f"liedeploy serve under py-spy ({args.rate} Hz, native frames), {args.tasks} task(s) "
-             f"{'uniform' if args.tasks == 10 else 'Zipf(1.1)'}, 32 clients, {args.duration:g} s: "
+             f"{'uniform' if args.tasks == 10 else 'Zipf(1.1)'}, 32 clients, {args.workers} worker(s) x "
+             f"{args.threads} torch thread(s){', off-CPU samples too' if args.gil else ''}, {args.duration:g} s: "
              f"{res['rps']:.1f} req/s under the profiler, {res['errors']} errors, {res['wrong']} wrong",
              f"{'bucket':45s} {'share of all samples':>22s} {'share of the compute thread':>28s}"]
     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
@@ -113,8 +134,9 @@ def main(argv=None) -> int:
     fold = sum(v for k, v in counts.items() if k.startswith("fold"))
     lines.append(f"compute thread: folds {fold / max(compute, 1):.2f}, forwards "
                  f"{counts.get('forward: the model', 0) / max(compute, 1):.2f} of its samples")
-    write_results("profile_serve_cpu", "\n".join(lines),
-                  {"tasks": args.tasks, "samples": total, "buckets": counts, "load": res})
+    write_results(f"profile_serve_gil_{args.workers}x{args.threads}_cpu" if args.gil else "profile_serve_cpu", "\n".join(lines),
+                  {"tasks": args.tasks, "workers": args.workers, "threads": args.threads, "gil": args.gil,
+                   "samples": total, "buckets": counts, "load": res})
     return 0
 
 
