@@ -92,7 +92,7 @@ class RowDispatch(nn.Module):
     def _rows_linear(self, view: "MixedView", x: torch.Tensor) -> Optional[torch.Tensor]:
         """Every segment through its task's plain ``nn.Linear`` in one call of the CPU row-segment
         kernel, where each segment has few rows (a decode step of several tasks: each task's weight
-        is streamed once, at 2.1-2.9x the speed of one BLAS call per task, ``benchmarks/bench_rows.py``);
+        is streamed once, at 1.7-2.9x the speed of one BLAS call per task, ``benchmarks/bench_rows.py``);
         ``None``: not this case (one task alone keeps BLAS, faster on weights that stay in cache)."""
         from liedeploy.core import native
 
