@@ -2,14 +2,15 @@
 
     python benchmarks/bench_rows.py [--reps 7]
 
-Part 1, one Linear: rows of 4-6 tasks (decode-sized segments: 1-5 rows each), each task with its
+Part 1, one Linear (float32, then bfloat16 weights and inputs): rows of 4-6 tasks (decode-sized segments: 1-5 rows each), each task with its
 own float32 weight, through ``liedeploy.core.native.rows_linear`` (one call) against what
 ``MixedView`` did before it (torch's ``F.linear`` per task on its rows, then ``torch.cat``), the
 baseline a user writing the mixed step in torch would get. The weights are cold: each timed call
 walks the next of enough weight sets to fill 128 MB (more than this machine's 32 MB L3), as a
 decode step meets them after the other layers ran. Shapes: the bench_generate model's projections
-(256x256, 512x256, 256x512) and a 1024x4096 slice of a 7B-class layer; also one task of 16 rows
-(where MixedView keeps BLAS). Median of ``--reps`` timings, each over every weight set.
+(256x256, 512x256, 256x512) and a 1024x4096 slice of a 7B-class layer; two tasks of 8 and of 12
+rows (where ``native.rows_max`` draws the line: 16 rows in float32, 8 in bfloat16); also one task
+of 16 rows (where MixedView keeps BLAS). Median of ``--reps`` timings, each over every weight set.
 
 Part 2, a whole decode step: bench_generate's LLaMA-like model (4 layers, hidden 256, r=16 Lie
 adapters on every projection), 16 rows over 6 tasks (5/3/2/2/2/2) in one ``MixedView`` with a
@@ -32,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SHAPES = [(256, 256), (512, 256), (256, 512), (1024, 4096)]
-SEGMENTS = [[1] * 6, [5, 3, 2, 2, 2, 2], [4] * 4, [16]]
+SEGMENTS = [[1] * 6, [5, 3, 2, 2, 2, 2], [4] * 4, [8, 8], [12, 12], [16]]
 
 
 def _linear(reps: int) -> list:
@@ -42,13 +43,14 @@ def _linear(reps: int) -> list:
     from liedeploy.core import native
 
     rows = []
-    for n_out, k in SHAPES:
+    for dtype, n_out, k in [(dt, n, k) for dt in (torch.float32, torch.bfloat16) for n, k in SHAPES]:
+        size = torch.finfo(dtype).bits // 8
         for segs in SEGMENTS:
             g = torch.Generator().manual_seed(0)
-            n_sets = max(4, int(128e6 / (n_out * k * 4 * len(segs))))
-            sets = [[torch.randn(n_out, k, generator=g) for _ in segs] for _ in range(n_sets)]
+            n_sets = max(4, int(128e6 / (n_out * k * size * len(segs))))
+            sets = [[torch.randn(n_out, k, generator=g).to(dtype) for _ in segs] for _ in range(n_sets)]
             biases = [None] * len(segs)
-            x = torch.randn(sum(segs), k, generator=g)
+            x = torch.randn(sum(segs), k, generator=g).to(dtype)
             starts = torch.tensor([0] + torch.tensor(segs).cumsum(0).tolist(), dtype=torch.int64)
             bounds = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
 
@@ -58,7 +60,7 @@ def _linear(reps: int) -> list:
             def kernel(ws):
                 return native.rows_linear(x, starts, ws, biases)
 
-            err = float((kernel(sets[0]) - blas(sets[0])).abs().max())
+            err = float((kernel(sets[0]).float() - blas(sets[0]).float()).abs().max())
             times = {}
             for name, fn in (("blas", blas), ("kernel", kernel)):
                 per = []
@@ -68,9 +70,10 @@ def _linear(reps: int) -> list:
                         fn(ws)
                     per.append((time.perf_counter() - t) / n_sets)
                 times[name] = statistics.median(per)
-            rows.append({"out": n_out, "in": k, "segments": segs, "blas_us": 1e6 * times["blas"],
-                         "kernel_us": 1e6 * times["kernel"], "ratio": times["blas"] / times["kernel"],
-                         "kernel_gb_s": n_out * k * 4 * len(segs) / times["kernel"] / 1e9, "max_abs_diff": err})
+            rows.append({"dtype": str(dtype).split(".")[-1], "out": n_out, "in": k, "segments": segs,
+                         "blas_us": 1e6 * times["blas"], "kernel_us": 1e6 * times["kernel"],
+                         "ratio": times["blas"] / times["kernel"],
+                         "kernel_gb_s": n_out * k * size * len(segs) / times["kernel"] / 1e9, "max_abs_diff": err})
     return rows
 
 
@@ -126,21 +129,27 @@ def main(argv=None) -> int:
     if not native.available():
         print(f"bench_rows.py needs the CPU kernels: {native.status()}", file=sys.stderr)
         return 1
-    lines = [f"row-segment kernel vs one F.linear per task (+ cat), float32, cold weights, {torch.get_num_threads()} "
+    lines = [f"row-segment kernel vs one F.linear per task (+ cat), cold weights, {torch.get_num_threads()} "
              f"torch threads, medians of {args.reps}",
-             f"{'weight (out x in)':18s} {'rows per task':22s} {'BLAS us':>9s} {'kernel us':>10s} {'ratio':>7s} "
-             f"{'kernel GB/s':>12s}"]
+             f"{'dtype':9s} {'weight (out x in)':18s} {'rows per task':22s} {'BLAS us':>9s} {'kernel us':>10s} "
+             f"{'ratio':>7s} {'kernel GB/s':>12s}"]
     linear = _linear(args.reps)
     for r in linear:
-        lines.append(f"{r['out']:>7d} x {r['in']:<8d} {str(r['segments']):22s} {r['blas_us']:9.1f} {r['kernel_us']:10.1f} "
-                     f"{r['ratio']:6.2f}x {r['kernel_gb_s']:12.1f}")
+        lines.append(f"{r['dtype']:9s} {r['out']:>7d} x {r['in']:<8d} {str(r['segments']):22s} {r['blas_us']:9.1f} "
+                     f"{r['kernel_us']:10.1f} {r['ratio']:6.2f}x {r['kernel_gb_s']:12.1f}")
     step = _step(args.reps)
     lines.append(f"decode step, bench_generate's model, 16 rows over 6 tasks: BLAS per task {step['blas_ms']:.2f} ms, "
                  f"kernel {step['kernel_ms']:.2f} ms: {step['ratio']:.2f}x")
-    multi = [r["ratio"] for r in linear if len(r["segments"]) > 1]
-    lines.append(f"several tasks (the case MixedView takes the kernel for): {min(multi):.2f}x-{max(multi):.2f}x; "
-                 f"one task of 16 rows (kept on BLAS): "
-                 + ", ".join(f"{r['ratio']:.2f}x" for r in linear if len(r["segments"]) == 1))
+    for dt in ("float32", "bfloat16"):
+        cap = native.rows_max(getattr(torch, dt))
+        multi = [r["ratio"] for r in linear if len(r["segments"]) > 1 and r["dtype"] == dt and max(r["segments"]) <= cap]
+        beyond = [r["ratio"] for r in linear if len(r["segments"]) > 1 and r["dtype"] == dt and max(r["segments"]) > cap]
+        lines.append(f"{dt}, several tasks of at most {cap} rows (MixedView takes the kernel): "
+                     f"{min(multi):.2f}x-{max(multi):.2f}x"
+                     + (f"; beyond {cap} rows (kept on BLAS): {min(beyond):.2f}x-{max(beyond):.2f}x" if beyond else "")
+                     + "; "
+                     f"one task of 16 rows (kept on BLAS): "
+                     + ", ".join(f"{r['ratio']:.2f}x" for r in linear if len(r["segments"]) == 1 and r["dtype"] == dt))
     write_results("rows_cpu", "\n".join(lines), {"linear": linear, "step": step, "reps": args.reps})
     return 0
 

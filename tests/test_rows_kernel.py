@@ -65,16 +65,39 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_threads():
         assert torch.equal(out, together), threads
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_widened_and_the_result_rounded_once(dtype):
+    g = torch.Generator().manual_seed(3)
+    K, N = 200, 67
+    counts = [2, 1, 5]
+    starts = torch.tensor([0, 2, 3, 8], dtype=torch.int64)
+    x = torch.randn(8, K, generator=g).to(dtype)
+    weights = [(torch.randn(N, K, generator=g) * 0.1).to(dtype) for _ in counts]
+    biases = [torch.randn(N, generator=g).to(dtype), None, None]
+    got = native.rows_linear(x, starts, weights, biases)
+    assert got.dtype == dtype and got.shape == (8, N)
+    ref = _ref(x, starts, weights, biases)  # float64 of the same half-precision values
+    eps = torch.finfo(dtype).eps
+    bound = _bound(x, starts, weights, biases) + eps * ref.abs() + torch.finfo(dtype).tiny
+    assert bool(((got.double() - ref).abs() <= bound).all())
+    # torch's own linear in that dtype also rounds a float32 sum once: at most one ulp apart
+    torch_out = torch.cat([torch.nn.functional.linear(x[a:b], W, bb) for a, b, W, bb in
+                           zip(starts[:-1].tolist(), starts[1:].tolist(), weights, biases)])
+    assert bool(((got.double() - torch_out.double()).abs() <= 2 * eps * ref.abs() + 1e-3).all())
+
+
 def test_unsupported_tensors_are_refused():
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     assert native.rows_supported(x, [W], [None])
-    assert not native.rows_supported(x.to(torch.bfloat16), [W], [None])
-    assert not native.rows_supported(x, [W.to(torch.float16)], [None])
-    assert not native.rows_supported(torch.randn(8, 2).T, [W], [None])  # not contiguous
-    assert not native.rows_supported(x, [torch.randn(8, 4).T], [None])
+    assert native.rows_supported(x.to(torch.bfloat16), [W.to(torch.bfloat16)], [None])
+    assert native.rows_supported(torch.randn(8, 2).T, [W], [None])  # x is made contiguous
+    assert not native.rows_supported(x.double(), [W.double()], [None])
+    assert not native.rows_supported(x, [W, W.to(torch.float16)], [None, None])  # weights of two dtypes
+    assert not native.rows_supported(x, [torch.randn(8, 4).T], [None])  # a weight not contiguous
     assert not native.rows_supported(x, [W, torch.randn(5, 8)], [None, None])  # shapes disagree
     assert not native.rows_supported(x, [W], [torch.randn(5)])
     assert not native.rows_supported(x[None], [W], [None])
+    assert not native.rows_supported(x, [], [])
 
 
 def _view(n_tasks=3, width=24):
@@ -127,3 +150,34 @@ def test_mixed_view_keeps_autograd_where_gradients_are_recorded(monkeypatch):
     x = torch.randn(2, 24, requires_grad=True)
     view(x).sum().backward()  # gradients reach the input through each task's own Linear
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_a_bfloat16_mixed_view_takes_the_kernel(monkeypatch):
+    view, reps = _view()
+    for m in [view.base, *reps.values()]:
+        m.to(torch.bfloat16)
+    calls = []
+    real = native.rows_linear
+    monkeypatch.setattr(native, "rows_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    view.set_rows(["t0", "t1", "t1", None])
+    x = torch.randn(4, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        got = view(x)
+        want = torch.cat([reps["t0"](x[:1]), reps["t1"](x[1:3]), reps[None](x[3:])])
+    assert calls == [torch.bfloat16, torch.bfloat16] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2 ** -6)  # a bf16 ulp or two
+
+
+def test_half_precision_takes_the_kernel_up_to_its_own_row_cap(monkeypatch):
+    calls = []
+    real = native.rows_linear
+    monkeypatch.setattr(native, "rows_linear", lambda *a: calls.append(1) or real(*a))
+    for rows, expected in ((native.ROWS_MAX_HALF, 2), (native.ROWS_MAX_HALF + 1, 0)):
+        view, reps = _view()
+        for m in [view.base, *reps.values()]:
+            m.to(torch.bfloat16)
+        calls.clear()
+        view.set_rows(["t0"] * rows + ["t1"] * rows)
+        with torch.no_grad():
+            view(torch.randn(2 * rows, 24).to(torch.bfloat16))
+        assert len(calls) == expected, rows

@@ -9,10 +9,12 @@ copies) in which each module that differs in any of the given tasks' replicas is
 ``forward``, so every option of the layer keeps working), and the outputs are concatenated. Rows
 must be grouped by task, in the order :meth:`MixedView.set_rows` is given.
 
-A path that is a plain float32 ``nn.Linear`` in every task, fed 2+ segments of at most
-``liedeploy.core.native.ROWS_MAX`` rows each on CPU (a decode step), runs all segments in one call
-of the row-segment kernel (``rows_kernel.c``), which streams each task's weight once; its rows agree
-with the task's own ``Linear`` to float32 rounding (summed in another order), not bit for bit.
+A path that is a plain ``nn.Linear`` (float32, float16 or bfloat16) in every task, fed 2+ segments
+of at most ``liedeploy.core.native.rows_max(dtype)`` rows each (16 in float32, 8 in half precision)
+on CPU (a decode step), runs all segments in one call of the row-segment kernel
+(``rows_kernel.c``), which streams each task's weight once; its rows agree with the task's own
+``Linear`` to float32 rounding of the sum (summed in another order, then rounded once to the
+model's dtype), not bit for bit.
 ``LIEDEPLOY_ROWS=blas`` keeps one call of the task's module per segment.
 
 A module whose input does not have the rows as its first axis (a layer that flattens batch and
@@ -97,9 +99,9 @@ class RowDispatch(nn.Module):
         from liedeploy.core import native
 
         per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[-1] else 0
-        if not per_row or view.max_rows * per_row > native.ROWS_MAX:
-            return None
         mods = [view.modules[key][self.path] for _, _, key in view.segments]
+        if not per_row or view.max_rows * per_row > native.rows_max(mods[0].weight.dtype):
+            return None
         weights = [m.weight for m in mods]
         biases = [m.bias for m in mods]
         x2 = x.reshape(-1, x.shape[-1])

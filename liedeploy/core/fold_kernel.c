@@ -20,20 +20,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VW 16
+#include "kernel_vec.h"
+
 #define TILE (4 * VW)
-
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-
-enum { F32 = 0, F16 = 1, BF16 = 2 };
-
-static inline vf splat(float x) { vf v = {0}; return v + x; }
-static inline vu splatu(uint32_t x) { vu v = {0}; return v + x; }
-static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
-static inline vu selu(vi m, vu a, vu b) { return (vu)(((vu)m & a) | (~(vu)m & b)); }
 
 static inline vf vexp(vf x) {
     /* NaN needs no test: it fails both clamps and propagates through the polynomial */
@@ -78,47 +67,6 @@ static inline vf vmap(vf x, int map) {
     if (map == MAP_EXP) return vexp(x);
     if (map == MAP_EXP_SMALL) return vexp_small(x);
     return x + 1.0f;
-}
-
-/* float32 -> float16, round to nearest even (F. Giesen's float_to_half_fast3_rtne, vectorized). */
-static inline vh to_f16(vf x) {
-    vu f = (vu)x;
-    vu sign = f & 0x80000000u;
-    f ^= sign;
-    vu big = selu((vi)(f > 0x7f800000u), splatu(0x7e00u), splatu(0x7c00u));
-    const vf denorm_magic = (vf)splatu(((127u - 15u) + (23u - 10u) + 1u) << 23);
-    vu sub = (vu)((vf)f + denorm_magic) - (vu)denorm_magic;
-    vu mant_odd = (f >> 13) & 1u;
-    vu norm = (f + (((uint32_t)(15 - 127) << 23) + 0xfffu) + mant_odd) >> 13;
-    vu o = selu((vi)(f >= ((127u + 16u) << 23)), big, selu((vi)(f < (113u << 23)), sub, norm));
-    return __builtin_convertvector(o | (sign >> 16), vh);
-}
-
-static inline vf from_f16(vh h16) {
-    vu h = __builtin_convertvector(h16, vu);
-    const vu shifted_exp = splatu(0x7c00u << 13);
-    vu o = (h & 0x7fffu) << 13;
-    vu e = o & shifted_exp;
-    o += (127u - 15u) << 23;
-    vi inf = (vi)(e == shifted_exp), zero = (vi)(e == 0u);
-    o = selu(inf, o + ((128u - 16u) << 23), o);
-    vf sub = (vf)(o + (1u << 23)) - (vf)splatu(113u << 23);
-    o = selu(zero, (vu)sub, o);
-    return (vf)(o | ((h & 0x8000u) << 16));
-}
-
-static inline vh to_bf16(vf x) {
-    vu u = (vu)x;
-    vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    vi nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
-    return __builtin_convertvector(selu(nan, (u >> 16) | 0x40u, rounded), vh);
-}
-
-static inline vf load_w(const void *w, int64_t i, int dt) {
-    if (dt == F32) { vf v; memcpy(&v, (const float *)w + i, sizeof v); return v; }
-    vh h; memcpy(&h, (const uint16_t *)w + i, sizeof h);
-    if (dt == F16) return from_f16(h);
-    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
 /* Store one vector of results; returns a mask of the non-finite ones. */

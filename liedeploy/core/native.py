@@ -36,10 +36,11 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["available", "fold_rows", "openmp", "rows_linear", "rows_supported", "status", "supports"]
+__all__ = ["available", "fold_rows", "openmp", "rows_linear", "rows_max", "rows_supported", "status", "supports"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SRCS = (os.path.join(_HERE, "fold_kernel.c"), os.path.join(_HERE, "rows_kernel.c"))
+_SRCS = (os.path.join(_HERE, "fold_kernel.c"), os.path.join(_HERE, "rows_kernel.c"))  # compiled
+_HEADERS = (os.path.join(_HERE, "kernel_vec.h"),)  # included by both (hashed with them)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TAIL_RANK = 64  # the kernel's padded tail tile holds at most this many rows of A
 _MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thread alone
@@ -47,7 +48,7 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int64, ctypes.c_int64]
 _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 
 _lock = threading.Lock()
 _state: dict = {}  # "fn"/"all": the ctypes functions or None, "why": the reason, "omp": threads in C
@@ -96,7 +97,7 @@ def _build() -> tuple:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     try:
         src = b""
-        for path in _SRCS:
+        for path in _SRCS + _HEADERS:
             with open(path, "rb") as f:
                 src += f.read() + b"\0"
         version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
@@ -151,15 +152,16 @@ def _self_test(fn, fn_all, rows) -> Optional[str]:
                 if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
                     return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
     x = torch.randn(7, 37, generator=g)
-    Ws = [torch.randn(70, 37, generator=g) for _ in range(3)]
     bias = torch.randn(70, generator=g)
     starts = torch.tensor([0, 1, 5, 7], dtype=torch.int64)
-    out = torch.full((7, 70), float("nan"))
-    _rows_call(rows, x, out, starts, Ws, [None, bias, None], 1)
-    ref = torch.cat([torch.nn.functional.linear(x[a:b], W, bb) for a, b, W, bb in
-                     zip(starts[:-1].tolist(), starts[1:].tolist(), Ws, [None, bias, None])])
-    if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
-        return "the built row-segment kernel disagrees with torch's linear"
+    for dt in _DTYPES:
+        Ws = [torch.randn(70, 37, generator=g).to(dt) for _ in range(3)]
+        out = torch.full((7, 70), float("nan"))
+        _rows_call(rows, x, out, starts, Ws, [None, bias, None], 1)
+        ref = torch.cat([torch.nn.functional.linear(x[a:b], W.float(), bb) for a, b, W, bb in
+                         zip(starts[:-1].tolist(), starts[1:].tolist(), Ws, [None, bias, None])])
+        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+            return f"the built row-segment kernel disagrees with torch's linear on {dt} weights"
     return None
 
 
@@ -283,21 +285,30 @@ def fold_rows(W2: torch.Tensor, O2: torch.Tensor, B: torch.Tensor, A: torch.Tens
 
 
 # -- row segments through their own Linear weights (decode steps of several tasks) --------------------
-ROWS_MAX = 16  # rows per segment up to which rows_linear beats one BLAS call per segment (measured)
+# rows per segment up to which rows_linear beats one BLAS call per segment (bench_rows.py, 2+ tasks:
+# float32 1.2-1.9x at 8-16 rows; bfloat16 1.0-1.1x at 8 rows, 0.6-0.8x at 12-16, BLAS using the
+# CPU's bf16 dot products there)
+ROWS_MAX = 16
+ROWS_MAX_HALF = 8
+
+
+def rows_max(dtype: torch.dtype) -> int:
+    """The most rows per segment for which :func:`rows_linear` is worth taking with weights of ``dtype``."""
+    return ROWS_MAX if dtype == torch.float32 else ROWS_MAX_HALF
 
 
 def rows_supported(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]) -> bool:
-    """Whether :func:`rows_linear` takes these tensors (float32, contiguous, on the CPU, shapes that
-    agree) and the kernel runs here."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2:
+    """Whether :func:`rows_linear` takes these tensors (2-D ``x`` and weights of one dtype among
+    float32, float16 and bfloat16, contiguous weights, all on the CPU, shapes that agree) and the
+    kernel runs here."""
+    if x.dtype not in _DTYPES or x.device.type != "cpu" or x.dim() != 2 or not weights:
         return False
-    n_out = weights[0].shape[0] if weights else 0
+    n_out, dt = weights[0].shape[0], weights[0].dtype
     for W, b in zip(weights, biases):
-        if (W.dtype != torch.float32 or W.device.type != "cpu" or not W.is_contiguous() or W.dim() != 2
+        if (W.dtype != dt or dt not in _DTYPES or W.device.type != "cpu" or not W.is_contiguous() or W.dim() != 2
                 or W.shape != (n_out, x.shape[1])):
             return False
-        if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous()
-                              or b.shape != (n_out,)):
+        if b is not None and (b.dtype not in _DTYPES or b.device.type != "cpu" or b.shape != (n_out,)):
             return False
     return available()
 
@@ -306,16 +317,23 @@ def _rows_call(rows, x, out, starts, weights, biases, threads) -> None:
     n = len(weights)
     wp = (ctypes.c_void_p * n)(*[W.data_ptr() for W in weights])
     bp = (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in biases])
-    rows(x.data_ptr(), out.data_ptr(), x.shape[1], out.shape[1], n, starts.data_ptr(), wp, bp, threads)
+    rows(x.data_ptr(), out.data_ptr(), x.shape[1], out.shape[1], n, starts.data_ptr(), wp, bp,
+         _DTYPES[weights[0].dtype], threads)
 
 
 def rows_linear(x: torch.Tensor, starts: torch.Tensor, weights: Sequence[torch.Tensor],
                 biases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     """``out[a:b] = x[a:b] @ weights[s].T + biases[s]`` for each segment ``s`` = rows
-    ``[starts[s], starts[s + 1])`` of the 2-D float32 ``x``; ``starts`` an int64 tensor of
-    ``len(weights) + 1`` offsets from 0 to ``len(x)``. Each row's result is independent of the other
-    rows and of the thread count. Check :func:`rows_supported` first."""
+    ``[starts[s], starts[s + 1])`` of the 2-D ``x``; ``starts`` an int64 tensor of
+    ``len(weights) + 1`` offsets from 0 to ``len(x)``. The weights are read in their own dtype
+    (float32, float16 or bfloat16) and widened as loaded; sums are float32 and the result is
+    rounded once to ``x``'s dtype, as torch's CPU linear does for half-precision inputs. Each row's
+    result is independent of the other rows and of the thread count. Check :func:`rows_supported` first."""
+    if _kernel() is None:
+        raise RuntimeError(f"the row-segment kernel does not run here: {status()}")
+    x32 = x.to(torch.float32).contiguous()
+    b32 = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
     out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=torch.float32)
     threads = torch.get_num_threads() if _state.get("omp") else 1
-    _rows_call(_state["rows"], x, out, starts, weights, biases, threads)
-    return out
+    _rows_call(_state["rows"], x32, out, starts, weights, b32, threads)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -214,13 +214,13 @@ def test_mixed_view_runs_each_tasks_rows_through_its_own_layers_and_refuses_flat
         # rounding in its own order: within 1e-6 of float64 here), one call per task elsewhere
         torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        bf = {t: (copy.deepcopy(r).to(torch.bfloat16) if r is not base else None) for t, r in reps.items()}
-        bbase = copy.deepcopy(base).to(torch.bfloat16)
-        bf[None] = bbase
-        bview = MixedView(bbase, bf)  # not float32: one call per task, bit for bit
-        bview.set_rows(tasks)
-        xb = rows.to(torch.bfloat16)
-        torch.testing.assert_close(bview(xb), torch.cat([bf["x"](xb[:2]), bf["y"](xb[2:3]), bbase(xb[3:])]),
+        f64 = {t: (copy.deepcopy(r).double() if r is not base else None) for t, r in reps.items()}
+        dbase = copy.deepcopy(base).double()
+        f64[None] = dbase
+        dview = MixedView(dbase, f64)  # float64: no kernel, one call per task, bit for bit
+        dview.set_rows(tasks)
+        xd = rows.double()
+        torch.testing.assert_close(dview(xd), torch.cat([f64["x"](xd[:2]), f64["y"](xd[2:3]), dbase(xd[3:])]),
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="together"):
         view.set_rows(["x", "y", "x"])
