@@ -41,8 +41,9 @@ sys.path.insert(0, ROOT)
 WORDS = [f"w{i}" for i in range(500)]
 
 
-def _build(folder: str, n_tasks: int):
-    """The model folder, ``n_tasks`` adapter files and, for the naive server, their merged weights."""
+def _build(folder: str, n_tasks: int, dtype=None):
+    """The model folder, ``n_tasks`` adapter files and, for the naive server, their merged weights
+    (``dtype``: the model saved, and its adapters made, in that torch dtype)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -60,6 +61,8 @@ def _build(folder: str, n_tasks: int):
                       eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"], bos_token_id=vocab["<eos>"],
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
+    if dtype is not None:
+        model = model.to(dtype)
     mdir = os.path.join(folder, "model")
     model.save_pretrained(mdir)
     fast.save_pretrained(mdir)
