@@ -181,3 +181,17 @@ def test_half_precision_takes_the_kernel_up_to_its_own_row_cap(monkeypatch):
         with torch.no_grad():
             view(torch.randn(2 * rows, 24).to(torch.bfloat16))
         assert len(calls) == expected, rows
+
+
+def test_rows_path_says_which_path_runs_and_why(monkeypatch):
+    from liedeploy.bank.row_dispatch import rows_path
+
+    monkeypatch.delenv("LIEDEPLOY_ROWS", raising=False)
+    path, why = rows_path("cpu")
+    assert path == "row-segment kernel" and "16 rows" in why
+    assert rows_path("meta") == ("one call per task", "the kernel is for CPU, the model is on meta")
+    monkeypatch.setenv("LIEDEPLOY_ROWS", "blas")
+    assert rows_path("cpu") == ("one call per task", "LIEDEPLOY_ROWS=blas")
+    monkeypatch.delenv("LIEDEPLOY_ROWS")
+    monkeypatch.setattr(native, "_state", {"fn": None, "all": None, "rows": None, "omp": False, "why": "no compiler"})
+    assert rows_path("cpu") == ("one call per task", "no compiler")

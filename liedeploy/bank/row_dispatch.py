@@ -33,10 +33,25 @@ from torch import nn
 
 from liedeploy.bank.replica import clone_tree
 
-__all__ = ["MixedView", "RowDispatch", "NotRowwise", "differing_modules"]
+__all__ = ["MixedView", "RowDispatch", "NotRowwise", "differing_modules", "rows_path"]
 
 
 _PATHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # replica -> differing_modules(base, replica)
+
+
+def rows_path(device) -> tuple:
+    """``(path, why)``: how a mixed step's Linear layers run on ``device`` (for start-up lines):
+    ``"row-segment kernel"`` or ``"one call per task"``, with the reason."""
+    from liedeploy.core import native
+
+    if os.environ.get("LIEDEPLOY_ROWS", "auto") == "blas":
+        return "one call per task", "LIEDEPLOY_ROWS=blas"
+    if torch.device(device).type != "cpu":
+        return "one call per task", f"the kernel is for CPU, the model is on {torch.device(device).type}"
+    if not native.available():
+        return "one call per task", native.status()
+    return "row-segment kernel", (f"plain Linear layers of 2+ tasks, up to {native.ROWS_MAX} rows per task in float32 "
+                                  f"and {native.ROWS_MAX_HALF} in float16/bfloat16")
 
 
 class NotRowwise(RuntimeError):

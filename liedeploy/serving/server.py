@@ -285,6 +285,12 @@ def serve(cfg: ServeConfig, log=print) -> int:
         f"{cfg.keep_alive:g} s")
     if state.generator is not None:
         g = state.generator
+        if g.engine.mixed:
+            from liedeploy.bank.row_dispatch import rows_path
+            from liedeploy.serving.kv_cache import model_device
+
+            path, why = rows_path(model_device(g.bank.base))
+            log(f"liedeploy serve: mixed decode steps: {path} ({why})")
         log(f"liedeploy serve: generation: {cfg.max_sequences} sequences, KV cache {_size(g.max_kv_bytes)}"
             f"{' (default)' if cfg.max_kv_bytes is None else ''} at {g.kv_per_token} bytes per token, "
             f"prompts up to {g.max_prompt_tokens} tokens, max_tokens up to {g.max_new_tokens}, "

@@ -316,3 +316,11 @@ def test_generation_bounds_below_one_are_usage_errors(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--hf-model", str(tmp_path), "--adapters", str(tmp_path), flag, "0"])
     assert e.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_start_up_line_says_how_mixed_decode_steps_run(lm):
+    from liedeploy.core import native
+
+    line = next(ln for ln in lm["srv"].lines if "mixed decode steps:" in ln)
+    want = "row-segment kernel" if native.available() else "one call per task"
+    assert want in line, line
