@@ -1,0 +1,75 @@
+"""What a batch of n samples costs per sample on bench_serve's model, against a batch of 16.
+
+    python benchmarks/bench_batch_curve.py [--reps 9]
+
+bench_serve.py's 10-task target compares 10 tasks uniform with the 1-task ceiling, whose batches
+hold 16 samples. With 32 closed-loop clients over 10 tasks and one batch per task at a time, a
+task's queue grows from 0 while the other tasks run, so the served batch averages about twice the
+mean queue: 2 x 32 / 10 = 6.4 samples at best (bench_serve measured 5.0). This script gives the
+forward's cost per sample at each batch size, in the server's setting (2 torch threads; each batch
+on the weights of the next of 10 task replicas, round robin, as a 10-task load meets them, and on
+one replica's weights, as the 1-task ceiling does), so the best 10-task ratio a per-task batcher can
+reach is read off the table. Medians of ``--reps`` rounds. Writes benchmarks/results/batch_curve_cpu.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BATCHES = (1, 2, 4, 5, 6, 8, 16)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from benchmarks._results import write_results
+    from benchmarks.serve_models import resnet18
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    base = resnet18().eval()
+    replicas = [copy.deepcopy(base) for _ in range(10)]
+    per_sample: dict = {}
+    with torch.inference_mode():
+        for b in BATCHES:
+            x = torch.randn(b, 3, 64, 64)
+            for m in replicas:  # warm
+                m(x)
+            cold, hot = [], []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                for m in replicas:
+                    m(x)
+                cold.append((time.perf_counter() - t) / len(replicas) / b)
+                t = time.perf_counter()
+                for _ in replicas:
+                    base(x)
+                hot.append((time.perf_counter() - t) / len(replicas) / b)
+            per_sample[b] = {"ten_tasks_ms": 1e3 * statistics.median(cold), "one_task_ms": 1e3 * statistics.median(hot)}
+    ceiling = per_sample[16]["one_task_ms"]
+    lines = [f"ResNet-18-like at 64x64, {torch.get_num_threads()} torch threads, ms per sample (median of {args.reps} "
+             f"rounds); ratio: the 1-task ceiling at batch 16 / this",
+             f"{'batch':>5s} {'10 tasks (cold)':>16s} {'ratio':>7s} {'1 task (warm)':>14s} {'ratio':>7s}"]
+    for b in BATCHES:
+        c, h = per_sample[b]["ten_tasks_ms"], per_sample[b]["one_task_ms"]
+        lines.append(f"{b:5d} {c:16.2f} {ceiling / c:6.2f}x {h:14.2f} {ceiling / h:6.2f}x")
+    lines.append("32 closed-loop clients over 10 tasks: about 6.4 samples per batch at best (5.0 measured by bench_serve), "
+                 f"so a per-task batcher reaches about {ceiling / per_sample[6]['ten_tasks_ms']:.2f}x of the ceiling at 6 "
+                 f"and {ceiling / per_sample[5]['ten_tasks_ms']:.2f}x at 5, before any serving overhead")
+    write_results("batch_curve_cpu", "\n".join(lines), {"per_sample": per_sample, "reps": args.reps})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
