@@ -51,7 +51,7 @@ _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, 
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 
 _lock = threading.Lock()
-_state: dict = {}  # "fn"/"all": the ctypes functions or None, "why": the reason, "omp": threads in C
+_state: dict = {}  # "fn"/"all"/"rows": the ctypes functions or None, "why": the reason, "omp": threads in C
 _pool: dict = {}  # "pool", "size": the thread pool that splits rows
 
 
@@ -167,7 +167,7 @@ def _self_test(fn, fn_all, rows) -> Optional[str]:
 
 def _load() -> None:
     lib, why = _build()
-    fn = fn_all = None
+    fn = fn_all = rows = None
     omp = False
     if lib is not None:
         before = _gomp_runtimes()
@@ -189,7 +189,7 @@ def _load() -> None:
     private = _state.pop("private", None)
     if private:  # the loaded library stays mapped
         shutil.rmtree(private, ignore_errors=True)
-    _state.update(fn=fn, all=fn_all, rows=rows if fn is not None else None, omp=omp, why=why)
+    _state.update(fn=fn, all=fn_all, rows=rows, omp=omp, why=why)
 
 
 def _load_guarded() -> None:

@@ -3,9 +3,9 @@
  * float16 or bfloat16 (widened to float32 as loaded), x, b and out float32, sums in float32.
  *
  * Built with fold_kernel.c into one library by liedeploy/core/native.py. A decode step feeds a
- * Linear one to a few rows per task; a BLAS GEMM at M = 1-4 reaches a fraction of the memory
- * bandwidth there (0.4-0.5 of it measured on a 2-core EPYC with weights out of cache), and one call
- * per task adds its own overhead. Here every segment's weight is streamed once: per block of four
+ * Linear one to a few rows per task; one BLAS call per task at M = 1-5 with the weights out of cache
+ * took 1.6-3.3x this kernel's time on a 2-core EPYC (benchmarks/bench_rows.py, float32). Here every
+ * segment's weight is streamed once: per block of four
  * weight rows, each 16-float load of W feeds every row of x of the segment (x stays in L1), with one
  * vector accumulator per (row, weight row) pair, summed across lanes at the end. The sum's order is
  * fixed (vector lanes, then the lanes pairwise, then the K % 16 tail), so a row's result does not
@@ -20,12 +20,6 @@
 #include "kernel_vec.h"
 
 #define COLS 64 /* output columns per work item */
-
-static inline vf loadv(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 static inline float hsum(vf v) {
     /* pairwise over the lanes: a fixed order */
@@ -63,7 +57,7 @@ static inline __attribute__((always_inline)) void tile(const float *x0, int64_t 
         __builtin_prefetch(wb + es * (w0 + 10 * K + k));
         __builtin_prefetch(wb + es * (w0 + 11 * K + k));
         for (int i = 0; i < MR; i++) {
-            vf xv = loadv(x0 + i * ldx + k);
+            vf xv = load_w(x0, i * ldx + k, F32);
             acc[i][0] += xv * a;
             acc[i][1] += xv * b;
             acc[i][2] += xv * c;
@@ -100,7 +94,7 @@ static inline __attribute__((always_inline)) void block(const float *x, int64_t 
             const int64_t w0 = n * K;
             for (int i = 0; i < mr; i++) {
                 vf acc = {0};
-                for (int64_t k = 0; k < kv; k += VW) acc += loadv(x0 + i * ldx + k) * load_w(W, w0 + k, DT);
+                for (int64_t k = 0; k < kv; k += VW) acc += load_w(x0, i * ldx + k, F32) * load_w(W, w0 + k, DT);
                 float s = hsum(acc);
                 for (int64_t k = kv; k < K; k++) s += x0[i * ldx + k] * load1(W, w0 + k, DT);
                 o[i * ldo + n] = bias ? s + bias[n] : s;
