@@ -38,20 +38,27 @@ def infer_json(url, task, x, name="input", datatype="FP32"):
     return request(f"{url}/v2/models/{task}/infer", "POST", body, {"Content-Type": "application/json"})
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    """A base, 20 tasks (one of them with an adapter file that is corrupt), their merged references."""
-    d = tmp_path_factory.mktemp("farm")
+def base_and_tasks(d, n: int, seed: int, prefix: str = "task"):
+    """``(base, tasks folder, refs)``: a :class:`Net` base saved as ``d/base.safetensors``, ``n``
+    tasks (conv and fc adapted, adapter seeds ``seed + i``) in ``d/tasks`` named ``{prefix}{i}``, and
+    ``refs``: each task's merged model, and the base under ``"base"``."""
     torch.manual_seed(0)
     base = Net().eval()
     save_state_dict(base, str(d / "base.safetensors"))
     tasks = d / "tasks"
     tasks.mkdir()
-    refs = {}
-    for i in range(N_TASKS):
-        p = _write_adapter(base, tasks / f"task{i}.safetensors", ["conv", "fc"], std=0.3, seed=100 + i)
-        refs[f"task{i}"] = merge_(load_adapter(copy.deepcopy(base), p)).eval()
-    refs["base"] = base
+    refs = {"base": base}
+    for i in range(n):
+        p = _write_adapter(base, tasks / f"{prefix}{i}.safetensors", ["conv", "fc"], std=0.3, seed=seed + i)
+        refs[f"{prefix}{i}"] = merge_(load_adapter(copy.deepcopy(base), p)).eval()
+    return base, tasks, refs
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """A base, 20 tasks (one of them with an adapter file that is corrupt), their merged references."""
+    d = tmp_path_factory.mktemp("farm")
+    base, tasks, refs = base_and_tasks(d, N_TASKS, seed=100)
     (tasks / "broken.safetensors").write_bytes(b"\x80\x04not a safetensors file")
     other = Net()
     _write_adapter(other, tasks / "foreign.safetensors", ["conv"], seed=1)  # made for another base

@@ -17,8 +17,8 @@ pytest.importorskip("starlette")
 
 from tests.conftest import _write_adapter  # noqa: E402
 from tests.serving.helpers import ServerProcess  # noqa: E402
-from tests.serving.models import Net, Tokens  # noqa: E402
-from tests.serving.server_farm import infer_json, request  # noqa: E402
+from tests.serving.models import Tokens  # noqa: E402
+from tests.serving.server_farm import base_and_tasks, infer_json, request  # noqa: E402
 from tests.conftest import save_state_dict
 
 
@@ -48,13 +48,7 @@ def _metric(url, line_start):
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    base = Net().eval()
-    save_state_dict(base, str(d / "base.safetensors"))
-    tasks = d / "tasks"
-    tasks.mkdir()
-    for i in range(3):
-        _write_adapter(base, tasks / f"t{i}.safetensors", ["conv", "fc"], std=0.3, seed=10 + i)
+    base, tasks, _ = base_and_tasks(d, 3, seed=10, prefix="t")
     tok = Tokens().eval()
     save_state_dict(tok, str(d / "tokens.safetensors"))
     ttasks = d / "ttasks"

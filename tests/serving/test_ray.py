@@ -5,7 +5,6 @@ module shuts Ray down at the end, also when a test fails.
 """
 
 import concurrent.futures as cf
-import copy
 import json
 import socket
 import time
@@ -19,10 +18,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpclient = pytest.importorskip("tritonclient.http")
 
-from liedeploy import load_adapter, merge_  # noqa: E402
 from tests.conftest import _write_adapter  # noqa: E402
-from tests.serving.models import Net  # noqa: E402
-from tests.conftest import save_state_dict
+from tests.serving.server_farm import base_and_tasks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 N_TASKS = 20
@@ -35,15 +32,7 @@ def cluster(tmp_path_factory):
     from liedeploy.serving.ray import build_app
 
     d = tmp_path_factory.mktemp("ray")
-    torch.manual_seed(0)
-    base = Net().eval()
-    save_state_dict(base, str(d / "base.safetensors"))
-    tasks = d / "tasks"
-    tasks.mkdir()
-    refs = {"base": base}
-    for i in range(N_TASKS):
-        p = _write_adapter(base, tasks / f"task{i}.safetensors", ["conv", "fc"], std=0.3, seed=200 + i)
-        refs[f"task{i}"] = merge_(load_adapter(copy.deepcopy(base), p)).eval()
+    base, tasks, refs = base_and_tasks(d, N_TASKS, seed=200)
     bad = _write_adapter(base, tasks / "nan.safetensors", ["conv"], seed=1)  # a valid header, NaN factors
     _nan_factors(bad)
     s = socket.socket()
