@@ -29,7 +29,8 @@ from liedeploy.core.adapt import adapted_names
 from liedeploy.core.state import lie_state
 from liedeploy.core.adapter_file import AdapterFile
 from liedeploy.core.mixed import run_mixed
-from liedeploy.core.algebra import check_finite, fold_sum
+from liedeploy.core.algebra import check_finite, compute_dtype, fold_sum
+from liedeploy.core import conv_pack
 from liedeploy.bank.task_cache import TaskCache
 from liedeploy.errors import LieError
 from liedeploy.bank.replica import build_replica, refill_replica
@@ -130,6 +131,8 @@ class AdapterBank:
         self._spare_replicas: dict = {}  # frozenset of replaced names -> a recycled replica for them
         self._absmax: dict = {}  # name -> (tensor version, max|W|): lets a fold skip its finiteness scan
         self._hashes: dict = {}
+        self._plans: dict = {}  # weight name -> ConvPlan: folded straight into oneDNN's layout (pack_convs)
+        self._packed_base: dict = {}  # weight name -> the base weight in that layout
         self._lock = threading.RLock()
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
                                      self._hash if verify_base else None,
@@ -235,10 +238,25 @@ class AdapterBank:
     def _fold_tensors(self, entry: TaskEntry) -> _Folded:
         af = entry.adapter()
         tensors, recyclable, nbytes = {}, [], 0
+        packed = []
         for n in af.targets:
             W = self._tensors[n].detach()
             B, A = af.factors[n]
             ok: list = []
+            plan = self._plans.get(n)
+            if plan is not None:
+                base = self._packed_base[n]
+                f = self._take(base)
+                if f is None:
+                    f = base.clone()
+                cdt = compute_dtype(W.dtype)
+                pair = (B.to(dtype=cdt) * af.targets[n]["scale"], A.to(dtype=cdt))
+                ok.append(plan.fold(base, [pair], af.expmap == "exact", f))
+                check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
+                tensors[n] = f
+                recyclable.append(f)
+                packed.append(n)
+                continue
             f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok,
                          w_absmax=self._w_absmax(n, W))
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
@@ -250,11 +268,42 @@ class AdapterBank:
             t = t.to(device=like.device if like is not None else device,
                      dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
             tensors[n] = t
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = sum(conv_pack.nbytes(t) for t in tensors.values())
         with self._lock:
             spare = self._spare_replicas.pop(frozenset(tensors), None)
         replica = build_replica(self.base, tensors) if spare is None else refill_replica(spare, tensors)
+        conv_pack.adopt(replica, packed)
         return _Folded(replica, tensors, recyclable, nbytes)
+
+    # -- packed convolution weights -------------------------------------------------------------
+    def pack_convs(self, run, batches=(1, 16)) -> list:
+        """Fold the Conv2d weights of every task from now on straight into oneDNN's blocked layout,
+        so that the tasks' convolutions skip oneDNN's reorder of the weight on every call (see
+        :mod:`liedeploy.core.conv_pack`: on CPU, float32, layers whose layout is the same for every
+        batch size in ``batches``). ``run(model)`` calls a model once on an example input with the
+        shapes that will be served. Results match the dense path up to float32 rounding. Tasks
+        folded before are dropped (folded again, packed, at their next use); the base
+        (``task=None``) keeps its dense weights. Returns the packed weights' names (empty where
+        :func:`~liedeploy.core.conv_pack.pack_status` is not ``"ready"``, or no layer qualifies).
+        """
+        if conv_pack.pack_status() != "ready":
+            return []
+        with self._lock:
+            plans = conv_pack.plan_convs(self.base, run, batches)
+            plans = {n: p for n, p in plans.items() if n in self._tensors}
+            packed = {n: p.pack(self._tensors[n]) for n, p in plans.items()}
+            for name in list(self._folded):
+                self.cache.pop(name)
+                self._retire(self._folded.pop(name))
+            self._spare_replicas.clear()
+            self.pool = StoragePool()
+            self._plans, self._packed_base = plans, packed
+        return sorted(plans)
+
+    @property
+    def packed(self) -> list:
+        """Names of the weights folded into oneDNN's blocked layout (:meth:`pack_convs`)."""
+        return sorted(self._plans)
 
     def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> _Folded:
         """The task's build with one more user (folded on first use, and cached when the cache

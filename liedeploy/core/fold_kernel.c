@@ -283,3 +283,86 @@ int lie_fold_all(const void *w, int wdt, void *out, int odt, const float *b, con
     (void)nthreads;
     return lie_fold_rows(w, wdt, out, odt, b, a, n, R, 0, m, exact);
 }
+
+/* -- folds written straight into a blocked layout ---------------------------------------------
+ * oneDNN's convolution weights in the layouts "Acdb{blk}a" (blk = 16, 32 or 64: the output
+ * channels in blocks of blk, innermost; per block the columns in (h, w, i) order) are, block by
+ * block, a row-major (cols x blk) matrix whose rows are the original columns. A fold there is the
+ * fold of the transposed problem: out[ob][c][o] = round(W[ob][c][o] * map(sum_k bt[c][k] at[k][ob blk + o]))
+ * with bt = (A with its columns in the blocked order)^T (cols x R) and at = (scale B)^T padded with
+ * zero columns to nblocks x blk (R x ldat). Padded output channels hold W = 0 and fold to 0. */
+
+static inline __attribute__((always_inline)) vi tile4_nv(const float *b0, int64_t R, const float *a, int64_t lda,
+                                                         const void *w, void *o, int64_t off, int64_t n,
+                                                         int wdt, int odt, int map, int nv, int rows) {
+    vf acc[4][4];
+    for (int q = 0; q < 4; q++)
+        for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
+    for (int64_t k = 0; k < R; k++) {
+        const float *ak = a + k * lda;
+        vf av[4];
+        for (int v = 0; v < nv; v++) memcpy(&av[v], ak + v * VW, sizeof av[v]);
+        for (int q = 0; q < rows; q++) {
+            vf c = splat(b0[q * R + k]);
+            for (int v = 0; v < nv; v++) acc[q][v] += c * av[v];
+        }
+    }
+    vi bad = (vi)splatu(0);
+    for (int q = 0; q < rows; q++)
+        for (int v = 0; v < nv; v++) {
+            int64_t at = off + q * n + v * VW;
+            bad |= store_out(o, at, load_w(w, at, wdt) * vmap(acc[q][v], map), odt);
+        }
+    return bad;
+}
+
+#define BLOCK_ROWS(NV)                                                                             \
+    do {                                                                                           \
+        for (; c + 4 <= c1; c += 4)                                                                \
+            bad |= tile4_nv(bt + c * R, R, a, ldat, w, out, base + c * blk, blk, wdt, odt,           \
+                            row_map(bt + c * R, R, 4, amax, exact), NV, 4);                         \
+        for (; c < c1; c++)                                                                        \
+            bad |= tile4_nv(bt + c * R, R, a, ldat, w, out, base + c * blk, blk, wdt, odt,           \
+                            row_map(bt + c * R, R, 1, amax, exact), NV, 1);                         \
+    } while (0)
+
+/* Rows [c0, c1) of block ob. Returns 1 if any result is non-finite, else 0. */
+static int fold_block_rows(const void *w, int wdt, void *out, int odt, const float *bt, const float *at,
+                           int64_t ldat, int64_t cols, int64_t R, int64_t blk, int64_t ob, int64_t c0,
+                           int64_t c1, int exact) {
+    const float *a = at + ob * blk;
+    float amax_buf[256];
+    const float *amax = 0;
+    if (exact && R <= 256) {
+        for (int64_t k = 0; k < R; k++) amax_buf[k] = absmax(a + k * ldat, blk);
+        amax = amax_buf;
+    }
+    int64_t base = ob * cols * blk, c = c0;
+    vi bad = (vi)splatu(0);
+    if (blk == 4 * VW) BLOCK_ROWS(4);
+    else if (blk == 2 * VW) BLOCK_ROWS(2);
+    else BLOCK_ROWS(1);
+    int any = 0;
+    for (int l = 0; l < VW; l++) any |= bad[l] != 0;
+    return any;
+}
+
+/* The whole blocked tensor: nblocks blocks of cols rows of blk values, split into items of up to
+ * 64 rows over nthreads OpenMP threads (or on the calling thread). blk must be VW, 2 VW or 4 VW.
+ * Returns 1 if any result is non-finite, 0 if none, -1 if blk is not supported. */
+int lie_fold_blocked(const void *w, int wdt, void *out, int odt, const float *bt, const float *at,
+                     int64_t cols, int64_t R, int64_t nblocks, int64_t blk, int exact, int nthreads) {
+    if (blk != VW && blk != 2 * VW && blk != 4 * VW) return -1;
+    const int64_t chunk = 64;
+    int64_t per = (cols + chunk - 1) / chunk, items = nblocks * per;
+    int res = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads > 1 ? nthreads : 1) schedule(static) reduction(| : res)
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        int64_t ob = it / per, c0 = (it % per) * chunk, c1 = c0 + chunk < cols ? c0 + chunk : cols;
+        res |= fold_block_rows(w, wdt, out, odt, bt, at, nblocks * blk, cols, R, blk, ob, c0, c1, exact);
+    }
+    (void)nthreads;
+    return res;
+}

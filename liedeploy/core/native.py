@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["available", "fold_rows", "openmp", "rows_linear", "rows_max", "rows_supported", "status", "supports"]
+__all__ = ["available", "fold_blocked", "fold_rows", "openmp", "rows_linear", "rows_max", "rows_supported", "status", "supports"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SRCS = (os.path.join(_HERE, "fold_kernel.c"), os.path.join(_HERE, "rows_kernel.c"))  # compiled
@@ -47,6 +47,9 @@ _MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thre
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int64, ctypes.c_int64]
+_BLOCKED_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+BLOCKS = (16, 32, 64)  # output-channel blocks lie_fold_blocked takes
 _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 
@@ -134,9 +137,9 @@ def _build() -> tuple:
     return None, f"the C compiler {cc} could not build the fold kernel ({why[0]})"
 
 
-def _self_test(fn, fn_all, rows) -> Optional[str]:
-    """None if the library agrees with torch's ops on small cases (the fold in every dtype, the row
-    segments with and without bias), else why not."""
+def _self_test(fn, fn_all, rows, blocked) -> Optional[str]:
+    """None if the library agrees with torch's ops on small cases (the fold in every dtype, the fold
+    into blocked layouts, the row segments with and without bias), else why not."""
     g = torch.Generator().manual_seed(0)
     m, n, R = 5, 150, 3  # 150 = two full tiles and a tail
     B = torch.randn(m, R, generator=g) * 0.3
@@ -151,6 +154,15 @@ def _self_test(fn, fn_all, rows) -> Optional[str]:
             for bad in (_call(fn, W, out, B, A, exact, 0, m), fn_all(*_args(W, out, B, A), m, int(exact), 1)):
                 if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
                     return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
+    for blk in BLOCKS:  # 40 output channels (padded to whole blocks) x 37 columns, rank 3
+        Wd = torch.randn(40, 37, generator=g)
+        Bd, Ad = torch.randn(40, 3, generator=g) * 0.3, torch.randn(3, 37, generator=g)
+        ref = blocked_layout(Wd * torch.exp(Bd @ Ad), blk)
+        out = torch.full_like(ref, float("nan"))
+        bt, at = blocked_factors(Bd, Ad, blk)
+        bad = _blocked_call(blocked, blocked_layout(Wd, blk), out, bt, at, blk, True, 1)
+        if bad != 0 or not torch.allclose(out, ref, rtol=4e-7, atol=1e-6):
+            return f"the built blocked fold kernel disagrees with torch on blocks of {blk} (check {bad})"
     x = torch.randn(7, 37, generator=g)
     bias = torch.randn(70, generator=g)
     starts = torch.tensor([0, 1, 5, 7], dtype=torch.int64)
@@ -167,36 +179,38 @@ def _self_test(fn, fn_all, rows) -> Optional[str]:
 
 def _load() -> None:
     lib, why = _build()
-    fn = fn_all = rows = None
+    fn = fn_all = rows = blocked = None
     omp = False
     if lib is not None:
         before = _gomp_runtimes()
         try:
             dll = ctypes.CDLL(lib)
             fn, fn_all, rows = dll.lie_fold_rows, dll.lie_fold_all, dll.lie_rows_linear
-            fn.restype = fn_all.restype = ctypes.c_int
+            blocked = dll.lie_fold_blocked
+            fn.restype = fn_all.restype = blocked.restype = ctypes.c_int
+            blocked.argtypes = _BLOCKED_ARGS
             rows.restype = None
             fn.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
             fn_all.argtypes = _ARGS + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
             rows.argtypes = _ROWS_ARGS
             # OpenMP threads only when loading the library brought no second runtime in
             omp = bool(dll.lie_fold_openmp()) and _gomp_runtimes() == before
-            why = _self_test(fn, fn_all, rows)
+            why = _self_test(fn, fn_all, rows, blocked)
         except (OSError, AttributeError) as e:
             why = f"the fold kernel {lib} could not be loaded ({e})"
         if why is not None:
-            fn = fn_all = rows = None
+            fn = fn_all = rows = blocked = None
     private = _state.pop("private", None)
     if private:  # the loaded library stays mapped
         shutil.rmtree(private, ignore_errors=True)
-    _state.update(fn=fn, all=fn_all, rows=rows, omp=omp, why=why)
+    _state.update(fn=fn, all=fn_all, rows=rows, blocked=blocked, omp=omp, why=why)
 
 
 def _load_guarded() -> None:
     try:
         _load()
     except Exception as e:  # noqa: BLE001 - any failure means the blocked path, with the reason
-        _state.update(fn=None, all=None, rows=None, omp=False, why=f"the fold kernel could not be set up ({e})")
+        _state.update(fn=None, all=None, rows=None, blocked=None, omp=False, why=f"the fold kernel could not be set up ({e})")
 
 
 def _kernel():
@@ -337,3 +351,47 @@ def rows_linear(x: torch.Tensor, starts: torch.Tensor, weights: Sequence[torch.T
     threads = torch.get_num_threads() if _state.get("omp") else 1
     _rows_call(_state["rows"], x32, out, starts, weights, b32, threads)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+# -- folds straight into oneDNN's blocked convolution layouts (liedeploy.core.conv_pack) ------------
+def blocked_layout(W2: torch.Tensor, blk: int) -> torch.Tensor:
+    """The 2-D ``W2`` (out channels x columns, the columns already in the blocked order) laid out as
+    ``lie_fold_blocked`` reads it: output channels zero-padded to whole blocks of ``blk``, then
+    ``(blocks, columns, blk)``, flattened. A reference for tests and the self-check."""
+    m, n = W2.shape
+    nb = -(-m // blk)
+    pad = torch.zeros(nb * blk, n, dtype=W2.dtype)
+    pad[:m] = W2
+    return pad.view(nb, blk, n).transpose(1, 2).contiguous().view(-1)
+
+
+def blocked_factors(B: torch.Tensor, A: torch.Tensor, blk: int) -> tuple:
+    """``(bt, at)`` of ``lie_fold_blocked`` from float32 ``B`` (m x R, already scaled) and ``A``
+    (R x n, columns in the blocked order): ``A^T`` (n x R) and ``B^T`` zero-padded to whole blocks."""
+    m, R = B.shape
+    nb = -(-m // blk)
+    at = torch.zeros(R, nb * blk, dtype=torch.float32)
+    at[:, :m] = B.t()
+    return A.t().contiguous(), at
+
+
+def _blocked_call(blocked, w, out, bt, at, blk, exact, threads, w_ptr=None, out_ptr=None) -> int:
+    cols, R = bt.shape
+    nb = at.shape[1] // blk
+    return blocked(w.data_ptr() if w_ptr is None else w_ptr, 0, out.data_ptr() if out_ptr is None else out_ptr, 0,
+                   bt.data_ptr(), at.data_ptr(), cols, R, nb, blk, 1 if exact else 0, threads)
+
+
+def fold_blocked(w_ptr: int, out_ptr: int, bt: torch.Tensor, at: torch.Tensor, blk: int, exact: bool) -> bool:
+    """Fold float32 weights held in a blocked layout (see :func:`blocked_layout`) at address ``w_ptr``
+    into the same layout at ``out_ptr`` (may be ``w_ptr``): ``out = W * map(B @ A)`` with ``(bt, at)``
+    from :func:`blocked_factors`. The caller keeps both buffers alive and sized
+    ``blocks x columns x blk`` floats. Returns whether every result is finite."""
+    if _kernel() is None:
+        raise RuntimeError(f"the blocked fold kernel does not run here: {status()}")
+    threads = torch.get_num_threads() if _state.get("omp") else 1
+    bad = _blocked_call(_state["blocked"], None, None, bt.contiguous(), at.contiguous(), blk, exact, threads,
+                        w_ptr=w_ptr, out_ptr=out_ptr)
+    if bad < 0:
+        raise RuntimeError(f"the blocked fold kernel takes blocks of {BLOCKS}, not {blk}")
+    return bad == 0

@@ -32,7 +32,8 @@ def get_backend_factory(name: str):
 # a "load" is whatever makes a task resident (a fold for torch, a session for ort, a refit for trt).
 STATS_KEYS = ("registered", "resident", "resident_bytes", "hits", "misses", "evictions", "loads", "load_seconds")
 # optional: "fold_fused" (1.0 when a torch backend folds with the fused kernel), "not_kept" (folds
-# served once and not cached: the task was used less than what it would have evicted)
+# served once and not cached: the task was used less than what it would have evicted), "packed_convs"
+# (Conv2d layers a torch backend folds into oneDNN's blocked layout)
 
 
 @runtime_checkable

@@ -67,6 +67,8 @@ class ServerMetrics:
                     yield CounterMetricFamily("liedeploy_decode_steps", "Batched decode steps run", value=g["steps"])
                 yield GaugeMetricFamily("liedeploy_fold_fused", "1 when folds run the fused (generated) kernel, "
                                         "0 for the blocked eager path", value=s.get("fold_fused", 0.0))
+                yield GaugeMetricFamily("liedeploy_packed_convs", "Conv2d layers whose folds are written in oneDNN's "
+                                        "blocked layout (torch backend on CPU)", value=s.get("packed_convs", 0))
 
         self.registry.register(_Backend())
 

@@ -279,6 +279,7 @@ def serve(cfg: ServeConfig, log=print) -> int:
 
         path, why = fold_path_reason(state.backend.device)  # builds the CPU kernel now, not at the first fold
         log(f"liedeploy serve: folds: {path} ({why})")
+        log(f"liedeploy serve: conv weights: {state.backend.pack_reason}")
     log(f"liedeploy serve: limits: cache {_size(cfg.cache_bytes)}{' (default: a quarter of available memory)' if default_cache else ''}, "
         f"body {_size(cfg.max_body)}, bytes in flight {_size(state.inflight_bytes.limit)}, "
         f"{cfg.max_connections} connections, head/body/keep-alive timeouts {cfg.header_timeout:g}/{cfg.body_timeout:g}/"

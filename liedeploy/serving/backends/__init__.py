@@ -33,7 +33,7 @@ def torch_backend(cfg):
 
         model = build_model(cfg.model, cfg.model_kwargs, cfg.weights)
     return TorchBackend(model, cfg.input_specs(), cache_bytes=cfg.cache_bytes, device=cfg.device, threads=cfg.threads,
-                        cache_policy=cfg.cache_policy)
+                        cache_policy=cfg.cache_policy, max_batch=cfg.max_batch)
 
 
 def ort_backend(cfg):

@@ -24,13 +24,18 @@ class TorchBackend:
         cache_bytes: the bank's byte budget for folded tasks.
         cache_policy: which folded tasks the bank keeps (``"frequency"`` or ``"lru"``).
         device: ``"cpu"`` or ``"cuda"``.
+        max_batch: the most samples per batch; on CPU, with inputs of fixed shape but for the batch,
+            the tasks' Conv2d weights are folded into oneDNN's blocked layout for batches of 1 to
+            ``max_batch`` (:meth:`liedeploy.AdapterBank.pack_convs`; ``pack_reason`` says how many
+            layers, or why none). ``None``: not packed.
     """
 
     kind = "torch"
     file_suffix = ".safetensors"
 
     def __init__(self, model, input_specs: Sequence[TensorSpec], *, cache_bytes: Optional[int] = None,
-                 device: str = "cpu", threads: Optional[int] = None, cache_policy: str = "frequency"):
+                 device: str = "cpu", threads: Optional[int] = None, cache_policy: str = "frequency",
+                 max_batch: Optional[int] = None):
         import torch
 
         from liedeploy.bank.adapter_bank import AdapterBank
@@ -43,6 +48,36 @@ class TorchBackend:
         self._out_specs: dict = {}
         self._out_specs[None] = self._probe(None)
         self._inputs = self._with_bounds(self._inputs)
+        self.pack_reason = self._pack(max_batch)
+
+    def _pack(self, max_batch: Optional[int]) -> str:
+        """Fold the tasks' Conv2d weights into oneDNN's layout where that can run; says what was done."""
+        from torch import nn
+
+        from liedeploy.core.conv_pack import pack_status
+
+        convs = sum(1 for m in self.bank.base.modules() if type(m) is nn.Conv2d)
+        if not convs:
+            return "no Conv2d layers"
+        if self.device.type != "cpu":
+            return "dense (packing is for CPU serving)"
+        if not max_batch:
+            return "dense (no batch bound was given to pack for)"
+        if any(-1 in s.shape[1:] for s in self._inputs):
+            return "dense (an input has a dynamic shape beyond the batch)"
+        why = pack_status()
+        if why != "ready":
+            return f"dense ({why})"
+        example = self._example()
+
+        def run(model):
+            import torch
+
+            tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in example.items()}
+            return model(tensors[self._inputs[0].name]) if len(self._inputs) == 1 else model(**tensors)
+
+        packed = self.bank.pack_convs(run, batches=sorted({1, int(max_batch)}))
+        return f"{len(packed)} of {convs} Conv2d layers folded into oneDNN's blocked layout (batches 1-{max_batch})"
 
     # -- registry -------------------------------------------------------------------------
     def discover(self, folder: str) -> dict:
@@ -144,7 +179,8 @@ class TorchBackend:
         return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
                 "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
                 "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"],
-                "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0, "not_kept": s["not_kept"]}
+                "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0, "not_kept": s["not_kept"],
+                "packed_convs": len(self.bank.packed)}
 
 
 def _to_numpy(t) -> np.ndarray:

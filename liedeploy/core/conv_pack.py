@@ -1,0 +1,199 @@
+"""Conv2d weights kept in oneDNN's blocked layout, and folds written straight into it.
+
+torch's CPU convolution hands oneDNN a plain OIHW weight, and oneDNN reorders it into a blocked
+layout on every call. For a model whose weights do not stay in cache, that reorder is a large part
+of a small batch's cost: on bench_serve's ResNet-18-like model at 64x64 (45 MB of weights), a
+forward with every Conv2d weight prepacked takes 0.45x the time at batch 1, 0.77x at 5 and 0.82x at
+16 (``benchmarks/bench_conv_pack.py``). Prepacking per task would cost a reorder per fold (3x the
+fold itself there), so a bank that packs (:meth:`liedeploy.AdapterBank.pack_convs`) folds each
+task's Conv2d weights straight into the blocked layout instead: the same arithmetic as the fused
+fold (:func:`liedeploy.core.native.fold_blocked`), one pass, no reorder.
+
+Which layers are packed (:func:`plan_convs`): plain ``nn.Conv2d`` modules in float32 on the CPU,
+with zero padding given as numbers, whose blocked layout oneDNN picks for the input shapes the
+caller will send is ``Acdb16a``, ``Acdb32a`` or ``Acdb64a`` (output channels in blocks of 16, 32 or
+64, innermost; per block the columns in (kh, kw, in) order) and the same for every batch size named.
+The layout is not guessed: an index tensor is packed by oneDNN and read back. Other layers keep
+their dense weights and torch's own convolution. A packed layer gives the same results as the dense
+one up to float32 rounding (oneDNN sums in its own order; batch 1 takes oneDNN instead of torch's
+im2col); ``LIEDEPLOY_PACK=off`` turns packing off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvPlan", "PackedConv2d", "adopt", "nbytes", "pack_status", "plan_convs"]
+
+_LAYOUT_MAX = 1 << 24  # an index tensor in float32 is exact up to here
+
+
+def pack_status() -> str:
+    """``"ready"``, or one sentence saying why Conv2d weights are not packed here."""
+    if os.environ.get("LIEDEPLOY_PACK", "auto").strip().lower() in ("off", "0", "no", "false"):
+        return "LIEDEPLOY_PACK=off"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "data_ptr")):
+        return "this torch has no oneDNN (mkldnn) convolution with packed weights"
+    from liedeploy.core import native
+
+    if not native.available():
+        return native.status()
+    return "ready"
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes held by ``t``, padding of a packed (mkldnn) tensor included."""
+    if t.layout == torch._mkldnn:
+        return int(torch.ops.mkldnn._nbytes(t))
+    return t.numel() * t.element_size()
+
+
+def _raw(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` float32 values of a packed tensor's memory, as a dense view of it."""
+    buf = (ctypes.c_float * count).from_address(torch.ops.mkldnn.data_ptr(t))
+    return torch.frombuffer(buf, dtype=torch.float32, count=count)
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """How one Conv2d's weight is packed: oneDNN's arguments and the layout ``Acdb{blk}a``."""
+
+    padding: tuple
+    stride: tuple
+    dilation: tuple
+    groups: int
+    input_size: tuple
+    shape: tuple
+    blk: int
+
+    @property
+    def columns(self) -> int:
+        return self.shape[1] * self.shape[2] * self.shape[3]
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.shape[0] // self.blk)
+
+    def _args(self) -> tuple:
+        return list(self.padding), list(self.stride), list(self.dilation), self.groups
+
+    def pack(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense`` (OIHW float32) reordered by oneDNN into this plan's layout (a new tensor)."""
+        return torch.ops.mkldnn._reorder_convolution_weight(dense.detach().contiguous(), *self._args(),
+                                                             list(self.input_size))
+
+    def column_order(self) -> torch.Tensor:
+        """Indices of the dense columns (in, kh, kw) in the blocked order (kh, kw, in)."""
+        _, i, h, w = self.shape
+        return torch.arange(i * h * w).view(i, h, w).permute(1, 2, 0).reshape(-1)
+
+    def fold(self, base: torch.Tensor, pairs: Sequence[tuple], exact: bool, out: torch.Tensor) -> bool:
+        """``out = base * map(sum_i B_i @ A_i)`` with ``base`` and ``out`` packed in this layout, ``pairs``
+        of float32 ``(B, A)`` with B already scaled. Returns whether every result is finite."""
+        from liedeploy.core import native
+
+        B = pairs[0][0] if len(pairs) == 1 else torch.cat([b for b, _ in pairs], dim=1)
+        A = pairs[0][1] if len(pairs) == 1 else torch.cat([a for _, a in pairs], dim=0)
+        bt, at = native.blocked_factors(B.float(), A.float().index_select(1, self.column_order()), self.blk)
+        return native.fold_blocked(torch.ops.mkldnn.data_ptr(base), torch.ops.mkldnn.data_ptr(out), bt, at,
+                                   self.blk, exact)
+
+
+def _layout(conv: nn.Conv2d, input_size: list) -> Optional[int]:
+    """``blk`` if oneDNN packs ``conv``'s weight as ``Acdb{blk}a`` for inputs of ``input_size``, else None."""
+    from liedeploy.core.native import BLOCKS
+
+    o, i, h, w = conv.weight.shape
+    count = o * i * h * w
+    if count >= _LAYOUT_MAX:
+        return None
+    index = torch.arange(1, count + 1, dtype=torch.float32).view(o, i, h, w)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(index, list(conv.padding), list(conv.stride),
+                                                          list(conv.dilation), conv.groups, input_size)
+    size = nbytes(packed) // 4
+    for blk in BLOCKS:
+        nb = -(-o // blk)
+        if size != nb * blk * i * h * w:
+            continue
+        want = torch.zeros(nb * blk, i, h, w)
+        want[:o] = index
+        want = want.view(nb, blk, i, h, w).permute(0, 3, 4, 2, 1).reshape(-1)
+        if torch.equal(_raw(packed, size), want):
+            return blk
+    return None
+
+
+def _candidate(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.weight.dim() == 4)
+
+
+def plan_convs(model: nn.Module, run: Callable[[nn.Module], object], batches: Sequence[int]) -> dict:
+    """``{weight name: ConvPlan}`` for the Conv2d layers of ``model`` worth packing.
+
+    ``run(model)`` calls the model once on an example input (batch size any) with the non-batch
+    shapes it will be served; each layer's layout is checked for every batch size in ``batches``.
+    """
+    convs = {name: m for name, m in model.named_modules() if _candidate(m)}
+    seen: dict = {}
+
+    def hook(name):
+        def record(mod, args):  # returns None: the call's arguments stay as they are
+            if name not in seen:
+                seen[name] = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+        return record
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in convs.items()]
+    try:
+        with torch.inference_mode():
+            run(model)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    plans = {}
+    for name, m in convs.items():
+        shape = seen.get(name)
+        if shape is None or len(shape) != 4:
+            continue
+        blks = {_layout(m, [int(b), *shape[1:]]) for b in batches}
+        if len(blks) != 1 or None in blks:
+            continue
+        plans[f"{name}.weight" if name else "weight"] = ConvPlan(
+            tuple(m.padding), tuple(m.stride), tuple(m.dilation), m.groups, (int(batches[0]), *shape[1:]),
+            tuple(m.weight.shape), blks.pop())
+    return plans
+
+
+class PackedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose ``weight`` is packed by oneDNN (see :func:`adopt`): float32 CPU inputs run
+    ``mkldnn._convolution_pointwise`` on the packed weight, with no reorder per call; any other input
+    (autograd, another dtype or device, an unbatched one) runs torch's convolution on the dense weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.layout != torch._mkldnn:
+            return super().forward(x)
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x.contiguous(), w, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                "none", [], "")
+        return F.conv2d(x, w.to_dense(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def adopt(replica: nn.Module, names) -> None:
+    """Make the Conv2d owners of the packed weights ``names`` in ``replica`` (a bank's per-task
+    module tree, whose modules are its own) run them packed."""
+    for name in names:
+        mod, _, _ = name.rpartition(".")
+        owner = replica.get_submodule(mod) if mod else replica
+        if type(owner) is nn.Conv2d:
+            owner.__class__ = PackedConv2d
