@@ -178,14 +178,14 @@ def _setup(work: str, n_tasks: int) -> dict:
 
 
 def _serve(setup, n: int, budget: int, *, max_batch: int = 16, threads: int = 2, fold_ahead=None,
-           cache_policy=None, workers: int = 1) -> Proc:
+           cache_policy=None, workers: int = 1, env=None) -> Proc:
     extra = [] if fold_ahead is None else ["--fold-ahead", str(fold_ahead)]  # None: the server's default
     extra += [] if workers == 1 else ["--workers", str(workers)]
     extra += [] if cache_policy is None else ["--cache-policy", cache_policy]
     return Proc([sys.executable, "-m", "liedeploy.cli", "serve", "--model", "benchmarks.serve_models:resnet18",
                  "--weights", setup["base"], "--adapters", setup["sizes"][n]["dir"], "--input-shape", "1,3,64,64",
                  "--port", "0", "--max-batch", str(max_batch), "--max-delay-ms", "4", "--cache-bytes", str(budget),
-                 "--max-queue", "4096", "--threads", str(threads)] + extra)
+                 "--max-queue", "4096", "--threads", str(threads)] + extra, env=env)
 
 
 def _naive(setup, n: int, budget: int, workers: int, threads: int) -> Proc:
@@ -242,6 +242,8 @@ def main(argv=None) -> int:
                 s[1000]["spec"], 1.1, procs=2)
             run("liedeploy --fold-ahead 4: 1000 tasks Zipf", lambda: _serve(setup, 1000, budget, fold_ahead=4),
                 s[1000]["spec"], 1.1)
+            run("liedeploy LIEDEPLOY_PACK=off: 1000 tasks Zipf",
+                lambda: _serve(setup, 1000, budget, env={"LIEDEPLOY_PACK": "off"}), s[1000]["spec"], 1.1)
             run("liedeploy --cache-policy lru: 1000 tasks Zipf", lambda: _serve(setup, 1000, budget, cache_policy="lru"),
                 s[1000]["spec"], 1.1)
             run("liedeploy: 1000 tasks Zipf, JSON", lambda: _serve(setup, 1000, budget), s[1000]["spec"], 1.1,
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
                                                   "liedeploy: 1000 tasks Zipf, binary"),
         "1000 tasks: default (folds on the compute thread) / --fold-ahead 4 (prefetch thread)": ratio(
             "liedeploy: 1000 tasks Zipf, binary", "liedeploy --fold-ahead 4: 1000 tasks Zipf"),
+        "1000 tasks: conv weights packed (default) / LIEDEPLOY_PACK=off": ratio(
+            "liedeploy: 1000 tasks Zipf, binary", "liedeploy LIEDEPLOY_PACK=off: 1000 tasks Zipf"),
         "1000 tasks: default cache (most used kept) / --cache-policy lru": ratio(
             "liedeploy: 1000 tasks Zipf, binary", "liedeploy --cache-policy lru: 1000 tasks Zipf"),
     }

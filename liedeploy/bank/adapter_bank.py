@@ -240,28 +240,22 @@ class AdapterBank:
         tensors, recyclable, nbytes = {}, [], 0
         packed = []
         for n in af.targets:
+            plan = self._plans.get(n)
+            if plan is not None:  # folded below, every packed layer of the task in one call
+                base = self._packed_base[n]
+                f = self._take(base)
+                packed.append((n, plan, base, base.clone() if f is None else f))
+                continue
             W = self._tensors[n].detach()
             B, A = af.factors[n]
             ok: list = []
-            plan = self._plans.get(n)
-            if plan is not None:
-                base = self._packed_base[n]
-                f = self._take(base)
-                if f is None:
-                    f = base.clone()
-                cdt = compute_dtype(W.dtype)
-                pair = (B.to(dtype=cdt) * af.targets[n]["scale"], A.to(dtype=cdt))
-                ok.append(plan.fold(base, [pair], af.expmap == "exact", f))
-                check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
-                tensors[n] = f
-                recyclable.append(f)
-                packed.append(n)
-                continue
             f = fold_sum(W, [(B, A, af.targets[n]["scale"])], af.expmap, out=self._take(W), check=ok,
                          w_absmax=self._w_absmax(n, W))
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
             tensors[n] = f
             recyclable.append(f)
+        if packed:
+            self._fold_packed(af, packed, tensors, recyclable)
         device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
         for n, t in af.full.items():
             like = self._tensors.get(n)
@@ -272,8 +266,24 @@ class AdapterBank:
         with self._lock:
             spare = self._spare_replicas.pop(frozenset(tensors), None)
         replica = build_replica(self.base, tensors) if spare is None else refill_replica(spare, tensors)
-        conv_pack.adopt(replica, packed)
+        conv_pack.adopt(replica, [n for n, *_ in packed])
         return _Folded(replica, tensors, recyclable, nbytes)
+
+    def _fold_packed(self, af: AdapterFile, packed: list, tensors: dict, recyclable: list) -> None:
+        """Fold ``packed`` (``(name, plan, packed base, packed output)``) in one kernel call, refusing a
+        non-finite result by name as the dense path does."""
+        layers = []
+        for n, plan, base, out in packed:
+            B, A = af.factors[n]
+            cdt = compute_dtype(base.dtype)
+            scale = af.targets[n]["scale"]
+            layers.append((plan, base, out, B.to(dtype=cdt) * scale, A.to(dtype=cdt)))
+        finite = conv_pack.fold_packed(layers, af.expmap == "exact")
+        for (n, _, _, out), ok in zip(packed, finite):
+            B, A = af.factors[n]
+            check_finite(n, out, B, A, af.targets[n]["scale"], ok=ok, W=self._tensors[n].detach())
+            tensors[n] = out
+            recyclable.append(out)
 
     # -- packed convolution weights -------------------------------------------------------------
     def pack_convs(self, run, batches=(1, 16)) -> list:

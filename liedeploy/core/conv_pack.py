@@ -11,8 +11,8 @@ fold (:func:`liedeploy.core.native.fold_blocked`), one pass, no reorder.
 
 Which layers are packed (:func:`plan_convs`): plain ``nn.Conv2d`` modules in float32 on the CPU,
 with zero padding given as numbers, whose blocked layout oneDNN picks for the input shapes the
-caller will send is ``Acdb16a``, ``Acdb32a`` or ``Acdb64a`` (output channels in blocks of 16, 32 or
-64, innermost; per block the columns in (kh, kw, in) order) and the same for every batch size named.
+caller will send is ``Acdb16a``, ``Acdb32a``, ``Acdb48a`` or ``Acdb64a`` (output channels in blocks
+of 16, 32, 48 or 64, innermost; per block the columns in (kh, kw, in) order) and the same for every batch size named.
 The layout is not guessed: an index tensor is packed by oneDNN and read back. Other layers keep
 their dense weights and torch's own convolution. A packed layer gives the same results as the dense
 one up to float32 rounding (oneDNN sums in its own order; batch 1 takes oneDNN instead of torch's
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvPlan", "PackedConv2d", "adopt", "nbytes", "pack_status", "plan_convs"]
+__all__ = ["ConvPlan", "PackedConv2d", "adopt", "fold_packed", "nbytes", "pack_status", "plan_convs"]
 
 _LAYOUT_MAX = 1 << 24  # an index tensor in float32 is exact up to here
 
@@ -78,10 +78,6 @@ class ConvPlan:
     def columns(self) -> int:
         return self.shape[1] * self.shape[2] * self.shape[3]
 
-    @property
-    def blocks(self) -> int:
-        return -(-self.shape[0] // self.blk)
-
     def _args(self) -> tuple:
         return list(self.padding), list(self.stride), list(self.dilation), self.groups
 
@@ -90,21 +86,17 @@ class ConvPlan:
         return torch.ops.mkldnn._reorder_convolution_weight(dense.detach().contiguous(), *self._args(),
                                                              list(self.input_size))
 
-    def column_order(self) -> torch.Tensor:
-        """Indices of the dense columns (in, kh, kw) in the blocked order (kh, kw, in)."""
-        _, i, h, w = self.shape
-        return torch.arange(i * h * w).view(i, h, w).permute(1, 2, 0).reshape(-1)
 
-    def fold(self, base: torch.Tensor, pairs: Sequence[tuple], exact: bool, out: torch.Tensor) -> bool:
-        """``out = base * map(sum_i B_i @ A_i)`` with ``base`` and ``out`` packed in this layout, ``pairs``
-        of float32 ``(B, A)`` with B already scaled. Returns whether every result is finite."""
-        from liedeploy.core import native
 
-        B = pairs[0][0] if len(pairs) == 1 else torch.cat([b for b, _ in pairs], dim=1)
-        A = pairs[0][1] if len(pairs) == 1 else torch.cat([a for _, a in pairs], dim=0)
-        bt, at = native.blocked_factors(B.float(), A.float().index_select(1, self.column_order()), self.blk)
-        return native.fold_blocked(torch.ops.mkldnn.data_ptr(base), torch.ops.mkldnn.data_ptr(out), bt, at,
-                                   self.blk, exact)
+def fold_packed(layers: Sequence[tuple], exact: bool) -> list:
+    """Fold a task's packed Conv2d weights in one call: each of ``layers`` is ``(plan, base, out, B, A)``
+    with ``base`` and ``out`` packed in ``plan``'s layout (``out`` is written), ``B`` (already scaled)
+    and ``A`` the float32 factors; the same arithmetic as the dense fused fold. Returns, per layer,
+    whether every result is finite."""
+    from liedeploy.core import native
+
+    return native.fold_blocked([(torch.ops.mkldnn.data_ptr(base), torch.ops.mkldnn.data_ptr(out), B, A, plan.shape,
+                                 plan.blk) for plan, base, out, B, A in layers], exact)
 
 
 def _layout(conv: nn.Conv2d, input_size: list) -> Optional[int]:

@@ -18,6 +18,7 @@
  * polynomial instead, as accurate there and a third of the work.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernel_vec.h"
@@ -285,18 +286,19 @@ int lie_fold_all(const void *w, int wdt, void *out, int odt, const float *b, con
 }
 
 /* -- folds written straight into a blocked layout ---------------------------------------------
- * oneDNN's convolution weights in the layouts "Acdb{blk}a" (blk = 16, 32 or 64: the output
- * channels in blocks of blk, innermost; per block the columns in (h, w, i) order) are, block by
- * block, a row-major (cols x blk) matrix whose rows are the original columns. A fold there is the
- * fold of the transposed problem: out[ob][c][o] = round(W[ob][c][o] * map(sum_k bt[c][k] at[k][ob blk + o]))
- * with bt = (A with its columns in the blocked order)^T (cols x R) and at = (scale B)^T padded with
- * zero columns to nblocks x blk (R x ldat). Padded output channels hold W = 0 and fold to 0. */
+ * oneDNN's convolution weights in the layouts "Acdb{blk}a" (blk = 16, 32, 48 or 64: the output
+ * channels in blocks of blk, innermost; per block the columns in (kh, kw, in) order) are, block by
+ * block, a row-major (columns x blk) matrix whose rows are the dense weight's columns. A fold there
+ * is the fold of the transposed problem: out[ob][c][o] = round(W[ob][c][o] * map(sum_k A[k][col(c)] B[ob blk + o][k]))
+ * with the same products in the same order as the dense fold. Padded output channels hold W = 0
+ * and fold to 0. */
 
-static inline __attribute__((always_inline)) vi tile4_nv(const float *b0, int64_t R, const float *a, int64_t lda,
+static inline __attribute__((always_inline)) vi tile4_nv(  /* rows (<= 8) rows of nv (<= 4) vectors */
+    const float *b0, int64_t R, const float *a, int64_t lda,
                                                          const void *w, void *o, int64_t off, int64_t n,
                                                          int wdt, int odt, int map, int nv, int rows) {
-    vf acc[4][4];
-    for (int q = 0; q < 4; q++)
+    vf acc[8][4];
+    for (int q = 0; q < 8; q++)
         for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
     for (int64_t k = 0; k < R; k++) {
         const float *ak = a + k * lda;
@@ -316,53 +318,149 @@ static inline __attribute__((always_inline)) vi tile4_nv(const float *b0, int64_
     return bad;
 }
 
-#define BLOCK_ROWS(NV)                                                                             \
+/* The map for rows [c, c + g) of an item: the short exp where each row's bound (precomputed) is
+ * at most 1/8, the full exp otherwise (NaN bounds go there too). */
+static inline int group_map(const float *bound, int64_t g, int exact) {
+    if (!exact) return MAP_FIRST_ORDER;
+    for (int64_t q = 0; q < g; q++)
+        if (!(bound[q] * 1.0001f <= SMALL_EXP_BOUND)) return MAP_EXP;
+    return MAP_EXP_SMALL;
+}
+
+/* G rows at a time (8 where a row is one or two vectors, so that 16 accumulators are live, as in
+ * the dense kernel's 4 rows x 4 vectors), then single rows. */
+#define BLOCK_ROWS(NV, G)                                                                          \
     do {                                                                                           \
-        for (; c + 4 <= c1; c += 4)                                                                \
-            bad |= tile4_nv(bt + c * R, R, a, ldat, w, out, base + c * blk, blk, wdt, odt,           \
-                            row_map(bt + c * R, R, 4, amax, exact), NV, 4);                         \
-        for (; c < c1; c++)                                                                        \
-            bad |= tile4_nv(bt + c * R, R, a, ldat, w, out, base + c * blk, blk, wdt, odt,           \
-                            row_map(bt + c * R, R, 1, amax, exact), NV, 1);                         \
+        for (; c + G <= rows; c += G)                                                              \
+            bad |= tile4_nv(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
+                            group_map(bound + c, G, exact), NV, G);                                 \
+        for (; c < rows; c++)                                                                      \
+            bad |= tile4_nv(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
+                            group_map(bound + c, 1, exact), NV, 1);                                 \
     } while (0)
 
-/* Rows [c0, c1) of block ob. Returns 1 if any result is non-finite, else 0. */
-static int fold_block_rows(const void *w, int wdt, void *out, int odt, const float *bt, const float *at,
-                           int64_t ldat, int64_t cols, int64_t R, int64_t blk, int64_t ob, int64_t c0,
-                           int64_t c1, int exact) {
-    const float *a = at + ob * blk;
-    float amax_buf[256];
-    const float *amax = 0;
-    if (exact && R <= 256) {
-        for (int64_t k = 0; k < R; k++) amax_buf[k] = absmax(a + k * ldat, blk);
-        amax = amax_buf;
+/* One item: rows [c0, c0 + rows) of a layer (O x I x KH x KW, rank R), through every output block.
+ * The rows' factors are gathered once into scratch: bt (rows x R) = A's columns for these rows in
+ * the blocked order (kh, kw, in), read from the dense order (in, kh, kw), and each row's bound on
+ * |dW| over all output channels (sum_k |bt_qk| bmax_k, bmax_k = max_o |B_ok|: it picks the short
+ * exp as the dense kernel's bound does); atl is the layer's B^T zero-padded to whole blocks
+ * (R x O_pad). Returns 1 if a result is non-finite. */
+static int fold_item(const void *w, int wdt, void *out, int odt, const float *atl, const float *a, const int64_t *d,
+                     const float *bmax, int64_t c0, int64_t rows, int exact, float *scratch) {
+    const int64_t O = d[0], I = d[1], KH = d[2], KW = d[3], R = d[4], blk = d[5], cols = I * KH * KW;
+    const int64_t lda = (O + blk - 1) / blk * blk;
+    float *bt = scratch, *bound = bt + R * rows;
+    for (int64_t q = 0; q < rows; q++) {
+        int64_t c = c0 + q, hw = c / I, i = c % I;
+        int64_t col = i * KH * KW + hw;  /* hw = kh KW + kw: the dense column of (in, kh, kw) */
+        float s = 0.0f;
+        for (int64_t k = 0; k < R; k++) {
+            float v = a[k * cols + col];
+            bt[q * R + k] = v;
+            s += (v < 0 ? -v : v) * bmax[k];
+        }
+        bound[q] = s;
     }
-    int64_t base = ob * cols * blk, c = c0;
     vi bad = (vi)splatu(0);
-    if (blk == 4 * VW) BLOCK_ROWS(4);
-    else if (blk == 2 * VW) BLOCK_ROWS(2);
-    else BLOCK_ROWS(1);
+    for (int64_t ob = 0; ob * blk < O; ob++) {
+        const float *at = atl + ob * blk;
+        int64_t base = (ob * cols + c0) * blk, c = 0;
+        if (blk == 4 * VW) BLOCK_ROWS(4, 4);
+        else if (blk == 3 * VW) BLOCK_ROWS(3, 4);
+        else if (blk == 2 * VW) BLOCK_ROWS(2, 8);
+        else BLOCK_ROWS(1, 8);
+    }
     int any = 0;
     for (int l = 0; l < VW; l++) any |= bad[l] != 0;
     return any;
 }
 
-/* The whole blocked tensor: nblocks blocks of cols rows of blk values, split into items of up to
- * 64 rows over nthreads OpenMP threads (or on the calling thread). blk must be VW, 2 VW or 4 VW.
- * Returns 1 if any result is non-finite, 0 if none, -1 if blk is not supported. */
-int lie_fold_blocked(const void *w, int wdt, void *out, int odt, const float *bt, const float *at,
-                     int64_t cols, int64_t R, int64_t nblocks, int64_t blk, int exact, int nthreads) {
-    if (blk != VW && blk != 2 * VW && blk != 4 * VW) return -1;
-    const int64_t chunk = 64;
-    int64_t per = (cols + chunk - 1) / chunk, items = nblocks * per;
-    int res = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads > 1 ? nthreads : 1) schedule(static) reduction(| : res)
-#endif
-    for (int64_t it = 0; it < items; it++) {
-        int64_t ob = it / per, c0 = (it % per) * chunk, c1 = c0 + chunk < cols ? c0 + chunk : cols;
-        res |= fold_block_rows(w, wdt, out, odt, bt, at, nblocks * blk, cols, R, blk, ob, c0, c1, exact);
+#define ITEM_ROWS 64
+
+/* Every packed Conv2d weight of one task in one call: layer l has dims d[6 l..6 l + 5] = (O, I, KH,
+ * KW, R, blk), its base w[l] and output out[l] (may be w[l]) in the layout above, b[l] (O x R,
+ * scaled) and a[l] (R x I KH KW, dense column order), float32 row-major. Items of up to 64 rows
+ * (through every output block), over nthreads OpenMP threads (or the calling thread). bad[l] is set to 1 where
+ * a result of layer l is non-finite. Returns 0, or -1 if a blk is not VW, 2, 3 or 4 VW (nothing
+ * written), or -2 if scratch could not be allocated. */
+int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *out, const float *const *b,
+                     const float *const *a, int wdt, int odt, int exact, int nthreads, int *bad) {
+    int64_t total = 0, rmax = 1;
+    for (int64_t l = 0; l < nl; l++) {
+        const int64_t *dl = d + 6 * l;
+        int64_t blk = dl[5];
+        if (blk != VW && blk != 2 * VW && blk != 3 * VW && blk != 4 * VW) return -1;
+        total += (dl[1] * dl[2] * dl[3] + ITEM_ROWS - 1) / ITEM_ROWS;
+        rmax = dl[4] > rmax ? dl[4] : rmax;
+        bad[l] = 0;
     }
+    /* per layer, once: B^T zero-padded to whole blocks (R x O_pad), and max_o |B_ok| per k (NaN
+     * stays NaN: the full exp) */
+    int64_t *atoff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nl + 1));
+    if (!atoff) return -2;
+    atoff[0] = 0;
+    for (int64_t l = 0; l < nl; l++) {
+        const int64_t *dl = d + 6 * l;
+        atoff[l + 1] = atoff[l] + dl[4] * ((dl[0] + dl[5] - 1) / dl[5] * dl[5]);
+    }
+    float *bmax = (float *)malloc(sizeof(float) * (size_t)(nl * rmax + atoff[nl]));
+    if (!bmax) {
+        free(atoff);
+        return -2;
+    }
+    float *atall = bmax + nl * rmax;
+    for (int64_t l = 0; l < nl; l++) {
+        const int64_t O = d[6 * l], R = d[6 * l + 4], blk = d[6 * l + 5], lda = (O + blk - 1) / blk * blk;
+        float *m = bmax + l * rmax, *at = atall + atoff[l];
+        for (int64_t k = 0; k < R; k++) {
+            m[k] = 0.0f;
+            for (int64_t o = O; o < lda; o++) at[k * lda + o] = 0.0f;
+        }
+        for (int64_t o = 0; o < O; o++)
+            for (int64_t k = 0; k < R; k++) {
+                float v = b[l][o * R + k];
+                at[k * lda + o] = v;
+                v = v < 0 ? -v : v;
+                m[k] = (v > m[k] || v != v) ? v : m[k];
+            }
+    }
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1)
+#endif
+    {
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(rmax * ITEM_ROWS + ITEM_ROWS));
+        if (!scratch) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)  /* items cost in proportion to their layer's channels */
+#endif
+        for (int64_t it = 0; it < total; it++) {
+            if (!scratch) continue;
+            int64_t l = 0, rest = it, per = 0, cols = 0;
+            for (; l < nl; l++) {  /* the layer of item it (a handful of layers: a linear scan) */
+                const int64_t *dl = d + 6 * l;
+                cols = dl[1] * dl[2] * dl[3];
+                per = (cols + ITEM_ROWS - 1) / ITEM_ROWS;
+                if (rest < per) break;
+                rest -= per;
+            }
+            int64_t c0 = rest * ITEM_ROWS, rows = c0 + ITEM_ROWS < cols ? ITEM_ROWS : cols - c0;
+            if (fold_item(w[l], wdt, out[l], odt, atall + atoff[l], a[l], d + 6 * l, bmax + l * rmax, c0, rows, exact, scratch)) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                bad[l] = 1;
+            }
+        }
+        free(scratch);
+    }
+    free(bmax);
+    free(atoff);
     (void)nthreads;
-    return res;
+    return failed ? -2 : 0;
 }

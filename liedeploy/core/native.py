@@ -47,9 +47,9 @@ _MIN_SPLIT = 1 << 16  # below this many elements a fold runs on the calling thre
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int64, ctypes.c_int64]
-_BLOCKED_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-BLOCKS = (16, 32, 64)  # output-channel blocks lie_fold_blocked takes
+_BLOCKED_ARGS = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+BLOCKS = (16, 32, 48, 64)  # output-channel blocks lie_fold_blocked takes
 _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 
@@ -154,14 +154,13 @@ def _self_test(fn, fn_all, rows, blocked) -> Optional[str]:
             for bad in (_call(fn, W, out, B, A, exact, 0, m), fn_all(*_args(W, out, B, A), m, int(exact), 1)):
                 if bad != 0 or not torch.allclose(out.float(), ref.float(), rtol=tol, atol=1e-6):
                     return f"the built fold kernel disagrees with torch on {dt} (check {bad})"
-    for blk in BLOCKS:  # 40 output channels (padded to whole blocks) x 37 columns, rank 3
-        Wd = torch.randn(40, 37, generator=g)
-        Bd, Ad = torch.randn(40, 3, generator=g) * 0.3, torch.randn(3, 37, generator=g)
-        ref = blocked_layout(Wd * torch.exp(Bd @ Ad), blk)
+    for blk in BLOCKS:  # 40 output channels (padded to whole blocks) x (5 x 3 x 2) columns, rank 3
+        Wd = torch.randn(40, 5, 3, 2, generator=g)
+        Bd, Ad = torch.randn(40, 3, generator=g) * 0.3, torch.randn(3, 30, generator=g)
+        ref = blocked_layout(Wd * torch.exp(Bd @ Ad).view_as(Wd), blk)
         out = torch.full_like(ref, float("nan"))
-        bt, at = blocked_factors(Bd, Ad, blk)
-        bad = _blocked_call(blocked, blocked_layout(Wd, blk), out, bt, at, blk, True, 1)
-        if bad != 0 or not torch.allclose(out, ref, rtol=4e-7, atol=1e-6):
+        bad = _blocked_call(blocked, [(blocked_layout(Wd, blk), out, Bd, Ad, tuple(Wd.shape), blk)], True, 1)
+        if bad != [False] or not torch.allclose(out, ref, rtol=4e-7, atol=1e-6):
             return f"the built blocked fold kernel disagrees with torch on blocks of {blk} (check {bad})"
     x = torch.randn(7, 37, generator=g)
     bias = torch.randn(70, generator=g)
@@ -354,44 +353,48 @@ def rows_linear(x: torch.Tensor, starts: torch.Tensor, weights: Sequence[torch.T
 
 
 # -- folds straight into oneDNN's blocked convolution layouts (liedeploy.core.conv_pack) ------------
-def blocked_layout(W2: torch.Tensor, blk: int) -> torch.Tensor:
-    """The 2-D ``W2`` (out channels x columns, the columns already in the blocked order) laid out as
-    ``lie_fold_blocked`` reads it: output channels zero-padded to whole blocks of ``blk``, then
-    ``(blocks, columns, blk)``, flattened. A reference for tests and the self-check."""
-    m, n = W2.shape
-    nb = -(-m // blk)
-    pad = torch.zeros(nb * blk, n, dtype=W2.dtype)
-    pad[:m] = W2
-    return pad.view(nb, blk, n).transpose(1, 2).contiguous().view(-1)
+def blocked_layout(W: torch.Tensor, blk: int) -> torch.Tensor:
+    """The OIHW weight ``W`` laid out as oneDNN's ``Acdb{blk}a``, which ``lie_fold_blocked`` reads and
+    writes: output channels zero-padded to whole blocks of ``blk``, then ``(blocks, kh, kw, in, blk)``,
+    flattened. A reference for tests and the self-check."""
+    o, i, h, w = W.shape
+    nb = -(-o // blk)
+    pad = torch.zeros(nb * blk, i, h, w, dtype=W.dtype)
+    pad[:o] = W
+    return pad.view(nb, blk, i, h, w).permute(0, 3, 4, 2, 1).contiguous().view(-1)
 
 
-def blocked_factors(B: torch.Tensor, A: torch.Tensor, blk: int) -> tuple:
-    """``(bt, at)`` of ``lie_fold_blocked`` from float32 ``B`` (m x R, already scaled) and ``A``
-    (R x n, columns in the blocked order): ``A^T`` (n x R) and ``B^T`` zero-padded to whole blocks."""
-    m, R = B.shape
-    nb = -(-m // blk)
-    at = torch.zeros(R, nb * blk, dtype=torch.float32)
-    at[:, :m] = B.t()
-    return A.t().contiguous(), at
+def _ptr(t) -> int:
+    return t if isinstance(t, int) else t.data_ptr()
 
 
-def _blocked_call(blocked, w, out, bt, at, blk, exact, threads, w_ptr=None, out_ptr=None) -> int:
-    cols, R = bt.shape
-    nb = at.shape[1] // blk
-    return blocked(w.data_ptr() if w_ptr is None else w_ptr, 0, out.data_ptr() if out_ptr is None else out_ptr, 0,
-                   bt.data_ptr(), at.data_ptr(), cols, R, nb, blk, 1 if exact else 0, threads)
+def _blocked_call(blocked, layers: Sequence[tuple], exact: bool, threads: int) -> list:
+    """``layers``: ``(w, out, B, A, (O, I, KH, KW), blk)`` with ``w``/``out`` tensors or addresses and
+    float32 contiguous ``B`` (O x R, scaled) and ``A`` (R x I KH KW). Returns a non-finite flag per layer."""
+    n = len(layers)
+    dims = (ctypes.c_int64 * (6 * n))()
+    ws, outs, bs, as_ = ((ctypes.c_void_p * n)() for _ in range(4))
+    for j, (w, out, B, A, shape, blk) in enumerate(layers):
+        dims[6 * j: 6 * j + 6] = [*shape, B.shape[1], blk]
+        ws[j], outs[j], bs[j], as_[j] = _ptr(w), _ptr(out), B.data_ptr(), A.data_ptr()
+    bad = (ctypes.c_int * n)()
+    res = blocked(n, dims, ws, outs, bs, as_, 0, 0, 1 if exact else 0, threads, bad)
+    if res == -1:
+        raise RuntimeError(f"the blocked fold kernel takes blocks of {BLOCKS} only")
+    if res != 0:
+        raise MemoryError("the blocked fold kernel could not allocate its scratch")
+    return [bool(v) for v in bad]
 
 
-def fold_blocked(w_ptr: int, out_ptr: int, bt: torch.Tensor, at: torch.Tensor, blk: int, exact: bool) -> bool:
-    """Fold float32 weights held in a blocked layout (see :func:`blocked_layout`) at address ``w_ptr``
-    into the same layout at ``out_ptr`` (may be ``w_ptr``): ``out = W * map(B @ A)`` with ``(bt, at)``
-    from :func:`blocked_factors`. The caller keeps both buffers alive and sized
-    ``blocks x columns x blk`` floats. Returns whether every result is finite."""
+def fold_blocked(layers: Sequence[tuple], exact: bool) -> list:
+    """Fold float32 Conv2d weights held in oneDNN's ``Acdb{blk}a`` layout (see :func:`blocked_layout`),
+    every layer of a task in one call: each of ``layers`` is ``(w_ptr, out_ptr, B, A, (O, I, KH, KW), blk)``
+    with ``out = W * map(B @ A)`` written at ``out_ptr`` (may be ``w_ptr``) in the same layout, ``B``
+    (O x R, already scaled) and ``A`` (R x I KH KW, the dense column order) float32. The caller keeps
+    the buffers alive and sized for the layout. Returns, per layer, whether every result is finite."""
     if _kernel() is None:
         raise RuntimeError(f"the blocked fold kernel does not run here: {status()}")
     threads = torch.get_num_threads() if _state.get("omp") else 1
-    bad = _blocked_call(_state["blocked"], None, None, bt.contiguous(), at.contiguous(), blk, exact, threads,
-                        w_ptr=w_ptr, out_ptr=out_ptr)
-    if bad < 0:
-        raise RuntimeError(f"the blocked fold kernel takes blocks of {BLOCKS}, not {blk}")
-    return bad == 0
+    prepared = [(w, o, B.float().contiguous(), A.float().contiguous(), tuple(shape), blk)
+                for w, o, B, A, shape, blk in layers]
+    return [not bad for bad in _blocked_call(_state["blocked"], prepared, exact, threads)]

@@ -188,6 +188,10 @@ def test_metrics_scrape_parses(server):
     # folds take the compiled CPU kernel here (a C compiler is part of this machine kind), said at start
     assert metric(text, "liedeploy_fold_fused") == 1
     assert "liedeploy serve: folds: fused (the C fold kernel is built and checked)" in server.lines
+    # the tasks' Conv2d weights are folded into oneDNN's blocked layout (this machine's torch has oneDNN)
+    assert metric(text, "liedeploy_packed_convs") == 1
+    assert "liedeploy serve: conv weights: 1 of 1 Conv2d layers folded into oneDNN's blocked layout (batches 1-8)" \
+        in server.lines
     ok = metric(text, "liedeploy_requests_total", {"outcome": "ok"})
     x = np.zeros((1, 3, 8, 8), np.float32)
     assert infer_json(server.url, "task0", x)[0] == 200

@@ -1,0 +1,128 @@
+"""Conv2d weights prepacked in oneDNN's blocked layout vs torch eager, and what the packed fold costs.
+
+    python benchmarks/bench_conv_pack.py [--reps 9]
+
+On bench_serve's model (ResNet-18-like at 64x64, 45 MB of float32 weights, 2 torch threads):
+
+- a forward per batch size, each batch on the next of 10 task replicas (weights out of cache, as a
+  many-task server meets them): torch eager (``nn.Conv2d``: oneDNN reorders each weight on every
+  call; torch's im2col at batch 1) vs the same replicas with every Conv2d weight packed
+  (:mod:`liedeploy.core.conv_pack`, ``mkldnn._convolution_pointwise``), with the largest output
+  difference;
+- a task's fold of every Conv2d weight (rank 16): the dense fused fold (the baseline), the fold
+  written straight into the blocked layout (what a packing bank does), and the dense fold followed
+  by oneDNN's own reorder (what packing would cost without it).
+
+Medians of ``--reps`` rounds. Writes benchmarks/results/conv_pack_cpu.{txt,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BATCHES = (1, 2, 4, 8, 16)
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    import torch
+    from torch import nn
+
+    from benchmarks._results import write_results
+    from benchmarks.serve_models import resnet18
+    from liedeploy.core import conv_pack
+    from liedeploy.core.algebra import fold_sum
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args(argv)
+    if conv_pack.pack_status() != "ready":
+        print(f"conv weights cannot be packed here: {conv_pack.pack_status()}")
+        return 1
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    base = resnet18().eval()
+    plans = conv_pack.plan_convs(base, lambda m: m(torch.zeros(1, 3, 64, 64)), (1, 16))
+    sd = base.state_dict()
+    eager = [copy.deepcopy(base) for _ in range(10)]
+    packed = []
+    for m in eager:
+        p = copy.deepcopy(m)
+        for name, plan in plans.items():
+            owner = p.get_submodule(name.rpartition(".")[0])
+            owner.weight = nn.Parameter(plan.pack(owner.weight), requires_grad=False)
+        conv_pack.adopt(p, plans)
+        packed.append(p)
+    forward: dict = {}
+    with torch.inference_mode():
+        for b in BATCHES:
+            x = torch.randn(b, 3, 64, 64)
+            diff = max(float((e(x) - p(x)).abs().max()) for e, p in zip(eager[:2], packed[:2]))
+            te = _median_ms(lambda: [m(x) for m in eager], args.reps) / len(eager)
+            tp = _median_ms(lambda: [m(x) for m in packed], args.reps) / len(packed)
+            forward[b] = {"eager_ms": te, "packed_ms": tp, "max_abs_diff": diff}
+
+    g = torch.Generator().manual_seed(1)
+    factors = {n: (torch.randn(p.shape[0], 16, generator=g) * 0.02, torch.randn(16, p.columns, generator=g) * 0.02)
+               for n, p in plans.items()}
+    base_packed = {n: p.pack(sd[n]) for n, p in plans.items()}
+    out_packed = {n: t.clone() for n, t in base_packed.items()}
+    out_dense = {n: torch.empty_like(sd[n]) for n in plans}
+
+    def dense():
+        for n in plans:
+            fold_sum(sd[n], [(*factors[n], 0.5)], "exact", out=out_dense[n])
+
+    def straight():  # as a packing bank folds a task: every layer in one call
+        conv_pack.fold_packed([(p, base_packed[n], out_packed[n], factors[n][0] * 0.5, factors[n][1])
+                               for n, p in plans.items()], True)
+
+    def reorder():
+        dense()
+        return [p.pack(out_dense[n]) for n, p in plans.items()]
+
+    fold = {"dense_ms": _median_ms(dense, args.reps), "packed_ms": _median_ms(straight, args.reps),
+            "dense_then_reorder_ms": _median_ms(reorder, args.reps)}
+    dense()
+    straight()
+    fold["max_rel_diff"] = max(float(((out_packed[n].to_dense() - out_dense[n]).abs()
+                                      / out_dense[n].abs().clamp_min(1e-30)).max()) for n in plans)
+
+    params = sum(sd[n].numel() for n in plans)
+    lines = [f"ResNet-18-like at 64x64: {len(plans)} Conv2d layers packed ({params / 1e6:.1f}M weights), "
+             f"{torch.get_num_threads()} torch threads, medians of {args.reps} rounds",
+             "forward, each batch on the next of 10 task replicas (weights out of cache)",
+             f"{'batch':>5s} {'eager ms':>10s} {'packed ms':>10s} {'eager / packed':>15s} {'max |diff|':>11s}"]
+    for b, r in forward.items():
+        lines.append(f"{b:5d} {r['eager_ms']:10.2f} {r['packed_ms']:10.2f} {r['eager_ms'] / r['packed_ms']:14.2f}x "
+                     f"{r['max_abs_diff']:11.1e}")
+    lines += ["fold of one task's Conv2d weights (rank 16), vs the dense fused fold",
+              f"dense fused fold                          {fold['dense_ms']:7.2f} ms   1.00x",
+              f"folded straight into the blocked layout   {fold['packed_ms']:7.2f} ms   "
+              f"{fold['packed_ms'] / fold['dense_ms']:.2f}x  (max rel. diff to dense {fold['max_rel_diff']:.1e})",
+              f"dense fold, then oneDNN's reorder         {fold['dense_then_reorder_ms']:7.2f} ms   "
+              f"{fold['dense_then_reorder_ms'] / fold['dense_ms']:.2f}x"]
+    write_results("conv_pack_cpu", "\n".join(lines), {"forward": forward, "fold": fold, "reps": args.reps,
+                                                        "layers": len(plans), "weights": params})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
