@@ -5,8 +5,13 @@ oldest request has waited ``max_delay``; among the tasks that have a batch ready
 takes, in order:
 
 1. any task whose oldest request has waited ``max_wait`` (the bound: nothing waits past it);
-2. else a task that is already folded (resident), oldest request first: no refold thrash;
+2. else a task that is already folded (resident), the one with the most queued samples first (ties:
+   the oldest request), since a larger batch costs less per sample; no refold thrash;
 3. else the cold task with the most queued samples (one fold serves all its queued requests).
+
+Taking the fullest resident queue rather than the oldest request: with 32 closed-loop clients over
+10 resident tasks, batches of 5.4 samples instead of 5.0 and 1.03x the requests/s, lower p50, the
+p99 bounded by ``max_wait`` as before (three alternating rounds, ad hoc; README).
 
 Batches run on worker threads (never on the event loop); results go back to each request's
 asyncio future with ``call_soon_threadsafe``.
@@ -156,8 +161,8 @@ class Batcher:
         starving = [r for r in ready if now - r[1] >= self.max_wait and (r[0] in resident or not self._prefetching)]
         if starving:
             return min(starving, key=lambda r: r[1])[0], 0.0
-        if resident:
-            return min((r for r in ready if r[0] in resident), key=lambda r: r[1])[0], 0.0
+        if resident:  # the most queued samples (the cheapest forward per sample), then the oldest
+            return max((r for r in ready if r[0] in resident), key=lambda r: (r[2], -r[1]))[0], 0.0
         if self._prefetching:  # cold tasks are folded by the prefetch thread, which notifies when a
             return _NOTHING, 0.05  # fold is done: a worker never folds inline, so a folded task's
             # next request never waits behind a fold

@@ -132,3 +132,33 @@ def test_no_thread_changes_the_torch_thread_count():
     finally:
         b.close()
     assert {n for k, n, _ in backend.events if k == "threads"} == {before} and torch.get_num_threads() == before
+
+
+def _picks(b):
+    """The order in which ``b`` takes its queued tasks (picked one after another, nothing run)."""
+    order = []
+    with b._cv:
+        while b._queues:
+            task, _ = b._pick(time.monotonic() + 0.01)  # every queue is due (max_delay passed), none starving
+            order.append(task)
+            b._take(task)
+    return order
+
+
+def test_among_folded_tasks_the_fullest_queue_goes_first_and_max_wait_still_bounds_every_wait():
+    async def scenario():
+        backend = SlowFolds(resident={"a", "b", "c"})
+        b = Batcher(backend, max_batch=8, max_delay=0.001, max_wait=0.5, fold_ahead=0)
+        b.close()  # no worker takes anything: the scheduler's choices are read one by one
+        for task in ["a", "b", "b", "b", "c", "c"]:
+            b.submit(task, {"x": np.ones((1, 2), np.float32)}, 1)
+        first = _picks(b)
+        for task in ["a", "b", "b"]:
+            b.submit(task, {"x": np.ones((1, 2), np.float32)}, 1)
+        b._queues["a"][0].arrived -= 1.0  # a's request has waited past max_wait: served first
+        second = _picks(b)
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first == ["b", "c", "a"]  # 3 queued, then 2 (ties would go to the oldest), then 1
+    assert second == ["a", "b"]
