@@ -271,3 +271,58 @@ def test_a_packed_fold_that_overflows_is_refused_by_name(tmp_path):
     assert bank.pack_convs(lambda m: m(torch.zeros(1, 3, 12, 12)))
     with pytest.raises(LieError, match=r"merging (a|b|c)\.weight overflows"):
         bank(torch.zeros(1, 3, 12, 12), task="big")
+
+
+def test_the_torch_backend_packs_on_cpu_with_fixed_shapes_and_says_why_not_otherwise(tmp_path):
+    import numpy as np
+
+    from liedeploy.serving.backends.torch import TorchBackend
+    from liedeploy.serving.specs import TensorSpec, default_input
+
+    torch.manual_seed(8)
+    base = _Convs().eval()
+    p = str(tmp_path / "t.safetensors")
+    _task(base, p, seed=9)
+    fixed = TorchBackend(copy.deepcopy(base), [default_input((1, 3, 12, 12))], max_batch=8)
+    n = len(fixed.bank.packed)
+    assert n >= 3 and fixed.pack_reason == (f"{n} of 5 Conv2d layers folded into oneDNN's blocked layout (batches 1-8); "
+                                            "inputs channels-last")
+    assert fixed.stats()["packed_convs"] == n
+    dense = TorchBackend(copy.deepcopy(base), [default_input((1, 3, 12, 12))])
+    assert dense.pack_reason == "dense (no batch bound was given to pack for)" and dense.bank.packed == []
+    free = TorchBackend(copy.deepcopy(base), [TensorSpec("input", "FP32", (-1, 3, -1, -1))], max_batch=8)
+    assert free.pack_reason == "dense (an input has a dynamic shape beyond the batch)"
+    for b in (fixed, dense, free):
+        b.add("t", p)
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(fixed.run("t", {"input": x})["output"], dense.run("t", {"input": x})["output"],
+                               rtol=1e-5, atol=1e-5)
+
+
+class _Views(nn.Module):
+    """A model that .view()s a convolution's output: fed channels-last it fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_channels_last_inputs_only_for_models_that_take_them():
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 8, 8)
+    assert conv_pack.channels_last_safe(_Convs().eval(), torch.randn(2, 3, 12, 12))
+    assert not conv_pack.channels_last_safe(_Views().eval(), x)
+    m = _Views().eval()
+    plans = _plans(m, shape=(1, 3, 8, 8))
+    p = _packed_copy(m, plans)
+    with torch.inference_mode():  # a contiguous input gives contiguous activations: the view still works
+        torch.testing.assert_close(p(x), m(x), rtol=1e-5, atol=1e-5)
+        xl = x.contiguous(memory_format=torch.channels_last)
+        y = p.conv(xl)
+        assert y.is_contiguous(memory_format=torch.channels_last)  # no copy back for a channels-last input
+        torch.testing.assert_close(y, m.conv(x), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvPlan", "PackedConv2d", "adopt", "fold_packed", "nbytes", "pack_status", "plan_convs"]
+__all__ = ["ConvPlan", "PackedConv2d", "adopt", "channels_last_safe", "fold_packed", "nbytes", "pack_status", "plan_convs"]
 
 _LAYOUT_MAX = 1 << 24  # an index tensor in float32 is exact up to here
 
@@ -167,7 +167,11 @@ def plan_convs(model: nn.Module, run: Callable[[nn.Module], object], batches: Se
 class PackedConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` whose ``weight`` is packed by oneDNN (see :func:`adopt`): float32 CPU inputs run
     ``mkldnn._convolution_pointwise`` on the packed weight, with no reorder per call; any other input
-    (autograd, another dtype or device, an unbatched one) runs torch's convolution on the dense weight."""
+    (autograd, another dtype or device, an unbatched one) runs torch's convolution on the dense weight.
+
+    oneDNN computes these convolutions channels-last: an input in ``torch.channels_last`` gives an
+    output in it with no copy either way (a model fed channels-last keeps its activations so, see
+    :func:`channels_last_safe`); any other input is converted, and its output given back contiguous."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -175,10 +179,29 @@ class PackedConv2d(nn.Conv2d):
             return super().forward(x)
         if (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x.contiguous(), w, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                "none", [], "")
+            last = x.is_contiguous(memory_format=torch.channels_last)
+            y = torch.ops.mkldnn._convolution_pointwise(
+                x if last else x.contiguous(memory_format=torch.channels_last), w, self.bias, list(self.padding),
+                list(self.stride), list(self.dilation), self.groups, "none", [], "")
+            return y if last else y.contiguous()
         return F.conv2d(x, w.to_dense(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def channels_last_safe(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``model`` runs ``example`` (4-D, float32) given in ``torch.channels_last`` to the same
+    outputs as given contiguous: false for a model that ``.view()``s an activation whose strides that
+    memory format changes. Packed convolutions then run with no layout copies."""
+    from liedeploy.core.outputs import flatten_named
+
+    try:
+        with torch.inference_mode():
+            ref = flatten_named(model(example.contiguous()))
+            got = flatten_named(model(example.contiguous(memory_format=torch.channels_last)))
+    except Exception:  # noqa: BLE001 - any failure: the model is not safe to feed channels-last
+        return False
+    if [n for n, _ in ref] != [n for n, _ in got]:
+        return False
+    return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for (_, a), (_, b) in zip(ref, got))
 
 
 def adopt(replica: nn.Module, names) -> None:

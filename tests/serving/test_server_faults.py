@@ -190,8 +190,8 @@ def test_metrics_scrape_parses(server):
     assert "liedeploy serve: folds: fused (the C fold kernel is built and checked)" in server.lines
     # the tasks' Conv2d weights are folded into oneDNN's blocked layout (this machine's torch has oneDNN)
     assert metric(text, "liedeploy_packed_convs") == 1
-    assert "liedeploy serve: conv weights: 1 of 1 Conv2d layers folded into oneDNN's blocked layout (batches 1-8)" \
-        in server.lines
+    assert ("liedeploy serve: conv weights: 1 of 1 Conv2d layers folded into oneDNN's blocked layout (batches 1-8); "
+            "inputs channels-last") in server.lines
     ok = metric(text, "liedeploy_requests_total", {"outcome": "ok"})
     x = np.zeros((1, 3, 8, 8), np.float32)
     assert infer_json(server.url, "task0", x)[0] == 200

@@ -45,6 +45,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.bank = AdapterBank(model, cache_bytes=cache_bytes, device=self.device, lazy=True, cache_policy=cache_policy)
         self._inputs = list(input_specs)
+        self._channels_last = False  # 4-D float inputs given channels-last (packed convolutions, a safe model)
         self._out_specs: dict = {}
         self._out_specs[None] = self._probe(None)
         self._inputs = self._with_bounds(self._inputs)
@@ -77,7 +78,15 @@ class TorchBackend:
             return model(tensors[self._inputs[0].name]) if len(self._inputs) == 1 else model(**tensors)
 
         packed = self.bank.pack_convs(run, batches=sorted({1, int(max_batch)}))
-        return f"{len(packed)} of {convs} Conv2d layers folded into oneDNN's blocked layout (batches 1-{max_batch})"
+        if packed and len(self._inputs) == 1 and len(self._inputs[0].shape) == 4 and self._inputs[0].datatype == "FP32":
+            import torch
+
+            from liedeploy.core.conv_pack import channels_last_safe
+
+            x = torch.from_numpy(np.ascontiguousarray(example[self._inputs[0].name]))
+            self._channels_last = channels_last_safe(self.bank.base, x.expand(2, *x.shape[1:]))
+        return (f"{len(packed)} of {convs} Conv2d layers folded into oneDNN's blocked layout (batches 1-{max_batch})"
+                + ("; inputs channels-last" if self._channels_last else ""))
 
     # -- registry -------------------------------------------------------------------------
     def discover(self, folder: str) -> dict:
@@ -160,6 +169,9 @@ class TorchBackend:
         import torch
 
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in inputs.items()}
+        if self._channels_last:  # packed convolutions then copy no activations between layouts
+            tensors = {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                       for n, t in tensors.items()}
         rows = max((len(a) for a in inputs.values() if np.ndim(a)), default=1)
         with torch.inference_mode(), self.bank.lease(task, uses=max(1, rows)) as held:  # each sample is a use
             if len(self._inputs) == 1:
