@@ -1,13 +1,15 @@
 """Conv2d weights kept in oneDNN's blocked layout, and folds written straight into it.
 
 torch's CPU convolution hands oneDNN a plain OIHW weight, and oneDNN reorders it into a blocked
-layout on every call. For a model whose weights do not stay in cache, that reorder is a large part
-of a small batch's cost: on bench_serve's ResNet-18-like model at 64x64 (45 MB of weights), a
-forward with every Conv2d weight prepacked takes 0.45x the time at batch 1, 0.77x at 5 and 0.82x at
-16 (``benchmarks/bench_conv_pack.py``). Prepacking per task would cost a reorder per fold (3x the
-fold itself there), so a bank that packs (:meth:`liedeploy.AdapterBank.pack_convs`) folds each
-task's Conv2d weights straight into the blocked layout instead: the same arithmetic as the fused
-fold (:func:`liedeploy.core.native.fold_blocked`), one pass, no reorder.
+layout on every call (at batch 1 torch takes its slower im2col path for most 3x3 convolutions
+instead). For a model whose weights do not stay in cache, that is a large part of a small batch's
+cost: on bench_serve's ResNet-18-like model at 64x64 (45 MB of weights), a forward with every
+Conv2d weight prepacked and a channels-last input is 2.09x faster than torch eager at batch 1 and
+1.22-1.38x at 2-16 (``benchmarks/bench_conv_pack.py``). Prepacking per task with oneDNN's own
+reorder would cost 6.9x the fold itself, so a bank that packs
+(:meth:`liedeploy.AdapterBank.pack_convs`) folds each task's Conv2d weights straight into the
+blocked layout instead: the same arithmetic as the fused fold, every layer of a task in one kernel
+call (:func:`liedeploy.core.native.fold_blocked`), 1.15x the dense fold's time.
 
 Which layers are packed (:func:`plan_convs`): plain ``nn.Conv2d`` modules in float32 on the CPU,
 with zero padding given as numbers, whose blocked layout oneDNN picks for the input shapes the
