@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 BUCKETS = (
     ("fold: read the task's file", "TaskEntry.adapter"),
     ("fold: fold_sum (product, map, multiply)", "fold_sum"),
-    ("fold: packed fold (product, map, multiply)", "ConvPlan.fold"),
+    ("fold: packed fold (product, map, multiply)", "fold_packed"),
     ("fold: replica (module tree)", "build_replica"),
     ("fold: replica (module tree)", "refill_replica"),
     ("fold: other", "AdapterBank._fold"),
