@@ -222,9 +222,13 @@ def test_bank_folds_packed_tasks_like_dense_ones(tmp_path):
                 wp = rep_p.get_submodule(mod).weight
                 assert wp.layout == torch._mkldnn and type(rep_p.get_submodule(mod)) is conv_pack.PackedConv2d
                 torch.testing.assert_close(wp.to_dense(), wd, rtol=2 * F32_EPS, atol=0)  # within one rounding
-            assert type(rep_p.dw) is nn.Conv2d and rep_p.dw.weight is packed.base.dw.weight  # not adapted: the base's
+            # not adapted: the base's packed weight, shared by every task and not counted in the cache
+            assert type(rep_p.dw) is conv_pack.PackedConv2d
+            assert torch.ops.mkldnn.data_ptr(rep_p.dw.weight) == torch.ops.mkldnn.data_ptr(packed._packed_base["dw.weight"])
             torch.testing.assert_close(packed(x, task=t), dense(x, task=t), rtol=1e-5, atol=1e-5)
         assert type(packed.base.a) is nn.Conv2d and packed.base.a.weight.layout == torch.strided  # the base stays dense
+        assert packed.cached_bytes == sum(conv_pack.nbytes(packed.model_for(t).get_submodule(m).weight)
+                                          for t in ("t0", "t1", "t2") for m in ("a", "b", "c", "fc"))
         torch.testing.assert_close(packed(x), dense(x), rtol=0, atol=0)
 
 
@@ -326,3 +330,27 @@ def test_channels_last_inputs_only_for_models_that_take_them():
         y = p.conv(xl)
         assert y.is_contiguous(memory_format=torch.channels_last)  # no copy back for a channels-last input
         torch.testing.assert_close(y, m.conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_that_replaces_a_packed_layer_whole_runs_it_dense(tmp_path):
+    torch.manual_seed(11)
+    base = _Convs().eval()
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(r=3, alpha=6, targets=["a", "c"], modules_to_save=["b"]))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m):
+            lie.lie_B.normal_(0, 0.3)
+        m.b.weight.mul_(1.5)  # the task's own b
+    full = str(tmp_path / "full.safetensors")
+    save_adapter(m, full, name="full")
+    adapted = str(tmp_path / "adapted.safetensors")
+    _task(base, adapted, seed=12)  # adapts a, b, c, fc
+    dense = AdapterBank(copy.deepcopy(base), adapters={"full": full, "adapted": adapted})
+    packed = AdapterBank(copy.deepcopy(base), adapters={"full": full, "adapted": adapted}, cache_bytes=0)
+    packed.pack_convs(lambda mm: mm(torch.zeros(1, 3, 12, 12)))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        for _ in range(2):  # cache_bytes=0: every call folds again, on recycled replicas and storage
+            for t in ("full", "adapted", "full"):
+                torch.testing.assert_close(packed(x, task=t), dense(x, task=t), rtol=1e-5, atol=1e-5)
+    rep = packed.model_for("full")
+    assert rep.b.weight.layout == torch.strided and rep.a.weight.layout == torch._mkldnn

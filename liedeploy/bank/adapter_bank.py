@@ -51,6 +51,11 @@ def _takes(module: nn.Module, name: str) -> bool:
         return False
 
 
+def _spare_key(tensors: dict) -> frozenset:
+    """Which recycled replica fits a fold: the same names, each packed or dense as before."""
+    return frozenset((n, t.layout) for n, t in tensors.items())
+
+
 class _Folded:
     """One build of a task: its replica and folded tensors, and who is using them."""
 
@@ -128,7 +133,7 @@ class AdapterBank:
         self.verify_base = verify_base
         self.lazy = lazy
         self._tensors = dict(self.base.state_dict(keep_vars=True))
-        self._spare_replicas: dict = {}  # frozenset of replaced names -> a recycled replica for them
+        self._spare_replicas: dict = {}  # _spare_key of replaced tensors -> a recycled replica for them
         self._absmax: dict = {}  # name -> (tensor version, max|W|): lets a fold skip its finiteness scan
         self._hashes: dict = {}
         self._plans: dict = {}  # weight name -> ConvPlan: folded straight into oneDNN's layout (pack_convs)
@@ -210,7 +215,7 @@ class AdapterBank:
         self.pool.give(folded.recyclable)
         self.stats["recycled"] = self.pool.reused
         if folded.replica is not None and folded.tensors:  # its module tree serves the next fold of these names
-            self._spare_replicas[frozenset(folded.tensors)] = folded.replica
+            self._spare_replicas[_spare_key(folded.tensors)] = folded.replica
         folded.tensors, folded.recyclable, folded.replica = {}, [], None
 
     # -- folding ----------------------------------------------------------------------------
@@ -263,10 +268,16 @@ class AdapterBank:
                      dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
             tensors[n] = t
         nbytes = sum(conv_pack.nbytes(t) for t in tensors.values())
+        # packed layers the task leaves alone run on the base's packed weights (shared, not counted)
+        shared = {n: t for n, t in self._packed_base.items() if n not in tensors}
+        tensors.update(shared)
         with self._lock:
-            spare = self._spare_replicas.pop(frozenset(tensors), None)
-        replica = build_replica(self.base, tensors) if spare is None else refill_replica(spare, tensors)
-        conv_pack.adopt(replica, [n for n, *_ in packed])
+            spare = self._spare_replicas.pop(_spare_key(tensors), None)
+        if spare is None:
+            replica = build_replica(self.base, tensors)
+            conv_pack.adopt(replica, [n for n, *_ in packed] + list(shared))
+        else:  # built for the same names, packed the same way: its packed layers run packed already
+            replica = refill_replica(spare, tensors)
         return _Folded(replica, tensors, recyclable, nbytes)
 
     def _fold_packed(self, af: AdapterFile, packed: list, tensors: dict, recyclable: list) -> None:
@@ -291,9 +302,10 @@ class AdapterBank:
         so that the tasks' convolutions skip oneDNN's reorder of the weight on every call (see
         :mod:`liedeploy.core.conv_pack`: on CPU, float32, layers whose layout is the same for every
         batch size in ``batches``). ``run(model)`` calls a model once on an example input with the
-        shapes that will be served. Results match the dense path up to float32 rounding. Tasks
-        folded before are dropped (folded again, packed, at their next use); the base
-        (``task=None``) keeps its dense weights. Returns the packed weights' names (empty where
+        shapes that will be served. Results match the dense path up to float32 rounding. A task's
+        replica runs the packed layers it does not adapt on a packed copy of the base's weights,
+        shared by every task (held once, outside ``cache_bytes``). Tasks folded before are dropped
+        (folded again, packed, at their next use); the base (``task=None``) keeps its dense weights. Returns the packed weights' names (empty where
         :func:`~liedeploy.core.conv_pack.pack_status` is not ``"ready"``, or no layer qualifies).
         """
         if conv_pack.pack_status() != "ready":
