@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,13 +30,9 @@ BATCHES = (1, 2, 4, 8, 16)
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    from benchmarks._timing import median_time
+
+    return 1e3 * median_time(fn, reps, warmup=1)[0]
 
 
 def main(argv=None) -> int:
