@@ -305,7 +305,8 @@ class AdapterBank:
         shapes that will be served. Results match the dense path up to float32 rounding. A task's
         replica runs the packed layers it does not adapt on a packed copy of the base's weights,
         shared by every task (held once, outside ``cache_bytes``). Tasks folded before are dropped
-        (folded again, packed, at their next use); the base (``task=None``) keeps its dense weights. Returns the packed weights' names (empty where
+        (folded again, packed, at their next use); the base (``task=None``) keeps its dense weights.
+        Call it before serving. Returns the packed weights' names (empty where
         :func:`~liedeploy.core.conv_pack.pack_status` is not ``"ready"``, or no layer qualifies).
         """
         if conv_pack.pack_status() != "ready":
