@@ -86,16 +86,10 @@ def _packed(model):
     """``model`` with every Conv2d weight oneDNN can pack packed (liedeploy.core.conv_pack), as a bank
     that packs gives its tasks."""
     import torch
-    from torch import nn
 
     from liedeploy.core import conv_pack
 
-    plans = conv_pack.plan_convs(model, lambda m: m(torch.zeros(1, 3, 64, 64)), (1, 16))
-    for name, plan in plans.items():
-        owner = model.get_submodule(name.rpartition(".")[0])
-        owner.weight = nn.Parameter(plan.pack(owner.weight), requires_grad=False)
-    conv_pack.adopt(model, plans)
-    return model
+    return conv_pack.pack_model(model, conv_pack.plan_convs(model, lambda m: m(torch.zeros(1, 3, 64, 64)), (1, 16)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ def _median_ms(fn, reps: int) -> float:
 
 def main(argv=None) -> int:
     import torch
-    from torch import nn
 
     from benchmarks._results import write_results
     from benchmarks.serve_models import resnet18
@@ -56,14 +55,7 @@ def main(argv=None) -> int:
     plans = conv_pack.plan_convs(base, lambda m: m(torch.zeros(1, 3, 64, 64)), (1, 16))
     sd = base.state_dict()
     eager = [copy.deepcopy(base) for _ in range(10)]
-    packed = []
-    for m in eager:
-        p = copy.deepcopy(m)
-        for name, plan in plans.items():
-            owner = p.get_submodule(name.rpartition(".")[0])
-            owner.weight = nn.Parameter(plan.pack(owner.weight), requires_grad=False)
-        conv_pack.adopt(p, plans)
-        packed.append(p)
+    packed = [conv_pack.pack_model(copy.deepcopy(m), plans) for m in eager]
     forward: dict = {}
     with torch.inference_mode():
         for b in BATCHES:

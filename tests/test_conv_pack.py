@@ -131,12 +131,7 @@ def test_plan_reads_the_layout_back_and_packs_what_it_can():
 
 
 def _packed_copy(model, plans):
-    p = copy.deepcopy(model)
-    for name, plan in plans.items():
-        owner = p.get_submodule(name.rpartition(".")[0])
-        owner.weight = nn.Parameter(plan.pack(owner.weight), requires_grad=False)
-    conv_pack.adopt(p, plans)
-    return p
+    return conv_pack.pack_model(copy.deepcopy(model), plans)
 
 
 def _conv64(x, conv, W):
@@ -354,3 +349,17 @@ def test_a_task_that_replaces_a_packed_layer_whole_runs_it_dense(tmp_path):
                 torch.testing.assert_close(packed(x, task=t), dense(x, task=t), rtol=1e-5, atol=1e-5)
     rep = packed.model_for("full")
     assert rep.b.weight.layout == torch.strided and rep.a.weight.layout == torch._mkldnn
+
+
+def test_pack_model_packs_in_place_and_keeps_the_outputs():
+    torch.manual_seed(13)
+    m = _Convs().eval()
+    ref = copy.deepcopy(m)
+    plans = _plans(m)
+    assert conv_pack.pack_model(m, plans) is m
+    assert all(type(m.get_submodule(n[:-7])) is conv_pack.PackedConv2d for n in plans)
+    assert type(m.same) is nn.Conv2d
+    x = torch.randn(3, 3, 12, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-5, atol=1e-5)

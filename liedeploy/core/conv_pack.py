@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvPlan", "PackedConv2d", "adopt", "channels_last_safe", "fold_packed", "nbytes", "pack_status", "plan_convs"]
+__all__ = ["ConvPlan", "PackedConv2d", "adopt", "channels_last_safe", "fold_packed", "nbytes", "pack_model", "pack_status",
+           "plan_convs"]
 
 _LAYOUT_MAX = 1 << 24  # an index tensor in float32 is exact up to here
 
@@ -204,6 +205,18 @@ def channels_last_safe(model: nn.Module, example: torch.Tensor) -> bool:
     if [n for n, _ in ref] != [n for n, _ in got]:
         return False
     return all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for (_, a), (_, b) in zip(ref, got))
+
+
+def pack_model(model: nn.Module, plans: dict) -> nn.Module:
+    """Pack ``model``'s own weights in place as ``plans`` (from :func:`plan_convs`) say, and make those
+    layers run packed: a single model served without a bank (a bank packs per task instead)."""
+    with torch.no_grad():
+        for name, plan in plans.items():
+            mod, _, attr = name.rpartition(".")
+            owner = model.get_submodule(mod) if mod else model
+            setattr(owner, attr, nn.Parameter(plan.pack(getattr(owner, attr)), requires_grad=False))
+    adopt(model, plans)
+    return model
 
 
 def adopt(replica: nn.Module, names) -> None:
