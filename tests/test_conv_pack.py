@@ -219,7 +219,7 @@ def test_bank_folds_packed_tasks_like_dense_ones(tmp_path):
                 torch.testing.assert_close(wp.to_dense(), wd, rtol=2 * F32_EPS, atol=0)  # within one rounding
             # not adapted: the base's packed weight, shared by every task and not counted in the cache
             assert type(rep_p.dw) is conv_pack.PackedConv2d
-            assert torch.ops.mkldnn.data_ptr(rep_p.dw.weight) == torch.ops.mkldnn.data_ptr(packed._packed_base["dw.weight"])
+            assert torch.ops.mkldnn.data_ptr(rep_p.dw.weight) == torch.ops.mkldnn.data_ptr(packed._packed.base["dw.weight"])
             torch.testing.assert_close(packed(x, task=t), dense(x, task=t), rtol=1e-5, atol=1e-5)
         assert type(packed.base.a) is nn.Conv2d and packed.base.a.weight.layout == torch.strided  # the base stays dense
         assert packed.cached_bytes == sum(conv_pack.nbytes(packed.model_for(t).get_submodule(m).weight)

@@ -6,13 +6,14 @@ every unadapted tensor with the base and holds only its own folded tensors (and 
 format "2", such as its own classifier head): memory per task = those tensors, and concurrent
 calls for different tasks never see each other's weights (there is no global switch).
 
-The bank composes four parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
+The bank composes five parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
 (which tasks exist; lazy: headers only until a task is used), a byte-bounded
 :class:`~liedeploy.bank.task_cache.TaskCache` (which folded tasks stay: the most used, counted with
 decay; a rarely used task is served once rather than evict a popular one), a
 :class:`~liedeploy.storage_pool.StoragePool` (evicted storage reused for the next fold once no
-running call uses it; tensors of a replica handed out by ``model_for`` are never recycled) and the
-replica builder.
+running call uses it; tensors of a replica handed out by ``model_for`` are never recycled), the
+replica builder and, once :meth:`AdapterBank.pack_convs` is called, the
+:class:`~liedeploy.bank.packed_weights.PackedWeights` (Conv2d weights folded into oneDNN's layout).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from liedeploy.core.adapt import adapted_names
 from liedeploy.core.state import lie_state
 from liedeploy.core.adapter_file import AdapterFile
 from liedeploy.core.mixed import run_mixed
-from liedeploy.core.algebra import check_finite, compute_dtype, fold_sum
+from liedeploy.core.algebra import check_finite, fold_sum
 from liedeploy.core import conv_pack
+from liedeploy.bank.packed_weights import PackedWeights
 from liedeploy.bank.task_cache import TaskCache
 from liedeploy.errors import LieError
 from liedeploy.bank.replica import build_replica, refill_replica
@@ -136,8 +138,7 @@ class AdapterBank:
         self._spare_replicas: dict = {}  # _spare_key of replaced tensors -> a recycled replica for them
         self._absmax: dict = {}  # name -> (tensor version, max|W|): lets a fold skip its finiteness scan
         self._hashes: dict = {}
-        self._plans: dict = {}  # weight name -> ConvPlan: folded straight into oneDNN's layout (pack_convs)
-        self._packed_base: dict = {}  # weight name -> the base weight in that layout
+        self._packed = PackedWeights()  # Conv2d weights folded straight into oneDNN's layout (pack_convs)
         self._lock = threading.RLock()
         self.registry = TaskRegistry({k: tuple(v.shape) for k, v in self._tensors.items()},
                                      self._hash if verify_base else None,
@@ -243,13 +244,9 @@ class AdapterBank:
     def _fold_tensors(self, entry: TaskEntry) -> _Folded:
         af = entry.adapter()
         tensors, recyclable, nbytes = {}, [], 0
-        packed = []
+        packed = [n for n in af.targets if n in self._packed.plans]  # folded together below
         for n in af.targets:
-            plan = self._plans.get(n)
-            if plan is not None:  # folded below, every packed layer of the task in one call
-                base = self._packed_base[n]
-                f = self._take(base)
-                packed.append((n, plan, base, base.clone() if f is None else f))
+            if n in self._packed.plans:
                 continue
             W = self._tensors[n].detach()
             B, A = af.factors[n]
@@ -260,7 +257,9 @@ class AdapterBank:
             tensors[n] = f
             recyclable.append(f)
         if packed:
-            self._fold_packed(af, packed, tensors, recyclable)
+            folded = self._packed.fold(af, packed, self._take, self._tensors)
+            tensors.update(folded)
+            recyclable.extend(folded.values())
         device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
         for n, t in af.full.items():
             like = self._tensors.get(n)
@@ -268,33 +267,16 @@ class AdapterBank:
                      dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
             tensors[n] = t
         nbytes = sum(conv_pack.nbytes(t) for t in tensors.values())
-        # packed layers the task leaves alone run on the base's packed weights (shared, not counted)
-        shared = {n: t for n, t in self._packed_base.items() if n not in tensors}
+        shared = self._packed.shared(tensors)  # not counted: held once for every task
         tensors.update(shared)
         with self._lock:
             spare = self._spare_replicas.pop(_spare_key(tensors), None)
         if spare is None:
             replica = build_replica(self.base, tensors)
-            conv_pack.adopt(replica, [n for n, *_ in packed] + list(shared))
+            conv_pack.adopt(replica, packed + list(shared))
         else:  # built for the same names, packed the same way: its packed layers run packed already
             replica = refill_replica(spare, tensors)
         return _Folded(replica, tensors, recyclable, nbytes)
-
-    def _fold_packed(self, af: AdapterFile, packed: list, tensors: dict, recyclable: list) -> None:
-        """Fold ``packed`` (``(name, plan, packed base, packed output)``) in one kernel call, refusing a
-        non-finite result by name as the dense path does."""
-        layers = []
-        for n, plan, base, out in packed:
-            B, A = af.factors[n]
-            cdt = compute_dtype(base.dtype)
-            scale = af.targets[n]["scale"]
-            layers.append((plan, base, out, B.to(dtype=cdt) * scale, A.to(dtype=cdt)))
-        finite = conv_pack.fold_packed(layers, af.expmap == "exact")
-        for (n, _, _, out), ok in zip(packed, finite):
-            B, A = af.factors[n]
-            check_finite(n, out, B, A, af.targets[n]["scale"], ok=ok, W=self._tensors[n].detach())
-            tensors[n] = out
-            recyclable.append(out)
 
     # -- packed convolution weights -------------------------------------------------------------
     def pack_convs(self, run, batches=(1, 16)) -> list:
@@ -312,21 +294,18 @@ class AdapterBank:
         if conv_pack.pack_status() != "ready":
             return []
         with self._lock:
-            plans = conv_pack.plan_convs(self.base, run, batches)
-            plans = {n: p for n, p in plans.items() if n in self._tensors}
-            packed = {n: p.pack(self._tensors[n]) for n, p in plans.items()}
+            names = self._packed.plan(self.base, self._tensors, run, batches)
             for name in list(self._folded):
                 self.cache.pop(name)
                 self._retire(self._folded.pop(name))
             self._spare_replicas.clear()
             self.pool = StoragePool()
-            self._plans, self._packed_base = plans, packed
-        return sorted(plans)
+        return names
 
     @property
     def packed(self) -> list:
         """Names of the weights folded into oneDNN's blocked layout (:meth:`pack_convs`)."""
-        return sorted(self._plans)
+        return sorted(self._packed.plans)
 
     def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> _Folded:
         """The task's build with one more user (folded on first use, and cached when the cache

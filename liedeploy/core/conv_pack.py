@@ -4,17 +4,18 @@ torch's CPU convolution hands oneDNN a plain OIHW weight, and oneDNN reorders it
 layout on every call (at batch 1 torch takes its slower im2col path for most 3x3 convolutions
 instead). For a model whose weights do not stay in cache, that is a large part of a small batch's
 cost: on bench_serve's ResNet-18-like model at 64x64 (45 MB of weights), a forward with every
-Conv2d weight prepacked and a channels-last input is 2.09x faster than torch eager at batch 1 and
-1.22-1.38x at 2-16 (``benchmarks/bench_conv_pack.py``). Prepacking per task with oneDNN's own
-reorder would cost 6.9x the fold itself, so a bank that packs
+Conv2d weight prepacked and a channels-last input is about 2x faster than torch eager at batch 1
+and 1.06-1.4x at 2-16 (``benchmarks/bench_conv_pack.py``; the README gives its runs). Prepacking
+per task with oneDNN's own reorder would cost about 6x the fold itself, so a bank that packs
 (:meth:`liedeploy.AdapterBank.pack_convs`) folds each task's Conv2d weights straight into the
 blocked layout instead: the same arithmetic as the fused fold, every layer of a task in one kernel
-call (:func:`liedeploy.core.native.fold_blocked`), 1.15x the dense fold's time.
+call (:func:`liedeploy.core.native.fold_blocked`), 1.15-1.36x the dense fold's time.
 
 Which layers are packed (:func:`plan_convs`): plain ``nn.Conv2d`` modules in float32 on the CPU,
 with zero padding given as numbers, whose blocked layout oneDNN picks for the input shapes the
 caller will send is ``Acdb16a``, ``Acdb32a``, ``Acdb48a`` or ``Acdb64a`` (output channels in blocks
-of 16, 32, 48 or 64, innermost; per block the columns in (kh, kw, in) order) and the same for every batch size named.
+of 16, 32, 48 or 64, innermost; per block the columns in (kh, kw, in) order) and the same for every
+batch size named.
 The layout is not guessed: an index tensor is packed by oneDNN and read back. Other layers keep
 their dense weights and torch's own convolution. A packed layer gives the same results as the dense
 one up to float32 rounding (oneDNN sums in its own order; batch 1 takes oneDNN instead of torch's
@@ -104,24 +105,18 @@ def fold_packed(layers: Sequence[tuple], exact: bool) -> list:
 
 def _layout(conv: nn.Conv2d, input_size: list) -> Optional[int]:
     """``blk`` if oneDNN packs ``conv``'s weight as ``Acdb{blk}a`` for inputs of ``input_size``, else None."""
-    from liedeploy.core.native import BLOCKS
+    from liedeploy.core.native import BLOCKS, blocked_layout
 
-    o, i, h, w = conv.weight.shape
-    count = o * i * h * w
+    count = conv.weight.numel()
     if count >= _LAYOUT_MAX:
         return None
-    index = torch.arange(1, count + 1, dtype=torch.float32).view(o, i, h, w)
+    index = torch.arange(1, count + 1, dtype=torch.float32).view(conv.weight.shape)
     packed = torch.ops.mkldnn._reorder_convolution_weight(index, list(conv.padding), list(conv.stride),
                                                           list(conv.dilation), conv.groups, input_size)
     size = nbytes(packed) // 4
     for blk in BLOCKS:
-        nb = -(-o // blk)
-        if size != nb * blk * i * h * w:
-            continue
-        want = torch.zeros(nb * blk, i, h, w)
-        want[:o] = index
-        want = want.view(nb, blk, i, h, w).permute(0, 3, 4, 2, 1).reshape(-1)
-        if torch.equal(_raw(packed, size), want):
+        want = blocked_layout(index, blk)  # 0 where oneDNN pads the last block of output channels
+        if want.numel() == size and torch.equal(_raw(packed, size), want):
             return blk
     return None
 

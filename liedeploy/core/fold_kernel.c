@@ -83,65 +83,41 @@ static inline vi store_out(void *o, int64_t i, vf v, int dt) {
     return (vi)((hu & em) == em);
 }
 
-static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
-                      void *o, int64_t off, int wdt, int odt, int map) {
-    vf acc0 = splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+/* rows (<= 8) rows of nv (<= 4) vectors: out = W * map(b rows @ a), rows n apart, a's rows lda apart */
+static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64_t R, const float *a, int64_t lda,
+                                                          const void *w, void *o, int64_t off, int64_t n, int wdt,
+                                                          int odt, int map, int nv, int rows) {
+    vf acc[8][4];
+    for (int q = 0; q < 8; q++)
+        for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
     for (int64_t k = 0; k < R; k++) {
         const float *ak = a + k * lda;
-        vf b = splat(brow[k]), a0, a1, a2, a3;
-        memcpy(&a0, ak, sizeof a0);
-        memcpy(&a1, ak + VW, sizeof a1);
-        memcpy(&a2, ak + 2 * VW, sizeof a2);
-        memcpy(&a3, ak + 3 * VW, sizeof a3);
-        acc0 += b * a0; acc1 += b * a1; acc2 += b * a2; acc3 += b * a3;
+        vf av[4];
+        for (int v = 0; v < nv; v++) memcpy(&av[v], ak + v * VW, sizeof av[v]);
+        for (int q = 0; q < rows; q++) {
+            vf c = splat(b0[q * R + k]);
+            for (int v = 0; v < nv; v++) acc[q][v] += c * av[v];
+        }
     }
-    acc0 = vmap(acc0, map); acc1 = vmap(acc1, map); acc2 = vmap(acc2, map); acc3 = vmap(acc3, map);
-    vi bad = store_out(o, off, load_w(w, off, wdt) * acc0, odt);
-    bad |= store_out(o, off + VW, load_w(w, off + VW, wdt) * acc1, odt);
-    bad |= store_out(o, off + 2 * VW, load_w(w, off + 2 * VW, wdt) * acc2, odt);
-    bad |= store_out(o, off + 3 * VW, load_w(w, off + 3 * VW, wdt) * acc3, odt);
+    vi bad = (vi)splatu(0);
+    for (int q = 0; q < rows; q++)
+        for (int v = 0; v < nv; v++) {
+            int64_t at = off + q * n + v * VW;
+            bad |= store_out(o, at, load_w(w, at, wdt) * vmap(acc[q][v], map), odt);
+        }
     return bad;
 }
 
-/* Four rows at once: each load of A feeds four rows' accumulators (16 of the 32 vector registers). */
-#define ROW_FINISH(acc0, acc1, acc2, acc3, off)                                                     \
-    do {                                                                                            \
-        acc0 = vmap(acc0, map); acc1 = vmap(acc1, map);                                             \
-        acc2 = vmap(acc2, map); acc3 = vmap(acc3, map);                                             \
-        bad |= store_out(o, (off), load_w(w, (off), wdt) * acc0, odt);                              \
-        bad |= store_out(o, (off) + VW, load_w(w, (off) + VW, wdt) * acc1, odt);                    \
-        bad |= store_out(o, (off) + 2 * VW, load_w(w, (off) + 2 * VW, wdt) * acc2, odt);            \
-        bad |= store_out(o, (off) + 3 * VW, load_w(w, (off) + 3 * VW, wdt) * acc3, odt);            \
-    } while (0)
+/* One row of a 64-column tile, and four rows at once (each load of A feeds four rows' accumulators:
+ * 16 of the 32 vector registers). */
+static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
+                      void *o, int64_t off, int wdt, int odt, int map) {
+    return tile_rows(brow, R, a, lda, w, o, off, 0, wdt, odt, map, 4, 1);
+}
 
 static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, const void *w, void *o,
                        int64_t off, int64_t n, int wdt, int odt, int map) {
-    vf z = splat(0.0f);
-    vf p0 = z, p1 = z, p2 = z, p3 = z, q0 = z, q1 = z, q2 = z, q3 = z;
-    vf r0 = z, r1 = z, r2 = z, r3 = z, s0 = z, s1 = z, s2 = z, s3 = z;
-    const float *b1 = b0 + R, *b2 = b1 + R, *b3 = b2 + R;
-    for (int64_t k = 0; k < R; k++) {
-        const float *ak = a + k * lda;
-        vf a0, a1, a2, a3;
-        memcpy(&a0, ak, sizeof a0);
-        memcpy(&a1, ak + VW, sizeof a1);
-        memcpy(&a2, ak + 2 * VW, sizeof a2);
-        memcpy(&a3, ak + 3 * VW, sizeof a3);
-        vf c = splat(b0[k]);
-        p0 += c * a0; p1 += c * a1; p2 += c * a2; p3 += c * a3;
-        c = splat(b1[k]);
-        q0 += c * a0; q1 += c * a1; q2 += c * a2; q3 += c * a3;
-        c = splat(b2[k]);
-        r0 += c * a0; r1 += c * a1; r2 += c * a2; r3 += c * a3;
-        c = splat(b3[k]);
-        s0 += c * a0; s1 += c * a1; s2 += c * a2; s3 += c * a3;
-    }
-    vi bad = (vi)splatu(0);
-    ROW_FINISH(p0, p1, p2, p3, off);
-    ROW_FINISH(q0, q1, q2, q3, off + n);
-    ROW_FINISH(r0, r1, r2, r3, off + 2 * n);
-    ROW_FINISH(s0, s1, s2, s3, off + 3 * n);
-    return bad;
+    return tile_rows(b0, R, a, lda, w, o, off, n, wdt, odt, map, 4, 4);
 }
 
 static int esize(int dt) { return dt == F32 ? 4 : 2; }
@@ -293,31 +269,6 @@ int lie_fold_all(const void *w, int wdt, void *out, int odt, const float *b, con
  * with the same products in the same order as the dense fold. Padded output channels hold W = 0
  * and fold to 0. */
 
-static inline __attribute__((always_inline)) vi tile4_nv(  /* rows (<= 8) rows of nv (<= 4) vectors */
-    const float *b0, int64_t R, const float *a, int64_t lda,
-                                                         const void *w, void *o, int64_t off, int64_t n,
-                                                         int wdt, int odt, int map, int nv, int rows) {
-    vf acc[8][4];
-    for (int q = 0; q < 8; q++)
-        for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
-    for (int64_t k = 0; k < R; k++) {
-        const float *ak = a + k * lda;
-        vf av[4];
-        for (int v = 0; v < nv; v++) memcpy(&av[v], ak + v * VW, sizeof av[v]);
-        for (int q = 0; q < rows; q++) {
-            vf c = splat(b0[q * R + k]);
-            for (int v = 0; v < nv; v++) acc[q][v] += c * av[v];
-        }
-    }
-    vi bad = (vi)splatu(0);
-    for (int q = 0; q < rows; q++)
-        for (int v = 0; v < nv; v++) {
-            int64_t at = off + q * n + v * VW;
-            bad |= store_out(o, at, load_w(w, at, wdt) * vmap(acc[q][v], map), odt);
-        }
-    return bad;
-}
-
 /* The map for rows [c, c + g) of an item: the short exp where each row's bound (precomputed) is
  * at most 1/8, the full exp otherwise (NaN bounds go there too). */
 static inline int group_map(const float *bound, int64_t g, int exact) {
@@ -332,10 +283,10 @@ static inline int group_map(const float *bound, int64_t g, int exact) {
 #define BLOCK_ROWS(NV, G)                                                                          \
     do {                                                                                           \
         for (; c + G <= rows; c += G)                                                              \
-            bad |= tile4_nv(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
+            bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
                             group_map(bound + c, G, exact), NV, G);                                 \
         for (; c < rows; c++)                                                                      \
-            bad |= tile4_nv(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
+            bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
                             group_map(bound + c, 1, exact), NV, 1);                                 \
     } while (0)
 
