@@ -66,6 +66,28 @@ def test_blocked_fold_equals_the_dense_fused_fold():
         assert ok and torch.equal(out, native.blocked_layout(dense, blk))
 
 
+def test_a_large_blocked_fold_out_of_place_gives_the_in_place_bits():
+    """Several layers of more than 1 MiB together, written out of place (stored around the cache)
+    and in place (through it): the same bits."""
+    g = torch.Generator().manual_seed(11)
+    layers = []
+    for shape in ((128, 64, 3, 3), (256, 128, 3, 3), (64, 128, 1, 1)):
+        W = torch.randn(shape, generator=g)
+        m, n = shape[0], shape[1] * shape[2] * shape[3]
+        layers.append((W, torch.randn(m, 16, generator=g) * 0.05, torch.randn(16, n, generator=g) * 0.05))
+    for blk in native.BLOCKS:
+        bases = [native.blocked_layout(W, blk) for W, _, _ in layers]
+        outs = [torch.full_like(b, float("nan")) for b in bases]
+        inplace = [b.clone() for b in bases]
+        assert sum(b.numel() * 4 for b in bases) > 1 << 20
+        assert all(native.fold_blocked([(b.data_ptr(), o.data_ptr(), B, A, tuple(W.shape), blk)
+                                        for b, o, (W, B, A) in zip(bases, outs, layers)], True))
+        assert all(native.fold_blocked([(b.data_ptr(), b.data_ptr(), B, A, tuple(W.shape), blk)
+                                        for b, (W, B, A) in zip(inplace, layers)], True))
+        for o, i in zip(outs, inplace):
+            assert torch.equal(o, i)
+
+
 def test_blocked_fold_in_place_several_layers_and_non_finite_flags():
     g = torch.Generator().manual_seed(3)
     W1, W2 = torch.randn(20, 2, 3, 3, generator=g), torch.randn(40, 5, 1, 1, generator=g)

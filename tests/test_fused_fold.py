@@ -325,3 +325,31 @@ def test_random_shapes_ranks_and_dtype_pairs_match_float64_and_the_blocked_path(
             assert got.dtype == o_dt
             assert float(((got.double() - ref).abs() - tol).max()) <= 0, case
             assert bool((got.view(-1)[:: 7] == 0).all()), case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1024, 1000])
+def test_large_out_of_place_folds_stored_around_the_cache_give_the_in_place_bits(dtype, n):
+    """An out-of-place fold of at least 1 MiB per thread stores around the cache (non-temporal
+    stores where aligned; rows of 1000 columns leave most tiles unaligned, so both kinds of store
+    mix): the same bits as the in-place fold, which stores through the cache, on 1 and 2 threads,
+    and within the float64 bound."""
+    g = torch.Generator().manual_seed(n)
+    W = torch.randn(1200, n, generator=g).to(dtype)
+    B, A = torch.randn(1200, 16, generator=g) * 0.05, torch.randn(16, n, generator=g) * 0.05
+    inplace = W.clone()
+    fold_sum(inplace, [(B, A, 1.0)], "exact", out=inplace, path="fused")
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out = torch.full_like(W, float("nan"))
+            fold_sum(W, [(B, A, 1.0)], "exact", out=out, path="fused")
+            assert torch.equal(out, inplace)
+    finally:
+        torch.set_num_threads(threads)
+    ref = W.double() * torch.exp(B.double() @ A.double())
+    # one rounding to dtype (half an eps, or half a subnormal step) after float32 math (2 float32 eps)
+    eps, step = torch.finfo(dtype).eps, torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    tol = (eps / 2 + 2 * torch.finfo(torch.float32).eps) * ref.abs() + step / 2
+    assert float(((inplace.double() - ref).abs() - tol).max()) <= 0

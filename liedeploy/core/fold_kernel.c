@@ -23,7 +23,63 @@
 
 #include "kernel_vec.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #define TILE (4 * VW)
+
+/* Outputs of at least this many bytes per call, written out of place, go around the cache
+ * (non-temporal stores where the machine has them): a fold's output is larger than the cache and
+ * is not read back by the fold, so a plain store would first read every output line from memory
+ * (a third more memory traffic). 14-20% off a task's packed fold on bench_serve's model. */
+#define STREAM_BYTES (1 << 20)
+
+/* Store 64 bytes at p bypassing the cache where p is aligned for it; returns 0 where it did not. */
+static inline int stream64(void *p, const void *v) {
+#if defined(__AVX512F__)
+    if (((uintptr_t)p & 63) == 0) {
+        __m512 x;
+        memcpy(&x, v, 64);
+        _mm512_stream_ps((float *)p, x);
+        return 1;
+    }
+#elif defined(__AVX__)
+    if (((uintptr_t)p & 31) == 0) {
+        __m256 lo, hi;
+        memcpy(&lo, v, 32);
+        memcpy(&hi, (const char *)v + 32, 32);
+        _mm256_stream_ps((float *)p, lo);
+        _mm256_stream_ps((float *)p + 8, hi);
+        return 1;
+    }
+#endif
+    (void)p;
+    (void)v;
+    return 0;
+}
+
+/* Store 32 bytes likewise. */
+static inline int stream32(void *p, const void *v) {
+#if defined(__AVX__)
+    if (((uintptr_t)p & 31) == 0) {
+        __m256i x;
+        memcpy(&x, v, 32);
+        _mm256_stream_si256((__m256i *)p, x);
+        return 1;
+    }
+#endif
+    (void)p;
+    (void)v;
+    return 0;
+}
+
+/* Make this thread's non-temporal stores visible to others (before it reports its part done). */
+static inline void stream_fence(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_sfence();
+#endif
+}
 
 static inline vf vexp(vf x) {
     /* NaN needs no test: it fails both clamps and propagates through the polynomial */
@@ -70,14 +126,14 @@ static inline vf vmap(vf x, int map) {
     return x + 1.0f;
 }
 
-/* Store one vector of results; returns a mask of the non-finite ones. */
-static inline vi store_out(void *o, int64_t i, vf v, int dt) {
+/* Store one vector of results (around the cache where nt); returns a mask of the non-finite ones. */
+static inline vi store_out(void *o, int64_t i, vf v, int dt, int nt) {
     if (dt == F32) {
-        memcpy((float *)o + i, &v, sizeof v);
+        if (!(nt && stream64((float *)o + i, &v))) memcpy((float *)o + i, &v, sizeof v);
         return (vi)(((vu)v & 0x7fffffffu) >= 0x7f800000u);
     }
     vh h = dt == F16 ? to_f16(v) : to_bf16(v);
-    memcpy((uint16_t *)o + i, &h, sizeof h);
+    if (!(nt && stream32((uint16_t *)o + i, &h))) memcpy((uint16_t *)o + i, &h, sizeof h);
     vu hu = __builtin_convertvector(h, vu);
     uint32_t em = dt == F16 ? 0x7c00u : 0x7f80u;
     return (vi)((hu & em) == em);
@@ -86,7 +142,7 @@ static inline vi store_out(void *o, int64_t i, vf v, int dt) {
 /* rows (<= 8) rows of nv (<= 4) vectors: out = W * map(b rows @ a), rows n apart, a's rows lda apart */
 static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64_t R, const float *a, int64_t lda,
                                                           const void *w, void *o, int64_t off, int64_t n, int wdt,
-                                                          int odt, int map, int nv, int rows) {
+                                                          int odt, int map, int nv, int rows, int nt) {
     vf acc[8][4];
     for (int q = 0; q < 8; q++)
         for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
@@ -103,7 +159,7 @@ static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64
     for (int q = 0; q < rows; q++)
         for (int v = 0; v < nv; v++) {
             int64_t at = off + q * n + v * VW;
-            bad |= store_out(o, at, load_w(w, at, wdt) * vmap(acc[q][v], map), odt);
+            bad |= store_out(o, at, load_w(w, at, wdt) * vmap(acc[q][v], map), odt, nt);
         }
     return bad;
 }
@@ -111,13 +167,13 @@ static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64
 /* One row of a 64-column tile, and four rows at once (each load of A feeds four rows' accumulators:
  * 16 of the 32 vector registers). */
 static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
-                      void *o, int64_t off, int wdt, int odt, int map) {
-    return tile_rows(brow, R, a, lda, w, o, off, 0, wdt, odt, map, 4, 1);
+                      void *o, int64_t off, int wdt, int odt, int map, int nt) {
+    return tile_rows(brow, R, a, lda, w, o, off, 0, wdt, odt, map, 4, 1, nt);
 }
 
 static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, const void *w, void *o,
-                       int64_t off, int64_t n, int wdt, int odt, int map) {
-    return tile_rows(b0, R, a, lda, w, o, off, n, wdt, odt, map, 4, 4);
+                       int64_t off, int64_t n, int wdt, int odt, int map, int nt) {
+    return tile_rows(b0, R, a, lda, w, o, off, n, wdt, odt, map, 4, 4, nt);
 }
 
 static int esize(int dt) { return dt == F32 ? 4 : 2; }
@@ -130,7 +186,7 @@ static int tail_row(const float *brow, int64_t R, const float *tail_a, const voi
     unsigned char wt[TILE * 4], ot[TILE * 4];
     memset(wt, 0, sizeof wt);
     memcpy(wt, (const unsigned char *)w + (size_t)base * esize(wdt), (size_t)rest * esize(wdt));
-    (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, map);
+    (void)tile(brow, tail_a, TILE, R, wt, ot, 0, wdt, odt, map, 0);
     int bad = 0;
     for (int64_t c = 0; c < rest; c++) {
         if (odt == F32) {
@@ -194,6 +250,7 @@ static int row_map(const float *b, int64_t R, int64_t rows, const float *amax, i
 int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, const float *a,
                   int64_t n, int64_t R, int64_t r0, int64_t r1, int exact) {
     int64_t full = n - n % TILE, rest = n - full;
+    int nt = out != w && (r1 - r0) * n * esize(odt) >= STREAM_BYTES;
     float amax_buf[256];
     const float *amax = 0;
     if (exact && R <= 256) {
@@ -213,17 +270,18 @@ int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, co
     for (; i + 4 <= r1; i += 4) {
         int map = row_map(b + i * R, R, 4, amax, exact);
         for (int64_t j = 0; j < full; j += TILE)
-            bad |= tile4(b + i * R, R, a + j, n, w, out, i * n + j, n, wdt, odt, map);
+            bad |= tile4(b + i * R, R, a + j, n, w, out, i * n + j, n, wdt, odt, map, nt);
         for (int64_t q = i; rest > 0 && q < i + 4; q++)
             tail_bad |= tail_row(b + q * R, R, tail_a, w, out, q * n + full, rest, wdt, odt, map);
     }
     for (; i < r1; i++) {
         int map = row_map(b + i * R, R, 1, amax, exact);
         for (int64_t j = 0; j < full; j += TILE)
-            bad |= tile(b + i * R, a + j, n, R, w, out, i * n + j, wdt, odt, map);
+            bad |= tile(b + i * R, a + j, n, R, w, out, i * n + j, wdt, odt, map, nt);
         if (rest > 0)
             tail_bad |= tail_row(b + i * R, R, tail_a, w, out, i * n + full, rest, wdt, odt, map);
     }
+    if (nt) stream_fence();
     int any = tail_bad;
     for (int l = 0; l < VW; l++) any |= bad[l] != 0;
     return any;
@@ -284,10 +342,10 @@ static inline int group_map(const float *bound, int64_t g, int exact) {
     do {                                                                                           \
         for (; c + G <= rows; c += G)                                                              \
             bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
-                            group_map(bound + c, G, exact), NV, G);                                 \
+                            group_map(bound + c, G, exact), NV, G, nt);                             \
         for (; c < rows; c++)                                                                      \
             bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
-                            group_map(bound + c, 1, exact), NV, 1);                                 \
+                            group_map(bound + c, 1, exact), NV, 1, nt);                             \
     } while (0)
 
 /* One item: rows [c0, c0 + rows) of a layer (O x I x KH x KW, rank R), through every output block.
@@ -297,7 +355,7 @@ static inline int group_map(const float *bound, int64_t g, int exact) {
  * exp as the dense kernel's bound does); atl is the layer's B^T zero-padded to whole blocks
  * (R x O_pad). Returns 1 if a result is non-finite. */
 static int fold_item(const void *w, int wdt, void *out, int odt, const float *atl, const float *a, const int64_t *d,
-                     const float *bmax, int64_t c0, int64_t rows, int exact, float *scratch) {
+                     const float *bmax, int64_t c0, int64_t rows, int exact, int nt, float *scratch) {
     const int64_t O = d[0], I = d[1], KH = d[2], KW = d[3], R = d[4], blk = d[5], cols = I * KH * KW;
     const int64_t lda = (O + blk - 1) / blk * blk;
     float *bt = scratch, *bound = bt + R * rows;
@@ -336,12 +394,13 @@ static int fold_item(const void *w, int wdt, void *out, int odt, const float *at
  * written), or -2 if scratch could not be allocated. */
 int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *out, const float *const *b,
                      const float *const *a, int wdt, int odt, int exact, int nthreads, int *bad) {
-    int64_t total = 0, rmax = 1;
+    int64_t total = 0, rmax = 1, bytes = 0;
     for (int64_t l = 0; l < nl; l++) {
         const int64_t *dl = d + 6 * l;
         int64_t blk = dl[5];
         if (blk != VW && blk != 2 * VW && blk != 3 * VW && blk != 4 * VW) return -1;
         total += (dl[1] * dl[2] * dl[3] + ITEM_ROWS - 1) / ITEM_ROWS;
+        bytes += (dl[0] + blk - 1) / blk * blk * dl[1] * dl[2] * dl[3] * esize(odt);
         rmax = dl[4] > rmax ? dl[4] : rmax;
         bad[l] = 0;
     }
@@ -401,13 +460,15 @@ int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *
                 rest -= per;
             }
             int64_t c0 = rest * ITEM_ROWS, rows = c0 + ITEM_ROWS < cols ? ITEM_ROWS : cols - c0;
-            if (fold_item(w[l], wdt, out[l], odt, atall + atoff[l], a[l], d + 6 * l, bmax + l * rmax, c0, rows, exact, scratch)) {
+            if (fold_item(w[l], wdt, out[l], odt, atall + atoff[l], a[l], d + 6 * l, bmax + l * rmax, c0, rows, exact,
+                          out[l] != w[l] && bytes >= STREAM_BYTES, scratch)) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
                 bad[l] = 1;
             }
         }
+        stream_fence();
         free(scratch);
     }
     free(bmax);
