@@ -93,6 +93,11 @@ def add_parser(sub) -> None:
                         "CPU keep workers x --threads = the cores: on 2 cores, --workers 2 (1 thread each) measured "
                         "1.05-1.16x the requests/s at 10 uniform tasks and 0.91-0.95x at 1 task (smaller batches; "
                         "benchmarks/bench_workers.py)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="torch backend on CPU: run batches in N worker processes (each its own GIL, cores / N torch "
+                        "threads and 1/N of --cache-bytes; a task keeps to the process that folded it). Costs the "
+                        "runtime and the model once more per process (default 1: batches on this process's "
+                        "compute thread)")
     p.add_argument("--fold-ahead", type=int, default=None,
                    help="cold tasks folded by a prefetch thread beside the batches, that may wait for their batch "
                         "(0: no prefetch thread, folds and batches share the compute thread; default 0 for the torch "
@@ -108,7 +113,7 @@ def check(args) -> None:
 
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--port", args.port, 0),
                         ("--trt-slots", args.trt_slots, 1), ("--fold-ahead", 0 if args.fold_ahead is None else args.fold_ahead, 0),
-                        ("--workers", args.workers, 1)):
+                        ("--workers", args.workers, 1), ("--processes", args.processes, 1)):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -137,6 +142,14 @@ def check(args) -> None:
             raise UsageError(f"--backend {args.backend} needs --model PKG.MOD:FACTORY and --weights BASE.safetensors")
         if not args.input_shape and not args.input:
             raise UsageError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE")
+    if args.processes > 1:
+        if args.backend != "torch" or args.device != "cpu" or args.hf_model:
+            raise UsageError("--processes runs the torch backend on CPU (not with --device cuda, --backend ort/trt "
+                             "or --hf-model)")
+        if args.workers > 1:
+            raise UsageError("give --processes N (one batch worker per process) or --workers N (threads), not both")
+        if args.fold_ahead:
+            raise UsageError("--fold-ahead needs one process: worker processes fold their tasks themselves")
     if args.backend == "ort" and not args.adapters:
         raise UsageError("--backend ort needs --adapters DIR (the folder 'liedeploy export --onnx --task-models/--bank' wrote)")
     if args.input_shape:
@@ -171,7 +184,7 @@ def run(args) -> int:
         cache_bytes=parse_size(args.cache_bytes, "--cache-bytes") if args.cache_bytes is not None else None,
         cache_policy=args.cache_policy, max_queue=args.max_queue, max_body=parse_size(args.max_body, "--max-body"),
         admin_token_file=args.admin_token_file, request_timeout=args.request_timeout, threads=args.threads,
-        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, workers=args.workers, hf_model=args.hf_model, tokenizer=args.tokenizer,
+        trt_slots=args.trt_slots, fold_ahead=args.fold_ahead, workers=args.workers, processes=args.processes, hf_model=args.hf_model, tokenizer=args.tokenizer,
         max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         max_batch_tasks=args.max_batch_tasks,
         max_kv_bytes=parse_size(args.max_kv_bytes, "--max-kv-bytes") if args.max_kv_bytes is not None else None,

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from liedeploy.errors import LieError
-from liedeploy.serving.errors import BadRequest, QueueFull
+from liedeploy.serving.errors import BadRequest, ProtocolError, QueueFull
 
 __all__ = ["Batcher", "Pending"]
 
@@ -104,7 +104,7 @@ class Batcher:
         self._inline: set = set()
         self.prefetched = 0
         self._prefetching = bool(prefetch)
-        self._threads = [threading.Thread(target=self._work, name=f"liedeploy-batcher-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"liedeploy-batcher-{i}", daemon=True)
                          for i in range(0 if start_first_worker else 1, max(1, workers))]
         if prefetch:
             self._threads.append(threading.Thread(target=self._prefetch_loop, name="liedeploy-prefetch", daemon=True))
@@ -163,6 +163,14 @@ class Batcher:
             return min(starving, key=lambda r: r[1])[0], 0.0
         if resident:  # the most queued samples (the cheapest forward per sample), then the oldest
             return max((r for r in ready if r[0] in resident), key=lambda r: (r[2], -r[1]))[0], 0.0
+        elsewhere = getattr(self.backend, "held_elsewhere", None)
+        if elsewhere is not None:  # worker processes: a task folded in another one runs there, unless a
+            # full batch of it waits (then it runs in both) or it waits max_wait (taken above)
+            held = [r for r in ready if r[2] < self.max_batch and elsewhere(r[0])]
+            if held:
+                ready = [r for r in ready if r not in held]
+                if not ready:
+                    return _NOTHING, max(0.001, min(r[1] for r in held) + self.max_wait - now)
         if self._prefetching:  # cold tasks are folded by the prefetch thread, which notifies when a
             return _NOTHING, 0.05  # fold is done: a worker never folds inline, so a folded task's
             # next request never waits behind a fold
@@ -189,7 +197,7 @@ class Batcher:
 
     def run_worker(self) -> None:
         """Worker 0's loop on the calling thread, until :meth:`close` (``start_first_worker=False``)."""
-        self._work()
+        self._work(0)
 
     def _prefetch_loop(self) -> None:
         while True:
@@ -239,7 +247,10 @@ class Batcher:
         self._count -= len(batch)
         return batch
 
-    def _work(self) -> None:
+    def _work(self, index: int = 0) -> None:
+        bind = getattr(self.backend, "bind_worker", None)
+        if bind is not None:  # a backend of worker processes: this thread runs its batches in process index
+            bind(index)
         while True:
             with self._cv:
                 while True:
@@ -267,6 +278,10 @@ class Batcher:
             inputs = {k: (batch[0].inputs[k] if len(batch) == 1 else np.concatenate([p.inputs[k] for p in batch]))
                       for k in batch[0].inputs}
             out = self.backend.run(task, inputs)
+        except ProtocolError as exc:  # a refusal of the serving layer (a worker process lost): as it is
+            for p in batch:
+                _resolve(p, exc=exc)
+            return
         except LieError as exc:
             if self.on_task_error:
                 self.on_task_error(task, exc)
@@ -294,6 +309,9 @@ class Batcher:
         for p in batch:
             try:
                 out = self.backend.run(task, p.inputs)
+            except ProtocolError as exc:
+                _resolve(p, exc=exc)
+                continue
             except LieError as exc:
                 if self.on_task_error:
                     self.on_task_error(task, exc)

@@ -69,6 +69,11 @@ class ServerMetrics:
                                         "0 for the blocked eager path", value=s.get("fold_fused", 0.0))
                 yield GaugeMetricFamily("liedeploy_packed_convs", "Conv2d layers whose folds are written in oneDNN's "
                                         "blocked layout (torch backend on CPU)", value=s.get("packed_convs", 0))
+                if "worker_processes" in s:
+                    yield GaugeMetricFamily("liedeploy_worker_processes", "Batch worker processes (--processes)",
+                                            value=s["worker_processes"])
+                    yield CounterMetricFamily("liedeploy_worker_restarts", "Worker processes started again after they "
+                                              "exited", value=s["worker_restarts"])
 
         self.registry.register(_Backend())
 

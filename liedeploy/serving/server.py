@@ -60,6 +60,7 @@ class ServeConfig:
     drain_timeout: float = 30.0
     threads: Optional[int] = None
     workers: int = 1  # threads running batches; with torch on CPU, threads default to cores // workers
+    processes: int = 1  # > 1: batches run in that many worker processes (torch on CPU), one batch worker each
     # folded tasks that may wait for a batch; 0: no prefetch thread, workers fold inline;
     # None: 0 for the torch backend on CPU (one compute thread: measured faster), else 4
     fold_ahead: Optional[int] = None
@@ -87,6 +88,10 @@ def build_backend(cfg: ServeConfig):
     """
     from liedeploy.serving.backend import BACKENDS, get_backend_factory
 
+    if cfg.processes > 1:
+        from liedeploy.serving.backends.processes import ProcessBackend
+
+        return ProcessBackend(cfg, cfg.processes)
     factory = get_backend_factory(cfg.backend)
     if factory is None:
         raise ConfigError(f"--backend {cfg.backend!r} is not available here; registered: {', '.join(sorted(BACKENDS))}")
@@ -151,7 +156,8 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                          max_body=cfg.max_body, max_inflight_bytes=cfg.max_inflight_bytes, request_timeout=cfg.request_timeout, replica_id=replica_id,
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0,
-                                       fold_ahead=resolved_fold_ahead(cfg), workers=max(1, int(cfg.workers)),
+                                       fold_ahead=resolved_fold_ahead(cfg),
+                                       workers=max(1, int(cfg.workers), _batch_threads(cfg)),
                                        **(dict(start_first_worker=False) if compute_thread else {})))
     if cfg.hf_model and backend.kind == "torch":
         from liedeploy.serving.generate import Generator
@@ -164,13 +170,27 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
     return state
 
 
+def _batch_threads(cfg: ServeConfig) -> int:
+    """Batch worker threads for worker processes (0 without them)."""
+    if cfg.processes <= 1:
+        return 0
+    from liedeploy.serving.backends.processes import ProcessBackend
+
+    return int(cfg.processes) * ProcessBackend.THREADS_PER_PROCESS
+
+
 def resolved_threads(cfg: ServeConfig) -> Optional[str]:
     """With several ``--workers`` on a CPU torch backend, give each worker its share of the cores
     (``--threads`` = cores // workers unless given) and say so; warn where workers x threads exceed
     the cores (GNU OpenMP then stops spin-waiting and every batch waits for sleeping threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.processes > 1:
+        threads = cfg.threads or max(1, cores // cfg.processes)
+        note = (f"{cfg.processes} worker processes x {threads} torch thread(s) on {cores} cores, "
+                f"each with 1/{cfg.processes} of the cache")
+        return note + (" (more threads than cores: batches will wait for each other)" if cfg.processes * threads > cores else "")
     if cfg.workers <= 1 or cfg.backend != "torch" or not str(cfg.device).startswith("cpu"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cfg.threads is None:
         cfg.threads = max(1, cores // cfg.workers)
         return f"{cfg.workers} workers x {cfg.threads} torch thread(s) on {cores} cores"
@@ -230,7 +250,7 @@ def serve(cfg: ServeConfig, log=print) -> int:
     if default_cache:
         cfg.cache_bytes = default_cache_bytes()
     split = resolved_threads(cfg)
-    if cfg.hf_model or (cfg.backend == "torch" and cfg.device == "cpu"):
+    if cfg.hf_model or (cfg.backend == "torch" and cfg.device == "cpu" and cfg.processes <= 1):
         state = _compute_thread_state(cfg)
     else:
         state = build_state(cfg)
@@ -274,7 +294,10 @@ def serve(cfg: ServeConfig, log=print) -> int:
         + f"; backend {state.backend.kind}; ready in {time.monotonic() - t0:.1f} s")
     if split:
         log(f"liedeploy serve: {split}")
-    if getattr(state.backend, "device", None) is not None and state.backend.kind == "torch":
+    if getattr(state.backend, "fold_reason", None):  # worker processes: as their first one said
+        log(f"liedeploy serve: folds: {state.backend.fold_reason}")
+        log(f"liedeploy serve: conv weights: {state.backend.pack_reason}")
+    elif getattr(state.backend, "device", None) is not None and state.backend.kind == "torch":
         from liedeploy.core.fused import fold_path_reason
 
         path, why = fold_path_reason(state.backend.device)  # builds the CPU kernel now, not at the first fold
@@ -304,6 +327,9 @@ def serve(cfg: ServeConfig, log=print) -> int:
         server.run(sockets=[sock])
     finally:
         state.batcher.close()
+        close = getattr(state.backend, "close", None)
+        if close is not None:  # worker processes
+            close()
         sock.close()
     log("liedeploy serve: drained and stopped")
     return 0

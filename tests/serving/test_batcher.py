@@ -162,3 +162,59 @@ def test_among_folded_tasks_the_fullest_queue_goes_first_and_max_wait_still_boun
     first, second = asyncio.run(scenario())
     assert first == ["b", "c", "a"]  # 3 queued, then 2 (ties would go to the oldest), then 1
     assert second == ["a", "b"]
+
+
+class TwoProcesses(SlowFolds):
+    """A fake backend of two worker processes: ``held[k]`` is what process k holds folded; the
+    calling thread's process is the one given to :meth:`bind_worker` (``ProcessBackend``'s contract)."""
+
+    def __init__(self, held):
+        super().__init__(fold_s=0.0, run_s=0.0)
+        self.held = held
+        self.local = threading.local()
+
+    def bind_worker(self, index):
+        self.local.k = index % len(self.held)
+
+    def is_resident(self, task):
+        return task is None or task in self.held[self.local.k]
+
+    def held_elsewhere(self, task):
+        return any(task in h for i, h in enumerate(self.held) if i != self.local.k)
+
+
+def test_with_worker_processes_a_task_keeps_to_its_process_until_a_full_batch_or_max_wait():
+    from liedeploy.serving.batcher import _NOTHING
+
+    def submit(b, tasks):
+        for task in tasks:
+            b.submit(task, {"x": np.ones((1, 2), np.float32)}, 1)
+
+    def pick(b, backend, k, late=0.01):
+        backend.bind_worker(k)
+        task, wait = b._pick(time.monotonic() + late)
+        if task is not _NOTHING:
+            b._take(task)
+        return task, wait
+
+    async def scenario():
+        backend = TwoProcesses([{"a"}, {"b"}])
+        b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=0.5, fold_ahead=0)
+        b.close()  # the scheduler's choices are read for each process in turn, nothing runs
+        out = {}
+        with b._cv:
+            submit(b, ["a", "a", "a", "b", "c"])
+            out["own"] = pick(b, backend, 1)[0]  # its own task, though "a" has more queued
+            out["cold"] = pick(b, backend, 1)[0]  # then a task no process holds
+            out["held"] = pick(b, backend, 1)  # only "a" is left, held by process 0: not taken
+            submit(b, ["a"])
+            out["full"] = pick(b, backend, 1)[0]  # a full batch of "a" waits: process 1 takes it too
+            submit(b, ["a"])
+            out["starving"] = pick(b, backend, 1, late=0.6)[0]  # waited past max_wait: taken
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["own"] == "b" and out["cold"] == "c"
+    task, wait = out["held"]
+    assert task is _NOTHING and 0 < wait <= 0.5  # it looks again by the time the request would starve
+    assert out["full"] == "a" and out["starving"] == "a"
