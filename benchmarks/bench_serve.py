@@ -14,8 +14,13 @@ no batching, an LRU of merged per-task models in the same budget, a merged file 
 To keep the disk small, tasks cycle over 20 distinct adapter files (hard links): every task is
 still folded (or loaded) on its own.
 
-Reports requests/s, p50/p95/p99, errors, wrong outputs, folds, peak RSS of the server, and CPU
-seconds of server and client (they share 2 cores). Writes benchmarks/results/serve_cpu.json.
+The server also runs with ``--processes 2`` (two worker processes of one torch thread each, the
+cache split between them) at 1,000, 10 and 1 task(s); the 10-task ratio to the ceiling then takes
+the faster of the two 1-task servers.
+
+Reports requests/s, p50/p95/p99, errors, wrong outputs, folds, peak RSS of the server (with worker
+processes: each process's peak, summed), and CPU seconds of the server (all its processes) and
+client (they share 2 cores). Writes benchmarks/results/serve_cpu.json.
 """
 
 from __future__ import annotations
@@ -206,9 +211,12 @@ def _setup(work: str, n_tasks: int) -> dict:
 
 
 def _serve(setup, n: int, budget: int, *, max_batch: int = 16, threads: int = 2, fold_ahead=None,
-           cache_policy=None, workers: int = 1, env=None) -> Proc:
+           cache_policy=None, workers: int = 1, processes: int = 1, env=None) -> Proc:
     extra = [] if fold_ahead is None else ["--fold-ahead", str(fold_ahead)]  # None: the server's default
     extra += [] if workers == 1 else ["--workers", str(workers)]
+    if processes > 1:  # the cores shared out: threads per worker process
+        extra += ["--processes", str(processes)]
+        threads = max(1, threads // processes)
     extra += [] if cache_policy is None else ["--cache-policy", cache_policy]
     return Proc([sys.executable, "-m", "liedeploy.cli", "serve", "--model", "benchmarks.serve_models:resnet18",
                  "--weights", setup["base"], "--adapters", setup["sizes"][n]["dir"], "--input-shape", "1,3,64,64",
@@ -278,6 +286,11 @@ def main(argv=None) -> int:
                 json_mode=True)
             run("liedeploy: 1 task (ceiling), binary", lambda: _serve(setup, 1, budget), setup["spec_one"], 0)
             run("liedeploy: 10 tasks uniform, binary", lambda: _serve(setup, 10, budget), s[10]["spec"], 0)
+            run("liedeploy --processes 2: 1000 tasks Zipf", lambda: _serve(setup, 1000, budget, processes=2),
+                s[1000]["spec"], 1.1)
+            run("liedeploy --processes 2: 1 task", lambda: _serve(setup, 1, budget, processes=2), setup["spec_one"], 0)
+            run("liedeploy --processes 2: 10 tasks uniform", lambda: _serve(setup, 10, budget, processes=2),
+                s[10]["spec"], 0)
         med = {k: statistics.median(r["rps"] for r in v) for k, v in raw.items()}
         best = max(naive_configs, key=lambda c: med[f"naive {c[0]}x{c[1]}: 1000 tasks Zipf, binary"])
         nb = f"{best[0]}x{best[1]}"
@@ -297,6 +310,7 @@ def main(argv=None) -> int:
         vb = [r["rps"] for r in raw[b]]
         return {"median": med[a] / med[b], "min": min(va) / max(vb), "max": max(va) / min(vb)}
 
+    ceiling = max(("liedeploy: 1 task (ceiling), binary", "liedeploy --processes 2: 1 task"), key=med.get)
     ratios = {
         "1000 tasks Zipf, binary: liedeploy / competent naive": ratio("liedeploy: 1000 tasks Zipf, binary",
                                                                        f"naive {nb}: 1000 tasks Zipf, binary"),
@@ -312,6 +326,16 @@ def main(argv=None) -> int:
             "liedeploy: 1000 tasks Zipf, binary", "liedeploy LIEDEPLOY_PACK=off: 1000 tasks Zipf"),
         "1000 tasks: default cache (most used kept) / --cache-policy lru": ratio(
             "liedeploy: 1000 tasks Zipf, binary", "liedeploy --cache-policy lru: 1000 tasks Zipf"),
+        "1000 tasks Zipf, binary: liedeploy --processes 2 / competent naive": ratio(
+            "liedeploy --processes 2: 1000 tasks Zipf", f"naive {nb}: 1000 tasks Zipf, binary"),
+        "1000 tasks: --processes 2 / 1 process (default)": ratio(
+            "liedeploy --processes 2: 1000 tasks Zipf", "liedeploy: 1000 tasks Zipf, binary"),
+        "10 tasks uniform: --processes 2 / 1 process (default)": ratio(
+            "liedeploy --processes 2: 10 tasks uniform", "liedeploy: 10 tasks uniform, binary"),
+        "1 task: --processes 2 / 1 process (default)": ratio(
+            "liedeploy --processes 2: 1 task", "liedeploy: 1 task (ceiling), binary"),
+        f"10 tasks uniform, --processes 2 / ceiling (the faster 1-task server: {ceiling.split(':')[0]})": ratio(
+            "liedeploy --processes 2: 10 tasks uniform", ceiling),
     }
     # (the Ray runs measure no single server process: they have neither)
     busy = {k: statistics.median(r["server_cores_busy"] for r in v) for k, v in raw.items() if "server_cores_busy" in v[0]}
@@ -323,7 +347,9 @@ def main(argv=None) -> int:
         print(f"{k:62s} {v['median']:7.2f}x  ({v['min']:.2f}-{v['max']:.2f})")
     print(f"server cores busy, 1000 tasks: {busy['liedeploy: 1000 tasks Zipf, binary']:.2f} of {cores}; naive {nb}: "
           f"{busy[f'naive {nb}: 1000 tasks Zipf, binary']:.2f}")
+    print(f"server cores busy, 1000 tasks, --processes 2 (all processes): {busy['liedeploy --processes 2: 1000 tasks Zipf']:.2f}")
     print(f"peak RSS, 1000 tasks, budget {budget / 1e6:.0f} MB: liedeploy {rss['liedeploy: 1000 tasks Zipf, binary'] / 1e6:.0f} MB, "
+          f"--processes 2 {rss['liedeploy --processes 2: 1000 tasks Zipf'] / 1e6:.0f} MB (the processes' peaks summed), "
           f"naive {nb} {rss[f'naive {nb}: 1000 tasks Zipf, binary'] / 1e6:.0f} MB")
     print(f"zero errors and zero wrong outputs: {all(r['errors'] == 0 and r['wrong'] == 0 for v in raw.values() for r in v)}")
     out = {"runs": raw, "median_rps": med, "ratios": ratios, "naive_best": nb, "cores_busy": busy, "peak_rss": rss,
