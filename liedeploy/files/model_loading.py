@@ -6,15 +6,16 @@ is imported and the factory called; the current folder is searched after install
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import importlib
 import os
 import sys
 
-from torch import nn
-
 from liedeploy.errors import ConfigError, LieError
+
+if TYPE_CHECKING:  # torch is imported where a model is built: parsing a spec needs none
+    from torch import nn
 
 __all__ = ["build_model", "load_weights_strict", "parse_model_spec", "load_hf_model", "load_hf_architecture"]
 
@@ -28,7 +29,7 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return mod_name, attr
 
 
-def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
+def build_model(spec: str, kwargs: dict, weights: str) -> "nn.Module":
     """``build_model("mypkg.models:resnet", {}, "w.safetensors")`` -> model in eval mode."""
     mod_name, attr = parse_model_spec(spec)
     # the current folder is searched last: a planted onnx.py (or torch.py) never shadows the
@@ -51,13 +52,15 @@ def build_model(spec: str, kwargs: dict, weights: str) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - user code: its failure reduced to one line
         first = (str(exc).strip().splitlines() or [""])[0]
         raise LieError(f"{spec}(**{kwargs}) failed: {type(exc).__name__}: {first[:300]}") from None
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise LieError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     load_weights_strict(model, weights)
     return model.eval()
 
 
-def load_weights_strict(model: nn.Module, weights: str) -> None:
+def load_weights_strict(model: "nn.Module", weights: str) -> None:
     """Load every tensor of ``weights`` into ``model``; a missing or unexpected key is an error."""
     from safetensors.torch import load_file
 

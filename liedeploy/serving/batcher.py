@@ -163,10 +163,10 @@ class Batcher:
             return min(starving, key=lambda r: r[1])[0], 0.0
         if resident:  # the most queued samples (the cheapest forward per sample), then the oldest
             return max((r for r in ready if r[0] in resident), key=lambda r: (r[2], -r[1]))[0], 0.0
-        elsewhere = getattr(self.backend, "held_elsewhere", None)
-        if elsewhere is not None:  # worker processes: a task folded in another one runs there, unless a
+        takes = getattr(self.backend, "takes", None)
+        if takes is not None:  # worker processes: a task that runs in another one runs there, unless a
             # full batch of it waits (then it runs in both) or it waits max_wait (taken above)
-            held = [r for r in ready if r[2] < self.max_batch and elsewhere(r[0])]
+            held = [r for r in ready if r[2] < self.max_batch and not takes(r[0])]
             if held:
                 ready = [r for r in ready if r not in held]
                 if not ready:

@@ -166,7 +166,8 @@ def test_among_folded_tasks_the_fullest_queue_goes_first_and_max_wait_still_boun
 
 class TwoProcesses(SlowFolds):
     """A fake backend of two worker processes: ``held[k]`` is what process k holds folded; the
-    calling thread's process is the one given to :meth:`bind_worker` (``ProcessBackend``'s contract)."""
+    calling thread's process is the one given to :meth:`bind_worker` (``ProcessBackend``'s contract;
+    its :meth:`takes` also balances cold tasks, tested with the server)."""
 
     def __init__(self, held):
         super().__init__(fold_s=0.0, run_s=0.0)
@@ -179,8 +180,8 @@ class TwoProcesses(SlowFolds):
     def is_resident(self, task):
         return task is None or task in self.held[self.local.k]
 
-    def held_elsewhere(self, task):
-        return any(task in h for i, h in enumerate(self.held) if i != self.local.k)
+    def takes(self, task):  # held here, or held nowhere
+        return task in self.held[self.local.k] or not any(task in h for h in self.held)
 
 
 def test_with_worker_processes_a_task_keeps_to_its_process_until_a_full_batch_or_max_wait():

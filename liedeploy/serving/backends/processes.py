@@ -11,11 +11,11 @@ and ``cores / N`` torch threads) and runs its batches on its main thread; this p
 HTTP server, the queues and the scheduler, and imports no torch.
 
 Tasks keep to a process: a task folded in one worker process is scheduled there (the batcher asks
-:meth:`ProcessBackend.is_resident` from worker thread k, which answers for process k, and
-:meth:`ProcessBackend.held_elsewhere`), so N caches of ``cache_bytes / N`` hold as many distinct
-tasks as one cache of ``cache_bytes``. A task held by another process is taken here only when a full
-batch of it waits or its oldest request has waited ``--max-wait-ms``: a single hot task then runs
-in every process. The README's serving section gives the measured effect and the memory price
+:meth:`ProcessBackend.is_resident` and :meth:`ProcessBackend.takes` from worker thread k, which
+answer for process k), and a task no process holds goes to the one holding the fewest tasks, so N
+caches of ``cache_bytes / N`` hold as many distinct tasks as one cache of ``cache_bytes``. A task
+that runs elsewhere is taken here only when a full batch of it waits or its oldest request has
+waited ``--max-wait-ms``: a single hot task then runs in every process. The README's serving section gives the measured effect and the memory price
 (each process holds the runtime, the model and the packed base weights).
 
 A worker process that dies is started again by its batch worker thread (the batch that was
@@ -114,6 +114,7 @@ class _Worker:
         self.info: dict = {}
         self.proc = self.conn = None
         self.lost: Optional[str] = None  # why the process is gone, until it is started again
+        self.incoming: set = set()  # cold tasks sent to it to run, not yet resident (a fold on the way)
         self._waiting: dict = {}
         self._next = 0
 
@@ -126,6 +127,7 @@ class _Worker:
         with self.lock:
             self.conn = parent
             self.resident, self.lost = frozenset(), None
+            self.incoming = set()
             leftover, self._waiting = self._waiting, {}
         for reply in leftover.values():
             reply.value = ("lost", None)
@@ -280,10 +282,18 @@ class ProcessBackend:
         w = self._bound()
         return task in w.resident if w is not None else any(task in v.resident for v in self._workers)
 
-    def held_elsewhere(self, task: Optional[str]) -> bool:
-        """From a bound batch worker: whether another process holds ``task`` folded."""
+    def takes(self, task: Optional[str]) -> bool:
+        """From a bound batch worker: whether its process is where ``task`` runs now: it holds the task
+        (or is folding it), or no process does and it holds no more tasks than any other (so that
+        the caches fill evenly: N caches of ``cache_bytes / N`` then hold as many tasks as one)."""
         w = self._bound()
-        return task is not None and any(task in v.resident for v in self._workers if v is not w)
+        if task is None or w is None or task in w.resident or task in w.incoming:
+            return True
+        others = [v for v in self._workers if v is not w]
+        if any(task in v.resident or task in v.incoming for v in others):
+            return False
+        mine = len(w.resident | w.incoming)
+        return all(mine <= len(v.resident | v.incoming) for v in others)
 
     # -- registry (every process) ---------------------------------------------------------------
     def discover(self, folder: str) -> dict:
@@ -346,7 +356,14 @@ class ProcessBackend:
         w = self._bound() or self._home(task)
         if w.lost is not None:
             self._restart(w)
-        return w.call("run", task, inputs)
+        cold = task is not None and task not in w.resident
+        if cold:
+            w.incoming.add(task)
+        try:
+            return w.call("run", task, inputs)
+        finally:
+            if cold:
+                w.incoming.discard(task)
 
     def _restart(self, w: _Worker) -> None:
         """Start process ``w`` again and register every task in it (on its own batch worker thread)."""
