@@ -121,3 +121,29 @@ def test_processes_refuse_what_they_cannot_run(farm, extra, message):
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_task_no_process_holds_goes_to_the_process_holding_the_fewest():
+    """ProcessBackend.takes, without starting processes: the rule that fills the split caches evenly."""
+    import threading
+
+    from liedeploy.serving.backends.processes import ProcessBackend
+
+    class W:
+        def __init__(self, resident=(), incoming=()):
+            self.resident, self.incoming = frozenset(resident), set(incoming)
+
+    b = object.__new__(ProcessBackend)
+    b.processes, b._local = 2, threading.local()
+    b._workers = [W({"a", "b"}), W({"c"}, incoming={"d"})]
+    b.bind_worker(0)
+    assert b.takes("a") and not b.takes("c") and not b.takes("d")  # held here / held or folding elsewhere
+    assert b.takes(None)  # the base runs anywhere
+    assert b.takes("e")  # cold: 2 tasks here, 2 there (one of them on the way): a tie takes it
+    b.bind_worker(1)
+    assert b.takes("d") and b.takes("e") and not b.takes("a")
+    b._workers[1].incoming.add("f")
+    b.bind_worker(0)
+    assert b.takes("e")  # 2 here against 3 there
+    b.bind_worker(1)
+    assert not b.takes("e")  # 3 here against 2: process 0 takes it
