@@ -355,7 +355,11 @@ class ProcessBackend:
     def run(self, task: Optional[str], inputs: dict) -> dict:
         w = self._bound() or self._home(task)
         if w.lost is not None:
-            self._restart(w)
+            try:
+                self._restart(w)
+            except Exception as exc:  # noqa: BLE001 - not this task's fault: 503, and tried again next batch
+                w.lost = f"batch worker process {w.index} could not be started again ({exc})"
+                raise WorkerLost(w.lost) from None
         cold = task is not None and task not in w.resident
         if cold:
             w.incoming.add(task)
