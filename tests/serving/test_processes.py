@@ -147,3 +147,23 @@ def test_a_task_no_process_holds_goes_to_the_process_holding_the_fewest():
     assert b.takes("e")  # 2 here against 3 there
     b.bind_worker(1)
     assert not b.takes("e")  # 3 here against 2: process 0 takes it
+
+
+def test_a_worker_process_that_cannot_build_the_model_stops_the_start_in_one_line(farm, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.serving.helpers import ROOT
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"other.weight": torch.zeros(2, 2)}, str(wrong))
+    args = ["serve", "--model", "tests.serving.models:net", "--weights", str(wrong), "--adapters", farm["tasks"],
+            "--input-shape", "1,3,8,8", "--port", "0", "--processes", "2"]
+    r = subprocess.run([sys.executable, "-m", "liedeploy.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "wrong.safetensors: missing key" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
