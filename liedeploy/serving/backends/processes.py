@@ -60,8 +60,10 @@ def _worker_main(cfg, conn) -> None:
     the parent goes away. Every answer carries the resident tasks (when they changed) and the stats."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains on SIGINT/SIGTERM, then stops us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group: the parent drains, then stops us. SIGTERM keeps its
+    # default: multiprocessing's exit handler terminates daemonic children that way if the parent
+    # exits without stopping them, and waits for them
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from liedeploy.core.fused import fold_path_reason
         from liedeploy.serving.server import build_backend
