@@ -9,6 +9,12 @@ takes, in order:
    the oldest request), since a larger batch costs less per sample; no refold thrash;
 3. else the cold task with the most queued samples (one fold serves all its queued requests).
 
+With a backend of worker processes (``--processes``), worker thread k is bound to process k
+(``backend.bind_worker(k)``), "resident" means held by that process, and step 3 skips the tasks that
+``backend.takes(task)`` sends to another process (held or being folded there, or a cold task for a
+process holding fewer tasks) unless a full batch of one waits; step 1 still takes any task whose
+request has waited ``max_wait``.
+
 Taking the fullest resident queue rather than the oldest request: with 32 closed-loop clients over
 10 resident tasks, batches of 5.4 samples instead of 5.0 and 1.03x the requests/s, lower p50, the
 p99 bounded by ``max_wait`` as before (three alternating rounds, ad hoc; README).
