@@ -5,18 +5,19 @@ in one process (``--workers 2``) hand the GIL to each other and to the event loo
 hundred times per forward. On bench_serve's model, two single-threaded forwards in one process
 give 1.5-1.9x the samples/s of one two-threaded forward at batches of 1 to 5 (oneDNN's two-thread
 split of these small convolutions wastes much of the second core), but a server with two worker
-threads kept only 1.08-1.13x of that. Two processes keep it: each worker process has its own GIL,
-its own :class:`~liedeploy.serving.backends.torch.TorchBackend` (a bank with ``cache_bytes / N``
-and ``cores / N`` torch threads) and runs its batches on its main thread; this process keeps the
-HTTP server, the queues and the scheduler, and imports no torch.
+threads kept only 1.08-1.13x of that. Worker processes keep more of it: each has its own GIL, its
+own :class:`~liedeploy.serving.backends.torch.TorchBackend` (a bank with ``cache_bytes / N`` and
+``cores / N`` torch threads) and runs its batches on its main thread; this process keeps the HTTP
+server, the queues and the scheduler, and imports no torch. bench_serve measured 1.19x the
+requests/s of one process at 1,000 tasks, 1.09x at 10 tasks and 0.99x at 1 (smaller batches: the
+queue is split), at about 530 MB more memory per process (the runtime, the model, the packed base).
 
 Tasks keep to a process: a task folded in one worker process is scheduled there (the batcher asks
 :meth:`ProcessBackend.is_resident` and :meth:`ProcessBackend.takes` from worker thread k, which
 answer for process k), and a task no process holds goes to the one holding the fewest tasks, so N
 caches of ``cache_bytes / N`` hold as many distinct tasks as one cache of ``cache_bytes``. A task
 that runs elsewhere is taken here only when a full batch of it waits or its oldest request has
-waited ``--max-wait-ms``: a single hot task then runs in every process. The README's serving section gives the measured effect and the memory price
-(each process holds the runtime, the model and the packed base weights).
+waited ``--max-wait-ms``: a single hot task then runs in every process.
 
 A worker process that dies is started again by its batch worker thread (the batch that was
 running is answered 503; the registered tasks are registered again); the others serve meanwhile.
