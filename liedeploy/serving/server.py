@@ -157,7 +157,7 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
                          batching=dict(max_batch=cfg.max_batch, max_delay=cfg.max_delay_ms / 1000.0,
                                        max_queue=cfg.max_queue, max_wait=cfg.max_wait_ms / 1000.0,
                                        fold_ahead=resolved_fold_ahead(cfg),
-                                       workers=max(1, int(cfg.workers), _batch_threads(cfg)),
+                                       workers=max(1, int(cfg.workers), int(cfg.processes)),
                                        **(dict(start_first_worker=False) if compute_thread else {})))
     if cfg.hf_model and backend.kind == "torch":
         from liedeploy.serving.generate import Generator
@@ -170,33 +170,29 @@ def build_state(cfg: ServeConfig, backend=None, replica_id: Optional[str] = None
     return state
 
 
-def _batch_threads(cfg: ServeConfig) -> int:
-    """Batch worker threads for worker processes (0 without them)."""
-    if cfg.processes <= 1:
-        return 0
-    from liedeploy.serving.backends.processes import ProcessBackend
-
-    return int(cfg.processes) * ProcessBackend.THREADS_PER_PROCESS
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolved_threads(cfg: ServeConfig) -> Optional[str]:
-    """With several ``--workers`` on a CPU torch backend, give each worker its share of the cores
-    (``--threads`` = cores // workers unless given) and say so; warn where workers x threads exceed
-    the cores (GNU OpenMP then stops spin-waiting and every batch waits for sleeping threads)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cfg.processes > 1:
-        threads = cfg.threads or max(1, cores // cfg.processes)
-        note = (f"{cfg.processes} worker processes x {threads} torch thread(s) on {cores} cores, "
-                f"each with 1/{cfg.processes} of the cache")
-        return note + (" (more threads than cores: batches will wait for each other)" if cfg.processes * threads > cores else "")
-    if cfg.workers <= 1 or cfg.backend != "torch" or not str(cfg.device).startswith("cpu"):
+    """With several ``--workers`` (or ``--processes``) on a CPU torch backend, give each its share of
+    the cores (``--threads`` = cores // workers unless given) and say so; warn where workers x threads
+    exceed the cores (GNU OpenMP then stops spin-waiting and every batch waits for sleeping threads)."""
+    n = max(int(cfg.workers), int(cfg.processes))
+    if n <= 1 or cfg.backend != "torch" or not str(cfg.device).startswith("cpu"):
         return None
-    if cfg.threads is None:
-        cfg.threads = max(1, cores // cfg.workers)
-        return f"{cfg.workers} workers x {cfg.threads} torch thread(s) on {cores} cores"
-    note = f"{cfg.workers} workers x {cfg.threads} torch thread(s) on {cores} cores"
-    if cfg.workers * cfg.threads > cores:
-        note += " (more threads than cores: batches will wait for each other; --threads 1 or fewer --workers)"
+    cores = usable_cores()
+    given = cfg.threads is not None
+    if not given:
+        cfg.threads = max(1, cores // n)
+    what = (f"{n} worker processes" if cfg.processes > 1 else f"{n} workers")
+    note = f"{what} x {cfg.threads} torch thread(s) on {cores} cores"
+    if cfg.processes > 1:
+        note += f", each with 1/{n} of the cache"
+    if given and n * cfg.threads > cores:
+        note += " (more threads than cores: batches will wait for each other; --threads 1 or fewer " + \
+                ("--processes)" if cfg.processes > 1 else "--workers)")
     return note
 
 

@@ -105,9 +105,9 @@ class _Reply:
 
 
 class _Worker:
-    """One worker process and the pipe to it. Calls are pipelined: a call is sent at once, the
-    process answers in order, and a reader thread hands each answer to its caller, so that with two
-    batch worker threads per process the next batch is in the pipe before the current one ends."""
+    """One worker process and the pipe to it. A call is sent at once and the process answers in
+    order; a reader thread hands each answer to its caller, so that a registry call (add, remove)
+    from the event loop queues behind a running batch instead of waiting for a lock it holds."""
 
     def __init__(self, index: int, cfg, ctx):
         self.index, self.cfg, self.ctx = index, cfg, ctx
@@ -213,10 +213,11 @@ class _Worker:
 def worker_config(cfg, processes: int):
     """The :class:`~liedeploy.serving.server.ServeConfig` of one worker process: one process, one
     batch worker, ``cache_bytes / processes`` and ``threads`` (default: cores / processes)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from liedeploy.serving.server import usable_cores
+
     return dataclasses.replace(cfg, processes=1, workers=1, tokenizer_object=None,
                                cache_bytes=None if cfg.cache_bytes is None else int(cfg.cache_bytes) // processes,
-                               threads=cfg.threads or max(1, cores // processes))
+                               threads=cfg.threads or max(1, usable_cores() // processes))
 
 
 class ProcessBackend:
@@ -230,7 +231,6 @@ class ProcessBackend:
     kind = "torch"
     file_suffix = ".safetensors"
     device = None  # the worker processes hold the model; this one imports no torch
-    THREADS_PER_PROCESS = 1  # batch worker threads per process
 
     def __init__(self, cfg, processes: int):
         import multiprocessing
@@ -243,7 +243,6 @@ class ProcessBackend:
         self.processes = int(processes)
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads and locks
         child_cfg = worker_config(cfg, self.processes)
-        self.threads = child_cfg.threads
         self._workers = [_Worker(k, child_cfg, ctx) for k in range(self.processes)]
         self._tasks: dict = {}  # task -> path, registered in every worker process
         self._outputs: dict = {}
@@ -405,10 +404,6 @@ class ProcessBackend:
         out["worker_processes"] = self.processes
         out["worker_restarts"] = self.restarts
         return out
-
-    def pids(self) -> list:
-        """The worker processes' ids (for tests and tools)."""
-        return [w.proc.pid for w in self._workers if w.proc is not None]
 
     def close(self) -> None:
         for w in self._workers:
