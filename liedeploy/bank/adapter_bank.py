@@ -6,13 +6,14 @@ every unadapted tensor with the base and holds only its own folded tensors (and 
 format "2", such as its own classifier head): memory per task = those tensors, and concurrent
 calls for different tasks never see each other's weights (there is no global switch).
 
-The bank composes five parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
+The bank composes six parts with one job each: a :class:`~liedeploy.task_registry.TaskRegistry`
 (which tasks exist; lazy: headers only until a task is used), a byte-bounded
 :class:`~liedeploy.bank.task_cache.TaskCache` (which folded tasks stay: the most used, counted with
 decay; a rarely used task is served once rather than evict a popular one), a
 :class:`~liedeploy.storage_pool.StoragePool` (evicted storage reused for the next fold once no
 running call uses it; tensors of a replica handed out by ``model_for`` are never recycled), the
-replica builder and, once :meth:`AdapterBank.pack_convs` is called, the
+replica builder, the leases that hold a task's build while a call runs (:mod:`liedeploy.bank.lease`)
+and, once :meth:`AdapterBank.pack_convs` is called, the
 :class:`~liedeploy.bank.packed_weights.PackedWeights` (Conv2d weights folded into oneDNN's layout).
 """
 
@@ -35,7 +36,8 @@ from liedeploy.core import conv_pack
 from liedeploy.bank.packed_weights import PackedWeights
 from liedeploy.bank.task_cache import TaskCache
 from liedeploy.errors import LieError
-from liedeploy.bank.replica import build_replica, refill_replica
+from liedeploy.bank.lease import Folded, TaskLease
+from liedeploy.bank.replica import build_replica, refill_replica, replica_key
 from liedeploy.io.safetensors_io import DTYPE_NAMES, tensor_sha256
 from liedeploy.bank.storage_pool import StoragePool
 from liedeploy.bank.task_registry import TaskEntry, TaskRegistry
@@ -51,48 +53,6 @@ def _takes(module: nn.Module, name: str) -> bool:
         return name in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _spare_key(tensors: dict) -> frozenset:
-    """Which recycled replica fits a fold: the same names, each packed or dense as before."""
-    return frozenset((n, t.layout) for n, t in tensors.items())
-
-
-class _Folded:
-    """One build of a task: its replica and folded tensors, and who is using them."""
-
-    __slots__ = ("replica", "tensors", "recyclable", "users", "leaked", "retired", "nbytes")
-
-    def __init__(self, replica: nn.Module, tensors: dict, recyclable: list, nbytes: int):
-        self.replica, self.tensors, self.recyclable, self.nbytes = replica, tensors, recyclable, nbytes
-        self.users = 0
-        self.leaked = False  # handed out by model_for(): never recycled
-        self.retired = False  # evicted or removed: recycled once no call uses it
-
-
-class TaskLease:
-    """One task's module held from :meth:`AdapterBank.lease` until :meth:`release` (idempotent)."""
-
-    __slots__ = ("_bank", "_folded", "model", "task")
-
-    def __init__(self, bank: "AdapterBank", task: Optional[str], folded: Optional[_Folded], model: nn.Module):
-        self._bank, self.task, self._folded, self.model = bank, task, folded, model
-
-    def use(self, uses: int = 1) -> None:
-        """Count ``uses`` more uses of the held task (requests it serves), for the bank's cache."""
-        if self.task is not None:
-            self._bank.note_uses(self.task, uses)
-
-    def release(self) -> None:
-        folded, self._folded = self._folded, None
-        if folded is not None:
-            self._bank._release(folded)
-
-    def __enter__(self) -> "TaskLease":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class AdapterBank:
@@ -148,7 +108,7 @@ class AdapterBank:
         except ValueError as exc:
             raise LieError(str(exc)) from None
         self.pool = StoragePool()
-        self._folded: dict[str, _Folded] = {}
+        self._folded: dict[str, Folded] = {}
         self._build_locks: dict[str, threading.Lock] = {}
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "recycled": 0, "folds": 0, "fold_seconds": 0.0,
                       "not_kept": 0}
@@ -207,16 +167,16 @@ class AdapterBank:
             self.cache.pop(name)
             self._retire(folded)
 
-    def _retire(self, folded: _Folded) -> None:
+    def _retire(self, folded: Folded) -> None:
         folded.retired = True
         if folded.users == 0 and not folded.leaked:
             self._recycle(folded)
 
-    def _recycle(self, folded: _Folded) -> None:
+    def _recycle(self, folded: Folded) -> None:
         self.pool.give(folded.recyclable)
         self.stats["recycled"] = self.pool.reused
         if folded.replica is not None and folded.tensors:  # its module tree serves the next fold of these names
-            self._spare_replicas[_spare_key(folded.tensors)] = folded.replica
+            self._spare_replicas[replica_key(folded.tensors)] = folded.replica
         folded.tensors, folded.recyclable, folded.replica = {}, [], None
 
     # -- folding ----------------------------------------------------------------------------
@@ -226,7 +186,7 @@ class AdapterBank:
             self.stats["recycled"] = self.pool.reused
             return t
 
-    def _fold(self, entry: TaskEntry) -> _Folded:
+    def _fold(self, entry: TaskEntry) -> Folded:
         # outside inference mode even when called inside it: the folded tensors go back to the
         # storage pool, and an inference tensor there could not be folded into again later
         with torch.inference_mode(False), torch.no_grad():
@@ -241,7 +201,7 @@ class AdapterBank:
         self._absmax[name] = (W._version, value)
         return value
 
-    def _fold_tensors(self, entry: TaskEntry) -> _Folded:
+    def _fold_tensors(self, entry: TaskEntry) -> Folded:
         af = entry.adapter()
         tensors, recyclable, nbytes = {}, [], 0
         packed = [n for n in af.targets if n in self._packed.plans]  # folded together below
@@ -270,13 +230,13 @@ class AdapterBank:
         shared = self._packed.shared(tensors)  # not counted: held once for every task
         tensors.update(shared)
         with self._lock:
-            spare = self._spare_replicas.pop(_spare_key(tensors), None)
+            spare = self._spare_replicas.pop(replica_key(tensors), None)
         if spare is None:
             replica = build_replica(self.base, tensors)
             conv_pack.adopt(replica, packed + list(shared))
         else:  # built for the same names, packed the same way: its packed layers run packed already
             replica = refill_replica(spare, tensors)
-        return _Folded(replica, tensors, recyclable, nbytes)
+        return Folded(replica, tensors, recyclable, nbytes)
 
     # -- packed convolution weights -------------------------------------------------------------
     def pack_convs(self, run, batches=(1, 16)) -> list:
@@ -307,7 +267,7 @@ class AdapterBank:
         """Names of the weights folded into oneDNN's blocked layout (:meth:`pack_convs`)."""
         return sorted(self._packed.plans)
 
-    def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> _Folded:
+    def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> Folded:
         """The task's build with one more user (folded on first use, and cached when the cache
         admits it or ``keep``); ``uses`` uses of the task are counted."""
         with self._lock:
@@ -356,7 +316,7 @@ class AdapterBank:
                 self._folded[task] = folded
             return folded
 
-    def _release(self, folded: _Folded) -> None:
+    def _release(self, folded: Folded) -> None:
         with self._lock:
             folded.users -= 1
             if folded.retired and folded.users == 0 and not folded.leaked:
@@ -384,9 +344,9 @@ class AdapterBank:
             ...     y = held.model(x)
         """
         if task is None:
-            return TaskLease(self, None, None, self.base)
+            return TaskLease(None, None, self.base, self._release, self.note_uses)
         folded = self._acquire(task, uses)
-        return TaskLease(self, task, folded, folded.replica)
+        return TaskLease(task, folded, folded.replica, self._release, self.note_uses)
 
     def model_for(self, task: Optional[str]) -> nn.Module:
         """The module that computes ``task`` (the base for ``None``), to hold and call directly.

@@ -17,7 +17,7 @@ from torch import nn
 
 from liedeploy.core.tensors import owner_of, set_tensor
 
-__all__ = ["clone_tree", "build_replica", "refill_replica"]
+__all__ = ["clone_tree", "build_replica", "refill_replica", "replica_key"]
 
 
 def clone_tree(module: nn.Module, memo: dict | None = None) -> nn.Module:
@@ -54,3 +54,8 @@ def refill_replica(replica: nn.Module, tensors: Mapping[str, torch.Tensor]) -> n
         owner, attr = owner_of(replica, name, where="the base model")
         set_tensor(owner, attr, t)
     return replica
+
+
+def replica_key(tensors: Mapping[str, torch.Tensor]) -> frozenset:
+    """Which recycled replica fits a fold: one built for the same names, each packed or dense as before."""
+    return frozenset((n, t.layout) for n, t in tensors.items())
