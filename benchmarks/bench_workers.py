@@ -8,7 +8,8 @@ conv and the classifier, 32 clients in their own process, binary tensors, a 0.5 
 10 tasks uniform and 1,000 tasks Zipf(1.1). The two configurations alternate within each round;
 medians over the rounds, with the range. Also in process, without HTTP (each configuration in a
 fresh process): 10 replicas of the model forwarded round robin for 4 s by one worker of 2 torch
-threads or by two workers of 1, at batches of 1, 5 and 16. Writes
+threads or by two workers of 1, at batches of 1, 5 and 16, packed and channels-last as the server
+runs them (two such workers side by side is what `serve --processes 2` gives each process). Writes
 benchmarks/results/workers_cpu.{txt,json}.
 """
 
@@ -31,7 +32,9 @@ LOADS = {"1 task": (1, 0.0), "10 tasks uniform": (10, 0.0), "1,000 tasks Zipf(1.
 
 def _forward_rate(workers: int, batch: int, seconds: float = 4.0) -> float:
     """Samples/s of ``workers`` threads forwarding 10 replicas round robin, cores / workers torch
-    threads each (torch's thread count is per process: call in a fresh one)."""
+    threads each (torch's thread count is per process: call in a fresh one). The replicas run as
+    the server runs them on CPU: Conv2d weights packed, inputs channels-last (eager where this torch
+    cannot pack)."""
     import copy
     import threading
     import time
@@ -39,15 +42,21 @@ def _forward_rate(workers: int, batch: int, seconds: float = 4.0) -> float:
     import torch
 
     from benchmarks.serve_models import resnet18
+    from liedeploy.core import conv_pack
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     torch.manual_seed(0)
-    models = [copy.deepcopy(resnet18().eval()) for _ in range(10)]
+    base = resnet18().eval()
+    models = [copy.deepcopy(base) for _ in range(10)]
     x = torch.randn(batch, 3, 64, 64)
+    if conv_pack.pack_status() == "ready":
+        plans = conv_pack.plan_convs(base, lambda m: m(torch.zeros(1, 3, 64, 64)), (1, 16))
+        models = [conv_pack.pack_model(m, plans) for m in models]
+        x = x.contiguous(memory_format=torch.channels_last)
     done = [0] * workers
 
     def work(k):
-        with torch.no_grad():
+        with torch.inference_mode():
             for m in models:  # warm
                 m(x)
             end, i = time.monotonic() + seconds, k

@@ -3,9 +3,9 @@
 Why: torch releases the GIL inside each operation and takes it back after it, so two batch workers
 in one process (``--workers 2``) hand the GIL to each other and to the event loop's HTTP work a few
 hundred times per forward. On bench_serve's model, two single-threaded forwards in one process
-give 1.5-1.9x the samples/s of one two-threaded forward at batches of 1 to 5 (oneDNN's two-thread
-split of these small convolutions wastes much of the second core), but a server with two worker
-threads kept only 1.08-1.13x of that. Worker processes keep more of it: each has its own GIL, its
+give 2.08x and 1.45x the samples/s of one two-threaded forward at batches of 1 and 5 (oneDNN's
+two-thread split of these small convolutions wastes much of the second core), but a server with
+two worker threads kept only 0.97-1.16x (benchmarks/bench_workers.py). Worker processes keep more of it: each has its own GIL, its
 own :class:`~liedeploy.serving.backends.torch.TorchBackend` (a bank with ``cache_bytes / N`` and
 ``cores / N`` torch threads) and runs its batches on its main thread; this process keeps the HTTP
 server, the queues and the scheduler, and imports no torch. bench_serve measured 1.19x the
