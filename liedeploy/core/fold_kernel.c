@@ -117,6 +117,8 @@ static inline vf vmap(vf x, int map) {
     return x + 1.0f;
 }
 
+static int esize(int dt) { return dt == F32 ? 4 : 2; }
+
 /* Store one vector of results (around the cache where nt); returns a mask of the non-finite ones. */
 static inline vi store_out(void *o, int64_t i, vf v, int dt, int nt) {
     if (dt == F32) {
@@ -130,10 +132,15 @@ static inline vi store_out(void *o, int64_t i, vf v, int dt, int nt) {
     return (vi)((hu & em) == em);
 }
 
-/* rows (<= 8) rows of nv (<= 4) vectors: out = W * map(b rows @ a), rows n apart, a's rows lda apart */
+/* rows (<= 8) rows of nv (<= 4) vectors: out = W * map(b rows @ a), rows n apart, a's rows lda apart.
+ * With pf, the same tile of W at element offset pf is prefetched (the blocked fold's next block). */
 static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64_t R, const float *a, int64_t lda,
                                                           const void *w, void *o, int64_t off, int64_t n, int wdt,
-                                                          int odt, int map, int nv, int rows, int nt) {
+                                                          int odt, int map, int nv, int rows, int nt, int64_t pf) {
+    if (pf >= 0)
+        for (int q = 0; q < rows; q++)
+            for (int v = 0; v < nv; v++)
+                __builtin_prefetch((const char *)w + (size_t)(pf + q * n + v * VW) * esize(wdt));
     vf acc[8][4];
     for (int q = 0; q < 8; q++)
         for (int v = 0; v < 4; v++) acc[q][v] = splat(0.0f);
@@ -159,15 +166,14 @@ static inline __attribute__((always_inline)) vi tile_rows(const float *b0, int64
  * 16 of the 32 vector registers). */
 static inline vi tile(const float *brow, const float *a, int64_t lda, int64_t R, const void *w,
                       void *o, int64_t off, int wdt, int odt, int map, int nt) {
-    return tile_rows(brow, R, a, lda, w, o, off, 0, wdt, odt, map, 4, 1, nt);
+    return tile_rows(brow, R, a, lda, w, o, off, 0, wdt, odt, map, 4, 1, nt, -1);
 }
 
 static inline vi tile4(const float *b0, int64_t R, const float *a, int64_t lda, const void *w, void *o,
                        int64_t off, int64_t n, int wdt, int odt, int map, int nt) {
-    return tile_rows(b0, R, a, lda, w, o, off, n, wdt, odt, map, 4, 4, nt);
+    return tile_rows(b0, R, a, lda, w, o, off, n, wdt, odt, map, 4, 4, nt, -1);
 }
 
-static int esize(int dt) { return dt == F32 ? 4 : 2; }
 
 /* The last n % 64 columns of a row: W's tail into a zero-padded tile, folded with A's zero-padded
  * tail columns, the valid part copied out. Returns 1 if a valid result is non-finite (a padded
@@ -257,11 +263,26 @@ int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, co
         for (int64_t k = 0; k < R; k++)
             memcpy(tail_a + k * TILE, a + k * n + full, sizeof(float) * (size_t)rest);
     }
+    /* A's full tiles, each copied once into a contiguous R x 64 panel: read in place, a tile's R rows
+     * of A lie n floats apart, and for many n they fall in the same few L1 sets and evict each other
+     * (1.3-1.8x slower at rank 16-32). Not worth it for fewer than four rows. */
+    float *panels = 0;
+    if (r1 - r0 >= 4 && full > 0) {
+        panels = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R * full));  /* a multiple of 64 bytes */
+        for (int64_t j = 0; panels && j < full; j += TILE)
+            for (int64_t k = 0; k < R; k++) memcpy(panels + j * R + k * TILE, a + k * n + j, sizeof(float) * TILE);
+    }
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4) {
         int map = row_map(b + i * R, R, 4, amax, exact);
-        for (int64_t j = 0; j < full; j += TILE)
-            bad |= tile4(b + i * R, R, a + j, n, w, out, i * n + j, n, wdt, odt, map, nt);
+        /* float32 with the short exp (the usual case): a copy of its own, with no per-vector dispatch */
+        if (panels && wdt == F32 && odt == F32 && map == MAP_EXP_SMALL)
+            for (int64_t j = 0; j < full; j += TILE)
+                bad |= tile4(b + i * R, R, panels + j * R, TILE, w, out, i * n + j, n, F32, F32, MAP_EXP_SMALL, nt);
+        else
+            for (int64_t j = 0; j < full; j += TILE)
+                bad |= panels ? tile4(b + i * R, R, panels + j * R, TILE, w, out, i * n + j, n, wdt, odt, map, nt)
+                              : tile4(b + i * R, R, a + j, n, w, out, i * n + j, n, wdt, odt, map, nt);
         for (int64_t q = i; rest > 0 && q < i + 4; q++)
             tail_bad |= tail_row(b + q * R, R, tail_a, w, out, q * n + full, rest, wdt, odt, map);
     }
@@ -272,6 +293,7 @@ int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, co
         if (rest > 0)
             tail_bad |= tail_row(b + i * R, R, tail_a, w, out, i * n + full, rest, wdt, odt, map);
     }
+    free(panels);
     if (nt) stream_fence();
     int any = tail_bad;
     for (int l = 0; l < VW; l++) any |= bad[l] != 0;
@@ -327,28 +349,48 @@ static inline int group_map(const float *bound, int64_t g, int exact) {
     return MAP_EXP_SMALL;
 }
 
-/* G rows at a time (8 where a row is one or two vectors, so that 16 accumulators are live, as in
- * the dense kernel's 4 rows x 4 vectors), then single rows. */
-#define BLOCK_ROWS(NV, G)                                                                          \
-    do {                                                                                           \
-        for (; c + G <= rows; c += G)                                                              \
-            bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
-                            group_map(bound + c, G, exact), NV, G, nt);                             \
-        for (; c < rows; c++)                                                                      \
-            bad |= tile_rows(bt + c * R, R, at, lda, w, out, base + c * blk, blk, wdt, odt,           \
-                            group_map(bound + c, 1, exact), NV, 1, nt);                             \
-    } while (0)
+/* One output block of an item: G rows at a time (8 where a row is one or two vectors, so that 16
+ * accumulators are live, as in the dense kernel's 4 rows x 4 vectors), then single rows. Each tile
+ * prefetches the same rows of the next output block (next >= 0): an item's W is one short run per
+ * block, too short for the hardware prefetcher, which left a third of the fold waiting on loads of
+ * W. The short exp gets a copy of the tile of its own (no per-vector test of the map). */
+static inline __attribute__((always_inline)) vi block_tiles(const float *bt, int64_t R, const float *at, const void *w,
+                                                            void *out, int64_t base, int64_t blk, int wdt, int odt,
+                                                            const float *bound, int64_t rows, int exact, int nt,
+                                                            int64_t next, int nv, int g) {
+    vi bad = (vi)splatu(0);
+    int64_t c = 0;
+    for (; c + g <= rows; c += g) {
+        int map = group_map(bound + c, g, exact);
+        int64_t pf = next < 0 ? -1 : next + c * blk;
+        if (map == MAP_EXP_SMALL)
+            bad |= tile_rows(bt + c * R, R, at, blk, w, out, base + c * blk, blk, wdt, odt, MAP_EXP_SMALL, nv, g, nt, pf);
+        else
+            bad |= tile_rows(bt + c * R, R, at, blk, w, out, base + c * blk, blk, wdt, odt, map, nv, g, nt, pf);
+    }
+    for (; c < rows; c++)
+        bad |= tile_rows(bt + c * R, R, at, blk, w, out, base + c * blk, blk, wdt, odt, group_map(bound + c, 1, exact),
+                         nv, 1, nt, next < 0 ? -1 : next + c * blk);
+    return bad;
+}
+
+/* Every block size, with the dtypes given as constants (float32 in and out: a copy of its own). */
+#define ITEM_BLOCK(WDT, ODT)                                                                                     \
+    (blk == 4 * VW   ? block_tiles(bt, R, at, w, out, base, blk, WDT, ODT, bound, rows, exact, nt, next, 4, 4)  \
+     : blk == 3 * VW ? block_tiles(bt, R, at, w, out, base, blk, WDT, ODT, bound, rows, exact, nt, next, 3, 4)  \
+     : blk == 2 * VW ? block_tiles(bt, R, at, w, out, base, blk, WDT, ODT, bound, rows, exact, nt, next, 2, 8)  \
+                     : block_tiles(bt, R, at, w, out, base, blk, WDT, ODT, bound, rows, exact, nt, next, 1, 8))
 
 /* One item: rows [c0, c0 + rows) of a layer (O x I x KH x KW, rank R), through every output block.
  * The rows' factors are gathered once into scratch: bt (rows x R) = A's columns for these rows in
  * the blocked order (kh, kw, in), read from the dense order (in, kh, kw), and each row's bound on
  * |dW| over all output channels (sum_k |bt_qk| bmax_k, bmax_k = max_o |B_ok|: it picks the short
- * exp as the dense kernel's bound does); atl is the layer's B^T zero-padded to whole blocks
- * (R x O_pad). Returns 1 if a result is non-finite. */
+ * exp as the dense kernel's bound does); atl is the layer's B^T zero-padded to whole blocks, block by
+ * block (per output block a contiguous R x blk panel: rows O_pad apart would share L1 sets). Returns 1
+ * if a result is non-finite. */
 static int fold_item(const void *w, int wdt, void *out, int odt, const float *atl, const float *a, const int64_t *d,
                      const float *bmax, int64_t c0, int64_t rows, int exact, int nt, float *scratch) {
-    const int64_t O = d[0], I = d[1], KH = d[2], KW = d[3], R = d[4], blk = d[5], cols = I * KH * KW;
-    const int64_t lda = (O + blk - 1) / blk * blk;
+    const int64_t I = d[1], KH = d[2], KW = d[3], R = d[4], blk = d[5], cols = I * KH * KW;
     float *bt = scratch, *bound = bt + R * rows;
     for (int64_t q = 0; q < rows; q++) {
         int64_t c = c0 + q, hw = c / I, i = c % I;
@@ -362,13 +404,10 @@ static int fold_item(const void *w, int wdt, void *out, int odt, const float *at
         bound[q] = s;
     }
     vi bad = (vi)splatu(0);
-    for (int64_t ob = 0; ob * blk < O; ob++) {
-        const float *at = atl + ob * blk;
-        int64_t base = (ob * cols + c0) * blk, c = 0;
-        if (blk == 4 * VW) BLOCK_ROWS(4, 4);
-        else if (blk == 3 * VW) BLOCK_ROWS(3, 4);
-        else if (blk == 2 * VW) BLOCK_ROWS(2, 8);
-        else BLOCK_ROWS(1, 8);
+    for (int64_t ob = 0; ob * blk < d[0]; ob++) {
+        const float *at = atl + ob * R * blk;
+        int64_t base = (ob * cols + c0) * blk, next = (ob + 1) * blk < d[0] ? base + cols * blk : -1;
+        bad |= wdt == F32 && odt == F32 ? ITEM_BLOCK(F32, F32) : ITEM_BLOCK(wdt, odt);
     }
     int any = 0;
     for (int l = 0; l < VW; l++) any |= bad[l] != 0;
@@ -395,7 +434,7 @@ int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *
         rmax = dl[4] > rmax ? dl[4] : rmax;
         bad[l] = 0;
     }
-    /* per layer, once: B^T zero-padded to whole blocks (R x O_pad), and max_o |B_ok| per k (NaN
+    /* per layer, once: B^T zero-padded to whole blocks, as one R x blk panel per block, and max_o |B_ok| per k (NaN
      * stays NaN: the full exp) */
     int64_t *atoff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(nl + 1));
     if (!atoff) return -2;
@@ -404,23 +443,25 @@ int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *
         const int64_t *dl = d + 6 * l;
         atoff[l + 1] = atoff[l] + dl[4] * ((dl[0] + dl[5] - 1) / dl[5] * dl[5]);
     }
-    float *bmax = (float *)malloc(sizeof(float) * (size_t)(nl * rmax + atoff[nl]));
-    if (!bmax) {
+    /* the panels first, 64-byte aligned (each is a multiple of 64 bytes), then the maxima */
+    int64_t panel_floats = (atoff[nl] + 15) / 16 * 16;
+    float *atall = (float *)aligned_alloc(64, sizeof(float) * (size_t)(panel_floats + ((nl * rmax + 15) / 16 * 16)));
+    if (!atall) {
         free(atoff);
         return -2;
     }
-    float *atall = bmax + nl * rmax;
+    float *bmax = atall + panel_floats;
     for (int64_t l = 0; l < nl; l++) {
-        const int64_t O = d[6 * l], R = d[6 * l + 4], blk = d[6 * l + 5], lda = (O + blk - 1) / blk * blk;
+        const int64_t O = d[6 * l], R = d[6 * l + 4], blk = d[6 * l + 5], opad = (O + blk - 1) / blk * blk;
         float *m = bmax + l * rmax, *at = atall + atoff[l];
         for (int64_t k = 0; k < R; k++) {
             m[k] = 0.0f;
-            for (int64_t o = O; o < lda; o++) at[k * lda + o] = 0.0f;
+            for (int64_t o = O; o < opad; o++) at[(o / blk * R + k) * blk + o % blk] = 0.0f;
         }
         for (int64_t o = 0; o < O; o++)
             for (int64_t k = 0; k < R; k++) {
                 float v = b[l][o * R + k];
-                at[k * lda + o] = v;
+                at[(o / blk * R + k) * blk + o % blk] = v;
                 v = v < 0 ? -v : v;
                 m[k] = (v > m[k] || v != v) ? v : m[k];
             }
@@ -462,7 +503,7 @@ int lie_fold_blocked(int64_t nl, const int64_t *d, void *const *w, void *const *
         stream_fence();
         free(scratch);
     }
-    free(bmax);
+    free(atall);
     free(atoff);
     (void)nthreads;
     return failed ? -2 : 0;
