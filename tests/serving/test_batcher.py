@@ -184,7 +184,7 @@ class TwoProcesses(SlowFolds):
         return task in self.held[self.local.k] or not any(task in h for h in self.held)
 
 
-def test_with_worker_processes_a_task_keeps_to_its_process_until_a_full_batch_or_max_wait():
+def test_with_worker_processes_a_task_keeps_to_its_process_until_a_full_batch_waits():
     from liedeploy.serving.batcher import _NOTHING
 
     def submit(b, tasks):
@@ -210,12 +210,35 @@ def test_with_worker_processes_a_task_keeps_to_its_process_until_a_full_batch_or
             out["held"] = pick(b, backend, 1)  # only "a" is left, held by process 0: not taken
             submit(b, ["a"])
             out["full"] = pick(b, backend, 1)[0]  # a full batch of "a" waits: process 1 takes it too
-            submit(b, ["a"])
-            out["starving"] = pick(b, backend, 1, late=0.6)[0]  # waited past max_wait: taken
+            submit(b, ["a", "b"])
+            # both have waited past max_wait, "a" longer: process 1 runs its own "b" first (a starving
+            # task held elsewhere is not folded here a second time while it has work), then, with
+            # nothing else to run, helps with "a"
+            out["starving_elsewhere"] = [pick(b, backend, 1, late=0.6)[0], pick(b, backend, 1, late=0.6)[0]]
+            submit(b, ["a", "b"])
+            out["starving_home"] = pick(b, backend, 0, late=0.6)[0]  # its own process: first
         return out
 
     out = asyncio.run(scenario())
     assert out["own"] == "b" and out["cold"] == "c"
     task, wait = out["held"]
     assert task is _NOTHING and 0 < wait <= 0.5  # it looks again by the time the request would starve
-    assert out["full"] == "a" and out["starving"] == "a"
+    assert out["full"] == "a"
+    assert out["starving_elsewhere"] == ["b", "a"]
+    assert out["starving_home"] == "a"
+
+
+def test_with_worker_processes_a_request_wakes_the_worker_of_the_process_that_holds_its_task():
+    """Two batch workers wait idle; each request must reach the one whose process holds its task at
+    once (a single notify could wake the other, which leaves the task alone: the request would wait
+    for a poll)."""
+    backend = TwoProcesses([{"a"}, {"b"}])
+    b = Batcher(backend, max_batch=4, max_delay=0.001, max_wait=2.0, workers=2, fold_ahead=0)
+    try:
+        waits = []
+        for task in ["a", "b"] * 5:
+            time.sleep(0.02)  # both workers idle again
+            waits += [w for _, w in asyncio.run(_submit_all(b, [task]))]
+    finally:
+        b.close()
+    assert max(waits) < 0.5, waits  # well under max_wait (2 s): no request waited for a poll

@@ -16,8 +16,9 @@ Tasks keep to a process: a task folded in one worker process is scheduled there 
 :meth:`ProcessBackend.is_resident` and :meth:`ProcessBackend.takes` from worker thread k, which
 answer for process k), and a task no process holds goes to the one holding the fewest tasks, so N
 caches of ``cache_bytes / N`` hold as many distinct tasks as one cache of ``cache_bytes``. A task
-that runs elsewhere is taken here only when a full batch of it waits or its oldest request has
-waited ``--max-wait-ms``: a single hot task then runs in every process.
+that runs elsewhere is taken here only when a full batch of it waits (a single hot task then runs
+in every process); a request that has waited ``--max-wait-ms`` is served first by the process that
+holds its task.
 
 A worker process that dies is started again by its batch worker thread (the batch that was
 running is answered 503; the registered tasks are registered again); the others serve meanwhile.
