@@ -265,7 +265,7 @@ int lie_fold_rows(const void *w, int wdt, void *out, int odt, const float *b, co
     }
     /* A's full tiles, each copied once into a contiguous R x 64 panel: read in place, a tile's R rows
      * of A lie n floats apart, and for many n they fall in the same few L1 sets and evict each other
-     * (1.3-1.8x slower at rank 16-32). Not worth it for fewer than four rows. */
+     * (1.4-1.8x slower at rank 16-32). Not worth it for fewer than four rows. */
     float *panels = 0;
     if (r1 - r0 >= 4 && full > 0) {
         panels = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R * full));  /* a multiple of 64 bytes */
