@@ -143,9 +143,11 @@ def check(args) -> None:
         if not args.input_shape and not args.input:
             raise UsageError("say what the model takes: --input-shape 1,3,224,224 or --input NAME:DATATYPE:SHAPE")
     if args.processes > 1:
-        if args.backend != "torch" or args.device != "cpu" or args.hf_model:
-            raise UsageError("--processes runs the torch backend on CPU (not with --device cuda, --backend ort/trt "
-                             "or --hf-model)")
+        from liedeploy.serving.backends.processes import unsupported
+
+        why = unsupported(args)
+        if why:
+            raise UsageError(why)
         if args.workers > 1:
             raise UsageError("give --processes N (one batch worker per process) or --workers N (threads), not both")
         if args.fold_ahead:

@@ -37,7 +37,7 @@ from liedeploy.errors import ConfigError, LieError
 from liedeploy.serving.backend import discover_task_files, run_mixed_by_task
 from liedeploy.serving.errors import Unavailable
 
-__all__ = ["ProcessBackend", "WorkerLost"]
+__all__ = ["ProcessBackend", "WorkerLost", "unsupported", "worker_config"]
 
 _OPS = ("run", "add", "remove", "prefetch", "outputs")  # what a worker process does when asked
 _START_TIMEOUT = 600.0  # seconds a worker process may take to build its backend
@@ -211,14 +211,25 @@ class _Worker:
         self.conn.close()
 
 
+def unsupported(cfg) -> Optional[str]:
+    """Why worker processes cannot run what ``cfg`` names (a ServeConfig or the CLI's arguments:
+    ``backend``, ``device``, ``hf_model``), or None."""
+    if cfg.backend != "torch" or not str(cfg.device).startswith("cpu") or cfg.hf_model:
+        return "--processes runs the torch backend on CPU (not with --device cuda, --backend ort/trt or --hf-model)"
+    return None
+
+
 def worker_config(cfg, processes: int):
     """The :class:`~liedeploy.serving.server.ServeConfig` of one worker process: one process, one
-    batch worker, ``cache_bytes / processes`` and ``threads`` (default: cores / processes)."""
-    from liedeploy.serving.server import usable_cores
+    batch worker, ``cache_bytes / processes`` and ``threads`` (default: the server's share rule,
+    cores / processes)."""
+    from liedeploy.serving.server import resolved_threads
 
+    shared = dataclasses.replace(cfg, processes=processes)
+    resolved_threads(shared)  # sets threads where not given
     return dataclasses.replace(cfg, processes=1, workers=1, tokenizer_object=None,
                                cache_bytes=None if cfg.cache_bytes is None else int(cfg.cache_bytes) // processes,
-                               threads=cfg.threads or max(1, usable_cores() // processes))
+                               threads=shared.threads)
 
 
 class ProcessBackend:
@@ -238,9 +249,9 @@ class ProcessBackend:
 
         if processes < 2:
             raise ConfigError(f"--processes must be >= 2 for worker processes, got {processes}")
-        if cfg.backend != "torch" or not str(cfg.device).startswith("cpu") or cfg.hf_model:
-            raise ConfigError("--processes runs the torch backend on CPU in worker processes (not --device cuda, "
-                              "--backend ort/trt or --hf-model)")
+        why = unsupported(cfg)
+        if why:
+            raise ConfigError(why)
         self.processes = int(processes)
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads and locks
         child_cfg = worker_config(cfg, self.processes)
