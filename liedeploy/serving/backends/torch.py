@@ -189,7 +189,7 @@ class TorchBackend:
 
     def stats(self) -> dict:
         s = self.bank.stats
-        return {"registered": len(self.bank.tasks), "resident": len(self.bank.resident),
+        return {"registered": len(self.bank.registry), "resident": len(self.bank.resident),
                 "resident_bytes": self.bank.cached_bytes, "hits": s["hits"], "misses": s["misses"],
                 "evictions": s["evictions"], "loads": s["folds"], "load_seconds": s["fold_seconds"],
                 "fold_fused": 1.0 if fold_path(self.device) == "fused" else 0.0, "not_kept": s["not_kept"],
