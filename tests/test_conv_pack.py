@@ -226,7 +226,8 @@ def _bank_pair(tmp_path, n=3, cache_bytes=None):
     return dense, packed, names
 
 
-def test_bank_folds_packed_tasks_like_dense_ones(tmp_path):
+def test_bank_folds_packed_tasks_like_dense_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIEDEPLOY_FUSE", "off")  # replicas as module trees (tests/test_conv_graph.py: fused graphs)
     dense, packed, names = _bank_pair(tmp_path)
     assert names == packed.packed and {"a.weight", "b.weight", "c.weight"} <= set(names)
     x = torch.randn(4, 3, 12, 12)
@@ -263,6 +264,7 @@ def test_packed_storage_is_recycled_within_the_budget(tmp_path):
 
 
 def test_pack_convs_drops_dense_folds_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIEDEPLOY_FUSE", "off")
     torch.manual_seed(4)
     base = _Convs().eval()
     p = str(tmp_path / "t.safetensors")
@@ -349,7 +351,8 @@ def test_channels_last_inputs_only_for_models_that_take_them():
         torch.testing.assert_close(y, m.conv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_task_that_replaces_a_packed_layer_whole_runs_it_dense(tmp_path):
+def test_a_task_that_replaces_a_packed_layer_whole_runs_it_dense(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIEDEPLOY_FUSE", "off")  # the graph's own case: tests/test_conv_graph.py
     torch.manual_seed(11)
     base = _Convs().eval()
     m = apply_adapters_(copy.deepcopy(base), LieConfig(r=3, alpha=6, targets=["a", "c"], modules_to_save=["b"]))

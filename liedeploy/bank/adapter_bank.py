@@ -216,22 +216,26 @@ class AdapterBank:
             check_finite(n, f, B, A, af.targets[n]["scale"], ok=ok[0], W=W)
             tensors[n] = f
             recyclable.append(f)
-        if packed:
-            folded = self._packed.fold(af, packed, self._take, self._tensors)
-            tensors.update(folded)
-            recyclable.extend(folded.values())
         device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
+        full = {}
         for n, t in af.full.items():
             like = self._tensors.get(n)
-            t = t.to(device=like.device if like is not None else device,
-                     dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
-            tensors[n] = t
+            full[n] = t.to(device=like.device if like is not None else device,
+                           dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
+        if packed:
+            folded = self._packed.fold(af, packed, self._take, self._tensors, full)
+            tensors.update(folded)
+            recyclable.extend(folded.values())
+        tensors.update(full)
+        tensors.update(self._packed.own_layers(tensors, self._tensors))  # a fused graph: the task's own norms
         nbytes = sum(conv_pack.nbytes(t) for t in tensors.values())
         shared = self._packed.shared(tensors)  # not counted: held once for every task
         tensors.update(shared)
         with self._lock:
             spare = self._spare_replicas.pop(replica_key(tensors), None)
-        if spare is None:
+        if self._packed.graph is not None:
+            replica = self._packed.replica(tensors, self._tensors, spare)
+        elif spare is None:
             replica = build_replica(self.base, tensors)
             conv_pack.adopt(replica, packed + list(shared))
         else:  # built for the same names, packed the same way: its packed layers run packed already
@@ -266,6 +270,15 @@ class AdapterBank:
     def packed(self) -> list:
         """Names of the weights folded into oneDNN's blocked layout (:meth:`pack_convs`)."""
         return sorted(self._packed.plans)
+
+    @property
+    def fusion(self) -> str:
+        """How the replicas of packed tasks run, in one line: as one captured graph with batch norms,
+        ReLUs and residual adds fused into the packed convolutions (:mod:`liedeploy.core.conv_graph`),
+        or as module trees, and why."""
+        if self._packed.graph is not None:
+            return self._packed.graph.describe()
+        return f"modules ({self._packed.graph_reason})"
 
     def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> Folded:
         """The task's build with one more user (folded on first use, and cached when the cache

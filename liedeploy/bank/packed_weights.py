@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from liedeploy.core import conv_pack
+from liedeploy.core import conv_graph, conv_pack
 from liedeploy.core.adapter_file import AdapterFile
 from liedeploy.core.algebra import check_finite, compute_dtype
 
@@ -21,28 +21,48 @@ __all__ = ["PackedWeights"]
 
 class PackedWeights:
     """``plans`` (weight name -> :class:`~liedeploy.core.conv_pack.ConvPlan`) and ``base`` (weight
-    name -> the base weight packed so); empty until :meth:`plan`. Not thread safe: the bank holds its
-    lock around :meth:`plan`; the rest only reads."""
+    name -> the base weight packed so); empty until :meth:`plan`. Where the model's forward could be
+    captured (:mod:`liedeploy.core.conv_graph`), ``graph`` runs every replica, with each batch norm
+    folded into the packed convolution before it: ``base`` then holds the scaled weights, and a task
+    that brings its own norm or conv bias (``modules_to_save``) gets its own scaled copy of that
+    layer. Not thread safe: the bank holds its lock around :meth:`plan`; the rest only reads."""
 
     def __init__(self):
         self.plans: dict = {}
         self.base: dict = {}
+        self.graph: Optional[conv_graph.ConvGraph] = None
+        self.graph_reason = "not planned"
+        self._biases: dict = {}
 
     def plan(self, model: torch.nn.Module, tensors: dict, run: Callable, batches) -> list:
         """Plan and pack ``model``'s Conv2d weights (``tensors``: its state by name); the names packed."""
         plans = {n: p for n, p in conv_pack.plan_convs(model, run, batches).items() if n in tensors}
-        base = {n: p.pack(tensors[n]) for n, p in plans.items()}
-        self.plans, self.base = plans, base  # both or neither
+        graph, why = (conv_graph.capture(model, run, plans, tensors, lambda n, d: plans[n].pack(d)) if plans
+                      else (None, "no layer packed"))
+        fused = graph.fused if graph is not None else {}
+        base = {n: p.pack(_scaled(fused.get(n), tensors[n], tensors.__getitem__)) for n, p in plans.items()}
+        biases = {fc.key: fc.fused_bias(tensors.__getitem__) for fc in fused.values()}
+        self.plans, self.base, self.graph, self.graph_reason, self._biases = plans, base, graph, why, biases
         return sorted(plans)
 
+    def _own(self, fc, full: dict) -> bool:
+        """Whether a task's full tensors replace something folded into ``fc``'s weight or bias."""
+        return fc is not None and any(n in full for n in fc.sources())
+
     def fold(self, af: AdapterFile, names: list, take: Callable[[torch.Tensor], Optional[torch.Tensor]],
-             dense: dict) -> dict:
+             dense: dict, full: Optional[dict] = None) -> dict:
         """``{name: packed folded weight}`` for the packed ``names`` a task adapts, in one kernel call,
         written into storage from ``take`` (a pool) or a new copy of the packed base; a non-finite
-        result is refused by name as the dense path does (``dense``: the base's dense tensors)."""
+        result is refused by name as the dense path does (``dense``: the base's dense tensors;
+        ``full``: the task's full tensors, whose norms scale their layers' bases)."""
+        full = full or {}
+        fused = self.graph.fused if self.graph is not None else {}
         layers = []
         for n in names:
             base = self.base[n]
+            fc = fused.get(n)
+            if self._own(fc, full):  # the task's own norm: its own scaled base for this layer
+                base = self.plans[n].pack(_scaled(fc, dense[n], _lookup(full, dense)))
             out = take(base)
             B, A = af.factors[n]
             cdt = compute_dtype(base.dtype)
@@ -56,7 +76,49 @@ class PackedWeights:
             out[n] = f
         return out
 
+    def own_layers(self, tensors: dict, dense: dict) -> dict:
+        """The graph inputs a task needs of its own beyond its folds, given its ``tensors`` (folded
+        and full, by name): for each fused layer whose norm or conv bias the task replaces, the fused
+        bias, and the scaled packed weight where the task does not adapt it or replaces it whole."""
+        if self.graph is None:
+            return {}
+        out = {}
+        get = _lookup(tensors, dense)
+        for n, fc in self.graph.fused.items():
+            whole = n in tensors and tensors[n].layout != torch._mkldnn  # a full replacement of the weight
+            if not (self._own(fc, tensors) or whole):
+                continue
+            if whole or n not in tensors:
+                out[n] = self.plans[n].pack(_scaled(fc, get(n), get))
+            bias = fc.fused_bias(get)
+            if bias is not None:
+                out[fc.key] = bias
+        return out
+
+    def replica(self, tensors: dict, dense: dict, spare=None):
+        """A task's model on the fused graph: its ``tensors`` (by name, graph inputs included), the
+        packed base for the rest of the packed layers, the base's state for everything else."""
+        biases, base, consts = self._biases, self.base, self.graph.constants
+
+        def value(key):
+            for source in (tensors, base, biases, dense, consts):
+                if key in source:
+                    return source[key]
+            raise KeyError(key)
+
+        return spare.refill(value) if spare is not None else self.graph.replica(value)
+
     def shared(self, tensors: dict) -> dict:
         """The base's packed weights of the packed layers not in ``tensors`` (a task leaves them
         alone: its replica runs them on these, shared by every task, outside the cache's bound)."""
         return {n: t for n, t in self.base.items() if n not in tensors}
+
+
+def _lookup(first: dict, then: dict) -> Callable[[str], torch.Tensor]:
+    return lambda n: first[n] if n in first else then[n]
+
+
+def _scaled(fc, weight: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """``weight`` times its fused norm's per-channel scale (itself where none was folded)."""
+    s = fc.scale(get) if fc is not None else None
+    return weight.detach() if s is None else weight.detach() * s

@@ -191,7 +191,8 @@ def test_metrics_scrape_parses(server):
     # the tasks' Conv2d weights are folded into oneDNN's blocked layout (this machine's torch has oneDNN)
     assert metric(text, "liedeploy_packed_convs") == 1
     assert ("liedeploy serve: conv weights: 1 of 1 Conv2d layers folded into oneDNN's blocked layout (batches 1-8); "
-            "inputs channels-last") in server.lines
+            "inputs channels-last; fused graph: 1 packed convolutions, 0 with their batch norm folded in, 0 with a "
+            "residual add and 1 with a ReLU done by oneDNN") in server.lines
     ok = metric(text, "liedeploy_requests_total", {"outcome": "ok"})
     x = np.zeros((1, 3, 8, 8), np.float32)
     assert infer_json(server.url, "task0", x)[0] == 200

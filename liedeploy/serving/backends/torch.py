@@ -87,7 +87,7 @@ class TorchBackend:
             x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
             self._channels_last = channels_last_safe(self.bank.base, x)
         return (f"{len(packed)} of {convs} Conv2d layers folded into oneDNN's blocked layout (batches 1-{max_batch})"
-                + ("; inputs channels-last" if self._channels_last else ""))
+                + ("; inputs channels-last" if self._channels_last else "") + (f"; {self.bank.fusion}" if packed else ""))
 
     # -- registry -------------------------------------------------------------------------
     def discover(self, folder: str) -> dict:
