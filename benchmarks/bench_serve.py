@@ -17,7 +17,9 @@ still folded (or loaded) on its own.
 The server also runs with ``--processes 2`` (two worker processes of one torch thread each, the
 cache split between them) at 1,000, 10 and 1 task(s); the 10-task ratio to the ceiling then takes
 the faster of the two 1-task servers. At 1,000 tasks both servers also run against two load-generator
-processes (the client must not be what limits either rate).
+processes (the client must not be what limits either rate), and ``--processes 2`` once more with
+``LIEDEPLOY_FUSE=off`` (packed layers run as modules instead of the fused graph of
+liedeploy.core.conv_graph).
 
 Reports requests/s, p50/p95/p99, errors, wrong outputs, folds, peak RSS of the server (with worker
 processes: each process's peak, summed), and CPU seconds of the server (all its processes) and
@@ -291,6 +293,8 @@ def main(argv=None) -> int:
                 s[1000]["spec"], 1.1)
             run("liedeploy --processes 2: 1000 tasks Zipf, 2 load procs", lambda: _serve(setup, 1000, budget, processes=2),
                 s[1000]["spec"], 1.1, procs=2)
+            run("liedeploy --processes 2 LIEDEPLOY_FUSE=off: 1000 tasks Zipf",
+                lambda: _serve(setup, 1000, budget, processes=2, env={"LIEDEPLOY_FUSE": "off"}), s[1000]["spec"], 1.1)
             run("liedeploy --processes 2: 1 task", lambda: _serve(setup, 1, budget, processes=2), setup["spec_one"], 0)
             run("liedeploy --processes 2: 10 tasks uniform", lambda: _serve(setup, 10, budget, processes=2),
                 s[10]["spec"], 0)
@@ -333,6 +337,8 @@ def main(argv=None) -> int:
             "liedeploy --processes 2: 1000 tasks Zipf", f"naive {nb}: 1000 tasks Zipf, binary"),
         "1000 tasks, --processes 2: 2 load processes / 1": ratio(
             "liedeploy --processes 2: 1000 tasks Zipf, 2 load procs", "liedeploy --processes 2: 1000 tasks Zipf"),
+        "1000 tasks, --processes 2: fused graph (default) / LIEDEPLOY_FUSE=off (modules)": ratio(
+            "liedeploy --processes 2: 1000 tasks Zipf", "liedeploy --processes 2 LIEDEPLOY_FUSE=off: 1000 tasks Zipf"),
         "1000 tasks: --processes 2 / 1 process (default)": ratio(
             "liedeploy --processes 2: 1000 tasks Zipf", "liedeploy: 1000 tasks Zipf, binary"),
         "10 tasks uniform: --processes 2 / 1 process (default)": ratio(
