@@ -12,7 +12,9 @@ On bench_serve's model (ResNet-18-like at 64x64, 45 MB of float32 weights, 2 tor
   and a channels-last one (torch's advice for convnets on CPU; the server feeds packed models so),
   the baseline being the faster eager variant at each batch, with the largest output difference;
   and the packed forward on one replica every time (its weights stay in cache as far as they fit:
-  what the replicas' weight traffic costs);
+  what the replicas' weight traffic costs); and the same replicas run as the fused graph a packing
+  bank serves them with (:mod:`liedeploy.core.conv_graph`: batch norms folded into the packed
+  convolutions, ReLU and residual adds as oneDNN post-ops) against the packed modules;
 - a task's fold of every Conv2d weight (rank 16): the dense fused fold (the baseline), the fold
   written straight into the blocked layout (what a packing bank does), and the dense fold followed
   by oneDNN's own reorder (what packing would cost without it).
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
 
     from benchmarks._results import write_results
     from benchmarks.serve_models import resnet18
-    from liedeploy.core import conv_pack
+    from liedeploy.core import conv_graph, conv_pack
     from liedeploy.core.algebra import fold_sum
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,6 +66,14 @@ def main(argv=None) -> int:
     sd = base.state_dict()
     eager = [copy.deepcopy(base) for _ in range(10)]
     packed = [conv_pack.pack_model(copy.deepcopy(m), plans) for m in eager]
+    graph, why = conv_graph.capture(base, lambda m: m(torch.zeros(1, 3, 64, 64)), plans, dict(base.state_dict()),
+                                    lambda n, d: plans[n].pack(d))
+    graphs = []  # the same replicas as one fused graph each (batch norms folded in, ReLU and adds fused)
+    for m in eager if graph is not None else []:
+        state = m.state_dict()
+        scaled = {n: plans[n].pack(state[n] * fc.scale(state.__getitem__) if fc.norm else state[n])
+                  for n, fc in graph.fused.items()}
+        graphs.append(graph.replica(conv_graph.base_values(graph, state, scaled)))
     forward: dict = {}
     with torch.inference_mode():
         for b in BATCHES:
@@ -78,6 +88,10 @@ def main(argv=None) -> int:
             forward[b] = {"eager_ms": te, "eager_channels_last_ms": tel, "best_eager_ms": min(te, tel),
                           "packed_ms": tp, "packed_channels_last_ms": tl, "packed_channels_last_one_replica_ms": one,
                           "max_abs_diff": diff}
+            if graphs:
+                forward[b]["fused_graph_ms"] = _median_ms(lambda: [m(xl) for m in graphs], args.reps) / len(graphs)
+                forward[b]["fused_graph_max_abs_diff"] = max(float((e(x) - m(xl)).abs().max())
+                                                             for e, m in zip(eager[:2], graphs[:2]))
 
     g = torch.Generator().manual_seed(1)
     factors = {n: (torch.randn(p.shape[0], 16, generator=g) * 0.02, torch.randn(16, p.columns, generator=g) * 0.02)
@@ -118,6 +132,16 @@ def main(argv=None) -> int:
         lines.append(f"{b:5d} {r['eager_ms']:9.2f} {r['eager_channels_last_ms']:12.2f} {r['packed_ms']:10.2f} "
                      f"{r['packed_channels_last_ms']:13.2f} {r['best_eager_ms'] / r['packed_channels_last_ms']:22.2f}x "
                      f"{r['packed_channels_last_one_replica_ms']:15.2f} {r['max_abs_diff']:11.1e}")
+    if graphs:
+        lines += [f"the fused graph (liedeploy.core.conv_graph: {graph.describe()}), the same 10 replicas, "
+                  "channels-last input, vs packed CL (the modules)",
+                  f"{'batch':>5s} {'packed CL ms':>13s} {'fused graph ms':>15s} {'packed CL / fused graph':>24s} "
+                  f"{'max |diff| to eager':>20s}"]
+        for b, r in forward.items():
+            lines.append(f"{b:5d} {r['packed_channels_last_ms']:13.2f} {r['fused_graph_ms']:15.2f} "
+                         f"{r['packed_channels_last_ms'] / r['fused_graph_ms']:23.2f}x {r['fused_graph_max_abs_diff']:20.1e}")
+    else:
+        lines.append(f"no fused graph here: {why}")
     lines += ["fold of one task's Conv2d weights (rank 16), vs the dense fused fold",
               f"dense fused fold                          {fold['dense_ms']:7.2f} ms   1.00x",
               f"folded straight into the blocked layout   {fold['packed_ms']:7.2f} ms   "

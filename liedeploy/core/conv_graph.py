@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["ConvGraph", "FusedConv", "GraphReplica", "capture", "fuse_status", "packed_conv"]
+__all__ = ["ConvGraph", "FusedConv", "GraphReplica", "base_values", "capture", "fuse_status", "packed_conv"]
 
 _CL = torch.channels_last
 
@@ -72,28 +72,26 @@ class FusedConv:
         """Names of the tensors the fused weight and bias depend on, the weight aside."""
         return tuple(n for n in ((self.bias,) + tuple(self.norm or ())) if n is not None)
 
-    def scale(self, get: Callable[[str], torch.Tensor]) -> Optional[torch.Tensor]:
-        """The per-output-channel scale (float32, shape (O, 1, 1, 1)) folded into the weight, or None."""
-        if self.norm is None:
-            return None
+    def _scale64(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         w, _, _, var = self.norm
-        s = torch.rsqrt(get(var).double() + self.eps)
-        if w is not None:
-            s = s * get(w).double()
-        return s.float().view(-1, 1, 1, 1)
+        s = torch.rsqrt(get(var).detach().double() + self.eps)
+        return s * get(w).detach().double() if w is not None else s
+
+    def scale(self, get: Callable[[str], torch.Tensor]) -> Optional[torch.Tensor]:
+        """The per-output-channel scale (float32, shape (O, 1, 1, 1)) folded into the weight, or None.
+        ``get(name)`` gives a tensor's value (a task's own, else the base's)."""
+        return None if self.norm is None else self._scale64(get).float().view(-1, 1, 1, 1)
 
     def fused_bias(self, get: Callable[[str], torch.Tensor]) -> Optional[torch.Tensor]:
-        """``beta + (b - mean) * s``, or the conv's own bias where no norm was folded (float32)."""
-        b = get(self.bias).double() if self.bias is not None else None
+        """``beta + (b - mean) * s``, or the conv's own bias where no norm was folded (float32; computed
+        in float64 and rounded once)."""
+        b = get(self.bias).detach().double() if self.bias is not None else None
         if self.norm is None:
             return None if b is None else b.float()
-        w, beta, mean, var = self.norm
-        s = torch.rsqrt(get(var).double() + self.eps)
-        if w is not None:
-            s = s * get(w).double()
-        out = ((b if b is not None else 0.0) - get(mean).double()) * s
+        _, beta, mean, _ = self.norm
+        out = ((b if b is not None else 0.0) - get(mean).detach().double()) * self._scale64(get)
         if beta is not None:
-            out = out + get(beta).double()
+            out = out + get(beta).detach().double()
         return out.float().contiguous()
 
 
