@@ -239,3 +239,31 @@ def test_the_graph_binds_keyword_calls_and_refuses_other_inputs():
 
     with pytest.raises(LieError, match="fused graph cannot take these inputs"):
         rep(x, x)
+
+
+def test_a_transformers_model_returning_a_model_output_runs_on_its_graph(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(6)
+    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=5)
+    base = ResNetForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for mod in base.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    m = apply_adapters_(copy.deepcopy(base), LieConfig(r=2, alpha=4, targets=["convolution"]))
+    with torch.no_grad():
+        for _, _, _, lie in iter_adapters(m):
+            lie.lie_B.normal_(0, 0.2)
+    save_adapter(m, str(tmp_path / "t.safetensors"), name="t")
+    dense = AdapterBank(copy.deepcopy(base), adapters={"t": str(tmp_path / "t.safetensors")})
+    packed = AdapterBank(copy.deepcopy(base), adapters={"t": str(tmp_path / "t.safetensors")})
+    assert packed.pack_convs(lambda mm: mm(torch.zeros(1, 3, 32, 32)), batches=(1, 8))
+    assert packed.fusion.startswith("fused graph:") and "with their batch norm folded in" in packed.fusion
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref, got = dense(x, task="t"), packed(x, task="t")
+    assert type(got) is type(ref)  # the model's own output class, rebuilt from the graph's outputs
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5 * float(ref.logits.abs().max()))
