@@ -309,7 +309,8 @@ def test_the_torch_backend_packs_on_cpu_with_fixed_shapes_and_says_why_not_other
     fixed = TorchBackend(copy.deepcopy(base), [default_input((1, 3, 12, 12))], max_batch=8)
     n = len(fixed.bank.packed)
     assert n >= 3 and fixed.pack_reason == (f"{n} of 5 Conv2d layers folded into oneDNN's blocked layout (batches 1-8); "
-                                            "inputs channels-last")
+                                            f"inputs channels-last; fused graph: {n} packed convolutions, 0 with their "
+                                            f"batch norm folded in, 0 with a residual add and {n} with a ReLU done by oneDNN")
     assert fixed.stats()["packed_convs"] == n
     dense = TorchBackend(copy.deepcopy(base), [default_input((1, 3, 12, 12))])
     assert dense.pack_reason == "dense (no batch bound was given to pack for)" and dense.bank.packed == []

@@ -223,7 +223,7 @@ class AdapterBank:
             full[n] = t.to(device=like.device if like is not None else device,
                            dtype=like.dtype if like is not None and like.is_floating_point() else t.dtype)
         if packed:
-            folded = self._packed.fold(af, packed, self._take, self._tensors, full)
+            folded = self._packed.fold(af, packed, self._take, self._tensors, {**tensors, **full})
             tensors.update(folded)
             recyclable.extend(folded.values())
         tensors.update(full)

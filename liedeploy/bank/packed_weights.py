@@ -45,28 +45,29 @@ class PackedWeights:
         self.plans, self.base, self.graph, self.graph_reason, self._biases = plans, base, graph, why, biases
         return sorted(plans)
 
-    def _own(self, fc, full: dict) -> bool:
-        """Whether a task's full tensors replace something folded into ``fc``'s weight or bias."""
-        return fc is not None and any(n in full for n in fc.sources())
+    def _own(self, fc, tensors: dict) -> bool:
+        """Whether a task's ``tensors`` replace something folded into ``fc``'s weight or bias."""
+        return fc is not None and any(n in tensors for n in fc.sources())
 
     def fold(self, af: AdapterFile, names: list, take: Callable[[torch.Tensor], Optional[torch.Tensor]],
-             dense: dict, full: Optional[dict] = None) -> dict:
+             dense: dict, own: Optional[dict] = None) -> dict:
         """``{name: packed folded weight}`` for the packed ``names`` a task adapts, in one kernel call,
         written into storage from ``take`` (a pool) or a new copy of the packed base; a non-finite
         result is refused by name as the dense path does (``dense``: the base's dense tensors;
-        ``full``: the task's full tensors, whose norms scale their layers' bases)."""
-        full = full or {}
+        ``own``: the task's other tensors by name, whose norms scale their layers' bases)."""
+        own = own or {}
         fused = self.graph.fused if self.graph is not None else {}
         layers = []
         for n in names:
             base = self.base[n]
             fc = fused.get(n)
-            if self._own(fc, full):  # the task's own norm: its own scaled base for this layer
-                base = self.plans[n].pack(_scaled(fc, dense[n], _lookup(full, dense)))
+            mine = self._own(fc, own)
+            if mine:  # the task's own norm: its own scaled base for this layer (folded in place)
+                base = self.plans[n].pack(_scaled(fc, dense[n], _lookup(own, dense)))
             out = take(base)
             B, A = af.factors[n]
             cdt = compute_dtype(base.dtype)
-            layers.append((self.plans[n], base, base.clone() if out is None else out,
+            layers.append((self.plans[n], base, (base if mine else base.clone()) if out is None else out,
                            B.to(dtype=cdt) * af.targets[n]["scale"], A.to(dtype=cdt)))
         finite = conv_pack.fold_packed(layers, af.expmap == "exact")
         out = {}

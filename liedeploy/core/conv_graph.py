@@ -332,15 +332,17 @@ def capture(model: nn.Module, run: Callable[[nn.Module], object], plans: dict, t
             consts[name] = value
     try:
         fused = _rewrite(gm, names, plans)
-    except ValueError as e:
+        if not fused:
+            return None, "no packed convolution found in the captured forward"
+        for p in [p for p in names if not p.users]:
+            gm.graph.erase_node(p)
+            del names[p]
+        gm.graph.lint()
+        gm.recompile()
+    except ValueError as e:  # a packed weight that cannot run packed in this graph
         return None, str(e)
-    if not fused:
-        return None, "no packed convolution found in the captured forward"
-    for p in [p for p in names if not p.users]:
-        gm.graph.erase_node(p)
-        del names[p]
-    gm.graph.lint()
-    gm.recompile()
+    except Exception as e:  # noqa: BLE001 - a graph the rewrite does not understand: the model runs as modules
+        return None, f"the captured forward could not be rewritten ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     keys = [names[n] for n in gm.graph.nodes if n.op == "placeholder" and n in names]
     graph = ConvGraph(gm, keys, fused, ep.call_spec.in_spec, ep.call_spec.out_spec, consts)
     import inspect
