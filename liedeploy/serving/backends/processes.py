@@ -8,8 +8,8 @@ two-thread split of these small convolutions wastes much of the second core), bu
 two worker threads kept only 0.97-1.16x (benchmarks/bench_workers.py). Worker processes keep more of it: each has its own GIL, its
 own :class:`~liedeploy.serving.backends.torch.TorchBackend` (a bank with ``cache_bytes / N`` and
 ``cores / N`` torch threads) and runs its batches on its main thread; this process keeps the HTTP
-server, the queues and the scheduler, and imports no torch. bench_serve measured 1.33x the
-requests/s of one process at 1,000 tasks, 1.15x at 10 tasks and 1.01x at 1 (smaller batches: the
+server, the queues and the scheduler, and imports no torch. bench_serve measured 1.20x the
+requests/s of one process at 1,000 tasks, 1.08x at 10 tasks and 1.06x at 1 (smaller batches: the
 queue is split), at about 530 MB more memory per process (the runtime, the model, the packed base).
 
 Tasks keep to a process: a task folded in one worker process is scheduled there (the batcher asks
