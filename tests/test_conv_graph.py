@@ -198,9 +198,21 @@ class _Reads(_Net):
         return super().forward(x) + self.c1.weight.sum()  # a packed weight read outside its convolution
 
 
-def test_a_graph_is_refused_where_a_packed_weight_is_read_elsewhere():
-    graph, why, _, _ = _capture(_Reads().eval())
+def test_a_graph_is_refused_where_a_packed_weight_is_read_elsewhere(tmp_path):
+    torch.manual_seed(7)
+    base = _Reads().eval()
+    graph, why, _, _ = _capture(base)
     assert graph is None and why == "c1.weight is packed but read by something other than its convolution"
+    # nor can its modules run with packed weights (a packed tensor has no .sum()): the bank packs nothing
+    m = _task(base, None, seed=14)
+    save_adapter(m, str(tmp_path / "t.safetensors"), name="t")
+    dense = AdapterBank(copy.deepcopy(base), adapters={"t": str(tmp_path / "t.safetensors")})
+    bank = AdapterBank(copy.deepcopy(base), adapters={"t": str(tmp_path / "t.safetensors")})
+    assert bank.pack_convs(_run, batches=(1, 8)) == [] and bank.packed == []
+    assert bank.fusion.startswith("the model fails with its Conv2d weights packed (") and bank.fusion.endswith("none packed")
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.inference_mode():
+        torch.testing.assert_close(bank(x, task="t"), dense(x, task="t"), rtol=0, atol=0)
 
 
 def test_a_model_torch_export_cannot_capture_runs_as_modules(tmp_path):

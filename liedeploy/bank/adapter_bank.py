@@ -275,10 +275,12 @@ class AdapterBank:
     def fusion(self) -> str:
         """How the replicas of packed tasks run, in one line: as one captured graph with batch norms,
         ReLUs and residual adds fused into the packed convolutions (:mod:`liedeploy.core.conv_graph`),
-        or as module trees, and why."""
+        or as module trees, and why; where :meth:`pack_convs` packed nothing, why not."""
         if self._packed.graph is not None:
             return self._packed.graph.describe()
-        return f"modules ({self._packed.graph_reason})"
+        if not self._packed.plans:
+            return self._packed.reason
+        return f"modules ({self._packed.reason})"
 
     def _acquire(self, task: str, uses: int = 1, keep: bool = False) -> Folded:
         """The task's build with one more user (folded on first use, and cached when the cache

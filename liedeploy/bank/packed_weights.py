@@ -31,18 +31,22 @@ class PackedWeights:
         self.plans: dict = {}
         self.base: dict = {}
         self.graph: Optional[conv_graph.ConvGraph] = None
-        self.graph_reason = "not planned"
+        self.reason = "not planned"
         self._biases: dict = {}
 
     def plan(self, model: torch.nn.Module, tensors: dict, run: Callable, batches) -> list:
         """Plan and pack ``model``'s Conv2d weights (``tensors``: its state by name); the names packed."""
         plans = {n: p for n, p in conv_pack.plan_convs(model, run, batches).items() if n in tensors}
         graph, why = (conv_graph.capture(model, run, plans, tensors, lambda n, d: plans[n].pack(d)) if plans
-                      else (None, "no layer packed"))
+                      else (None, "no Conv2d layer qualifies for packing"))
         fused = graph.fused if graph is not None else {}
         base = {n: p.pack(_scaled(fused.get(n), tensors[n], tensors.__getitem__)) for n, p in plans.items()}
+        if plans and graph is None:  # replicas will run as module trees: check that the model takes packed weights
+            refused = _modules_refuse(model, run, base)
+            if refused:
+                plans, base, why = {}, {}, refused
         biases = {fc.key: fc.fused_bias(tensors.__getitem__) for fc in fused.values()}
-        self.plans, self.base, self.graph, self.graph_reason, self._biases = plans, base, graph, why, biases
+        self.plans, self.base, self.graph, self.reason, self._biases = plans, base, graph, why, biases
         return sorted(plans)
 
     def _own(self, fc, tensors: dict) -> bool:
@@ -113,6 +117,26 @@ class PackedWeights:
         """The base's packed weights of the packed layers not in ``tensors`` (a task leaves them
         alone: its replica runs them on these, shared by every task, outside the cache's bound)."""
         return {n: t for n, t in self.base.items() if n not in tensors}
+
+
+def _modules_refuse(model: torch.nn.Module, run: Callable, base: dict) -> str:
+    """Why ``model`` cannot run with the packed weights ``base`` as modules, or ``""``: a forward that
+    reads a packed weight other than through its convolution fails or gives other outputs."""
+    from liedeploy.bank.replica import build_replica
+    from liedeploy.core.outputs import flatten_named
+
+    replica = build_replica(model, base)
+    conv_pack.adopt(replica, list(base))
+    try:
+        with torch.inference_mode():
+            ref, got = flatten_named(run(model)), flatten_named(run(replica))
+    except Exception as e:  # noqa: BLE001 - any failure: the model does not take packed weights
+        return f"the model fails with its Conv2d weights packed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); none packed"
+    same = [n for n, _ in ref] == [n for n, _ in got] and all(
+        a.shape == b.shape and (torch.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(a.abs().max())))
+                                if a.is_floating_point() else torch.equal(a, b))
+        for (_, a), (_, b) in zip(ref, got))
+    return "" if same else "the model's outputs change with its Conv2d weights packed; none packed"
 
 
 def _lookup(first: dict, then: dict) -> Callable[[str], torch.Tensor]:

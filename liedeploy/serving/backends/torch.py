@@ -78,6 +78,8 @@ class TorchBackend:
             return model(tensors[self._inputs[0].name]) if len(self._inputs) == 1 else model(**tensors)
 
         packed = self.bank.pack_convs(run, batches=sorted({1, int(max_batch)}))
+        if not packed:
+            return f"dense ({self.bank.fusion})"
         if packed and len(self._inputs) == 1 and len(self._inputs[0].shape) == 4 and self._inputs[0].datatype == "FP32":
             import torch
 
@@ -87,7 +89,7 @@ class TorchBackend:
             x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
             self._channels_last = channels_last_safe(self.bank.base, x)
         return (f"{len(packed)} of {convs} Conv2d layers folded into oneDNN's blocked layout (batches 1-{max_batch})"
-                + ("; inputs channels-last" if self._channels_last else "") + (f"; {self.bank.fusion}" if packed else ""))
+                + ("; inputs channels-last" if self._channels_last else "") + f"; {self.bank.fusion}")
 
     # -- registry -------------------------------------------------------------------------
     def discover(self, folder: str) -> dict:
