@@ -279,3 +279,26 @@ def test_a_transformers_model_returning_a_model_output_runs_on_its_graph(tmp_pat
         ref, got = dense(x, task="t"), packed(x, task="t")
     assert type(got) is type(ref)  # the model's own output class, rebuilt from the graph's outputs
     torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5 * float(ref.logits.abs().max()))
+
+
+class _Counts(_Net):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)  # a buffer the forward mutates: a graph would have to hand it back
+        return super().forward(x)
+
+
+def test_a_buffer_the_forward_mutates_is_mutated_by_the_graph_too():
+    torch.manual_seed(8)
+    m = _Counts().eval()
+    graph, why, plans, tensors = _capture(m)
+    assert why == "ready"  # the in-place add stays in the graph, on the tensor it is given
+    rep = _base_replica(graph, plans, tensors)
+    before = float(m.calls)
+    with torch.inference_mode():
+        rep(torch.randn(2, *SHAPE[1:]))
+        rep(torch.randn(1, *SHAPE[1:]))
+    assert float(m.calls) == before + 2  # as the modules would: replicas share the base's buffers
