@@ -252,8 +252,12 @@ class AdapterBank:
         replica runs the packed layers it does not adapt on a packed copy of the base's weights,
         shared by every task (held once, outside ``cache_bytes``). Tasks folded before are dropped
         (folded again, packed, at their next use); the base (``task=None``) keeps its dense weights.
+        Where ``torch.export`` captures the forward, every task then runs as one fused graph
+        (:mod:`liedeploy.core.conv_graph`: batch norms folded into the packed convolutions, ReLU
+        and residual adds as oneDNN post-ops; :attr:`fusion` says what was fused, or why not).
         Call it before serving. Returns the packed weights' names (empty where
-        :func:`~liedeploy.core.conv_pack.pack_status` is not ``"ready"``, or no layer qualifies).
+        :func:`~liedeploy.core.conv_pack.pack_status` is not ``"ready"``, no layer qualifies, or the
+        model fails with packed weights: :attr:`fusion` says why).
         """
         if conv_pack.pack_status() != "ready":
             return []
@@ -364,7 +368,9 @@ class AdapterBank:
         return TaskLease(task, folded, folded.replica, self._release, self.note_uses)
 
     def model_for(self, task: Optional[str]) -> nn.Module:
-        """The module that computes ``task`` (the base for ``None``), to hold and call directly.
+        """The module that computes ``task`` (the base for ``None``), to hold and call directly
+        (after :meth:`pack_convs` with a fused graph, a
+        :class:`~liedeploy.core.conv_graph.GraphReplica`: the graph and the task's tensors).
 
         Its tensors are never recycled, even after eviction (they stay alive while you hold it).
         """
