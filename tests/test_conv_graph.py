@@ -302,3 +302,30 @@ def test_a_buffer_the_forward_mutates_is_mutated_by_the_graph_too():
         rep(torch.randn(2, *SHAPE[1:]))
         rep(torch.randn(1, *SHAPE[1:]))
     assert float(m.calls) == before + 2  # as the modules would: replicas share the base's buffers
+
+
+class _Shared(nn.Module):
+    """One conv used twice, each use followed by a norm of its own: its weight takes neither scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), _bn(32)
+        self.twice, self.bn1, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), _bn(32), _bn(32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn1(self.twice(h)))
+        h = F.relu(self.bn2(self.twice(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_conv_used_twice_keeps_its_norms_apart():
+    torch.manual_seed(9)
+    m = _Shared().eval()
+    graph, why, plans, tensors = _capture(m)
+    assert why == "ready" and graph.fused["twice.weight"].norm is None and graph.fused["stem.weight"].norm is not None
+    rep = _base_replica(graph, plans, tensors)
+    x = torch.randn(3, *SHAPE[1:])
+    with torch.inference_mode():
+        _close(rep(x), copy.deepcopy(m).double()(x.double()))

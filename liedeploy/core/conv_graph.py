@@ -229,6 +229,9 @@ def _rewrite(gm: torch.fx.GraphModule, names: dict, plans: dict) -> dict:
     g = gm.graph
     fused: dict = {}
     first = next(iter(g.nodes))
+    convs = [n for n in g.nodes if n.op == "call_function" and n.target is aten.conv2d.default]
+    shared = {n.args[1] for n in convs if sum(c.args[1] is n.args[1] for c in convs) > 1}
+    inputs: dict = {}  # fused-bias key -> its placeholder
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not aten.conv2d.default:
             continue
@@ -247,6 +250,7 @@ def _rewrite(gm: torch.fx.GraphModule, names: dict, plans: dict) -> dict:
         chain, last, norm, eps, relu, other = [node], node, None, 0.0, False, None
         user = _only_user(last)
         if (user is not None and user.target is aten.batch_norm.default and user.args[0] is last
+                and w not in shared  # a weight two convolutions use takes no one norm's scale
                 and not _arg(user, 5, "training", False)):
             parts = [_arg(user, i, k, None) for i, k in ((1, "weight"), (2, "bias"), (3, "running_mean"),
                                                           (4, "running_var"))]
@@ -272,9 +276,11 @@ def _rewrite(gm: torch.fx.GraphModule, names: dict, plans: dict) -> dict:
             last = user
         key = f"{wname}#fused_bias"
         fc = FusedConv(wname, names.get(b) if b is not None else None, norm, eps, key, relu, other is not None)
-        with g.inserting_before(first):
-            pb = g.placeholder(key.replace(".", "_").replace("#", "__"))
-        names[pb] = key
+        pb = inputs.get(key)
+        if pb is None:  # one input per conv weight, however many convolutions use it
+            with g.inserting_before(first):
+                pb = inputs[key] = g.placeholder(key.replace(".", "_").replace("#", "__"))
+            names[pb] = key
         with g.inserting_after(last):
             new = g.call_function(packed_conv, (node.args[0], w, pb, list(plan.padding), list(plan.stride),
                                                 list(plan.dilation), plan.groups, relu, other))
