@@ -162,6 +162,10 @@ def test_a_bank_serves_tasks_on_the_fused_graph_like_dense_ones(tmp_path):
                 got = packed(x, task=t)
                 torch.testing.assert_close(got, refs[t], rtol=1e-5, atol=1e-5 * float(refs[t].abs().max()))
         torch.testing.assert_close(packed(x), dense(x), rtol=0, atol=0)  # the base keeps its modules
+        tasks = ["own", "plain", None, "own"]  # one task per sample
+        ref = dense.forward_mixed(x, tasks=tasks)
+        torch.testing.assert_close(packed.forward_mixed(x, tasks=tasks), ref, rtol=1e-5,
+                                   atol=1e-5 * float(ref.abs().max()))
     rep = packed.model_for("own")
     assert isinstance(rep, conv_graph.GraphReplica)
     value = dict(zip(rep.graph.keys, rep.tensors))
