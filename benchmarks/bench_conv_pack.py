@@ -71,9 +71,7 @@ def main(argv=None) -> int:
     graphs = []  # the same replicas as one fused graph each (batch norms folded in, ReLU and adds fused)
     for m in eager if graph is not None else []:
         state = m.state_dict()
-        scaled = {n: plans[n].pack(state[n] * fc.scale(state.__getitem__) if fc.norm else state[n])
-                  for n, fc in graph.fused.items()}
-        graphs.append(graph.replica(conv_graph.base_values(graph, state, scaled)))
+        graphs.append(graph.replica(graph.lookup(graph.base_values(state, lambda n, d: plans[n].pack(d)), state)))
     forward: dict = {}
     with torch.inference_mode():
         for b in BATCHES:

@@ -72,11 +72,7 @@ def _capture(m):
 
 
 def _base_replica(graph, plans, tensors):
-    packed = {}
-    for n, fc in graph.fused.items():
-        s = fc.scale(tensors.__getitem__)
-        packed[n] = plans[n].pack(tensors[n].detach() * s if s is not None else tensors[n].detach())
-    return graph.replica(conv_graph.base_values(graph, tensors, packed))
+    return graph.replica(graph.lookup(graph.base, tensors))  # the base's packed, scaled weights from capture
 
 
 def _close(got, ref):

@@ -32,26 +32,20 @@ class PackedWeights:
         self.base: dict = {}
         self.graph: Optional[conv_graph.ConvGraph] = None
         self.reason = "not planned"
-        self._biases: dict = {}
 
     def plan(self, model: torch.nn.Module, tensors: dict, run: Callable, batches) -> list:
         """Plan and pack ``model``'s Conv2d weights (``tensors``: its state by name); the names packed."""
         plans = {n: p for n, p in conv_pack.plan_convs(model, run, batches).items() if n in tensors}
         graph, why = (conv_graph.capture(model, run, plans, tensors, lambda n, d: plans[n].pack(d)) if plans
                       else (None, "no Conv2d layer qualifies for packing"))
-        fused = graph.fused if graph is not None else {}
-        base = {n: p.pack(_scaled(fused.get(n), tensors[n], tensors.__getitem__)) for n, p in plans.items()}
+        scaled = graph.base if graph is not None else {}  # the fused layers' scaled bases, packed at capture
+        base = {n: scaled[n] if n in scaled else p.pack(tensors[n]) for n, p in plans.items()}
         if plans and graph is None:  # replicas will run as module trees: check that the model takes packed weights
             refused = _modules_refuse(model, run, base)
             if refused:
                 plans, base, why = {}, {}, refused
-        biases = {fc.key: fc.fused_bias(tensors.__getitem__) for fc in fused.values()}
-        self.plans, self.base, self.graph, self.reason, self._biases = plans, base, graph, why, biases
+        self.plans, self.base, self.graph, self.reason = plans, base, graph, why
         return sorted(plans)
-
-    def _own(self, fc, tensors: dict) -> bool:
-        """Whether a task's ``tensors`` replace something folded into ``fc``'s weight or bias."""
-        return fc is not None and any(n in tensors for n in fc.sources())
 
     def fold(self, af: AdapterFile, names: list, take: Callable[[torch.Tensor], Optional[torch.Tensor]],
              dense: dict, own: Optional[dict] = None) -> dict:
@@ -65,9 +59,9 @@ class PackedWeights:
         for n in names:
             base = self.base[n]
             fc = fused.get(n)
-            mine = self._own(fc, own)
+            mine = fc is not None and fc.replaced_by(own)
             if mine:  # the task's own norm: its own scaled base for this layer (folded in place)
-                base = self.plans[n].pack(_scaled(fc, dense[n], _lookup(own, dense)))
+                base = self.plans[n].pack(fc.scaled(dense[n], _lookup(own, dense)))
             out = take(base)
             B, A = af.factors[n]
             cdt = compute_dtype(base.dtype)
@@ -91,10 +85,10 @@ class PackedWeights:
         get = _lookup(tensors, dense)
         for n, fc in self.graph.fused.items():
             whole = n in tensors and tensors[n].layout != torch._mkldnn  # a full replacement of the weight
-            if not (self._own(fc, tensors) or whole):
+            if not (fc.replaced_by(tensors) or whole):
                 continue
             if whole or n not in tensors:
-                out[n] = self.plans[n].pack(_scaled(fc, get(n), get))
+                out[n] = self.plans[n].pack(fc.scaled(get(n), get))
             bias = fc.fused_bias(get)
             if bias is not None:
                 out[fc.key] = bias
@@ -103,14 +97,7 @@ class PackedWeights:
     def replica(self, tensors: dict, dense: dict, spare=None):
         """A task's model on the fused graph: its ``tensors`` (by name, graph inputs included), the
         packed base for the rest of the packed layers, the base's state for everything else."""
-        biases, base, consts = self._biases, self.base, self.graph.constants
-
-        def value(key):
-            for source in (tensors, base, biases, dense, consts):
-                if key in source:
-                    return source[key]
-            raise KeyError(key)
-
+        value = self.graph.lookup(tensors, self.base, self.graph.base, dense)
         return spare.refill(value) if spare is not None else self.graph.replica(value)
 
     def shared(self, tensors: dict) -> dict:
@@ -141,9 +128,3 @@ def _modules_refuse(model: torch.nn.Module, run: Callable, base: dict) -> str:
 
 def _lookup(first: dict, then: dict) -> Callable[[str], torch.Tensor]:
     return lambda n: first[n] if n in first else then[n]
-
-
-def _scaled(fc, weight: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """``weight`` times its fused norm's per-channel scale (itself where none was folded)."""
-    s = fc.scale(get) if fc is not None else None
-    return weight.detach() if s is None else weight.detach() * s

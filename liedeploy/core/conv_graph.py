@@ -28,8 +28,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.fx._pytree import tree_flatten_spec
+from torch.utils._pytree import tree_unflatten
 
-__all__ = ["ConvGraph", "FusedConv", "GraphReplica", "base_values", "capture", "fuse_status", "packed_conv"]
+__all__ = ["ConvGraph", "FusedConv", "GraphReplica", "capture", "fuse_status", "packed_conv"]
 
 _CL = torch.channels_last
 
@@ -72,6 +74,15 @@ class FusedConv:
         """Names of the tensors the fused weight and bias depend on, the weight aside."""
         return tuple(n for n in ((self.bias,) + tuple(self.norm or ())) if n is not None)
 
+    def replaced_by(self, tensors) -> bool:
+        """Whether ``tensors`` (a task's, by name) replace something folded into this weight or bias."""
+        return any(n in tensors for n in self.sources())
+
+    def scaled(self, weight: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """``weight`` (dense) times the per-channel scale of the norm folded in (itself where none)."""
+        s = self.scale(get)
+        return weight.detach() if s is None else weight.detach() * s
+
     def _scale64(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         w, _, _, var = self.norm
         s = torch.rsqrt(get(var).detach().double() + self.eps)
@@ -106,6 +117,7 @@ class ConvGraph:
         self.constants = dict(constants or {})  # tensors the forward made itself (torch.export lifts them)
         self.signature, self.positional, self.keywords = None, 0, frozenset()
         self._in_spec, self._out_spec = in_spec, out_spec
+        self.base: dict = {}  # the base model's fused inputs: scaled packed weights, fused biases (capture)
 
     def called_as(self, signature, args: tuple, kwargs: dict) -> None:
         """Record how the example called the model: other calls are bound to that form."""
@@ -133,14 +145,33 @@ class ConvGraph:
                 f"norm folded in, {sum(c.add for c in f)} with a residual add and {sum(c.relu for c in f)} with a ReLU "
                 "done by oneDNN")
 
+    def base_values(self, tensors: dict, pack: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
+        """The fused inputs for the state ``tensors``: each fused layer's scaled weight packed by
+        ``pack(name, dense)``, and its fused bias, by key."""
+        get = tensors.__getitem__
+        out = {}
+        for n, fc in self.fused.items():
+            out[n] = pack(n, fc.scaled(tensors[n], get))
+            out[fc.key] = fc.fused_bias(get)
+        return out
+
+    def lookup(self, *sources: dict) -> Callable[[str], torch.Tensor]:
+        """``key -> value`` from the first of ``sources`` that holds the key, else the graph's constants."""
+        sources = sources + (self.constants,)
+
+        def value(key):
+            for source in sources:
+                if key in source:
+                    return source[key]
+            raise KeyError(key)
+
+        return value
+
     def replica(self, values: Callable[[str], torch.Tensor]) -> "GraphReplica":
         """A callable model running this graph on ``values(key)`` for each key."""
         return GraphReplica(self, [values(k) for k in self.keys])
 
     def run(self, tensors: list, args: tuple, kwargs: dict):
-        from torch.fx._pytree import tree_flatten_spec
-        from torch.utils._pytree import tree_unflatten
-
         if self.signature is not None and (len(args) != self.positional or set(kwargs) != self.keywords):
             args, kwargs = self._canonical(args, kwargs)
         flat = tree_flatten_spec((args, kwargs), self._in_spec)
@@ -304,7 +335,8 @@ def capture(model: nn.Module, run: Callable[[nn.Module], object], plans: dict, t
             pack: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple[Optional[ConvGraph], str]:
     """``model``'s forward as a :class:`ConvGraph` with the packed layers of ``plans`` fused, or None
     and why. ``run(model)`` calls the model on an example input; ``tensors``: its state by name (the
-    base values); ``pack(name, dense)`` packs a weight in its plan's layout (used for the check)."""
+    base values); ``pack(name, dense)`` packs a weight in its plan's layout: the graph's ``base``
+    holds the base's fused inputs so packed (checked against the model's forward here)."""
     why = fuse_status()
     if why != "ready":
         return None, why
@@ -355,7 +387,8 @@ def capture(model: nn.Module, run: Callable[[nn.Module], object], plans: dict, t
 
     graph.called_as(inspect.signature(model.forward), args, kwargs)
     try:
-        ok = _check(model, graph, tensors, plans, pack, args, kwargs)
+        graph.base = graph.base_values(tensors, pack)
+        ok = _check(model, graph, tensors, args, kwargs)
     except Exception as e:  # noqa: BLE001
         return None, f"the fused graph failed on the example input ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     if not ok:
@@ -363,29 +396,10 @@ def capture(model: nn.Module, run: Callable[[nn.Module], object], plans: dict, t
     return graph, "ready"
 
 
-def base_values(graph: ConvGraph, tensors: dict, packed: dict) -> Callable[[str], torch.Tensor]:
-    """The base model's value of each graph key: ``packed`` (weight name -> packed, scaled weight)
-    for the fused layers, their fused biases, the state (``tensors``) for the rest."""
-    biases = {fc.key: fc.fused_bias(tensors.__getitem__) for fc in graph.fused.values()}
-
-    def value(key):
-        if key in packed:
-            return packed[key]
-        if key in biases:
-            return biases[key]
-        return tensors[key] if key in tensors else graph.constants[key]
-
-    return value
-
-
-def _check(model, graph: ConvGraph, tensors: dict, plans: dict, pack, args, kwargs) -> bool:
+def _check(model, graph: ConvGraph, tensors: dict, args, kwargs) -> bool:
     from liedeploy.core.outputs import flatten_named
 
-    packed = {}
-    for n, fc in graph.fused.items():
-        s = fc.scale(tensors.__getitem__)
-        packed[n] = pack(n, tensors[n] if s is None else tensors[n] * s)
-    rep = graph.replica(base_values(graph, tensors, packed))
+    rep = graph.replica(graph.lookup(graph.base, tensors))
     for a, k in ((args, kwargs), _first(args, kwargs)):
         with torch.inference_mode():
             ref = flatten_named(model(*a, **k))

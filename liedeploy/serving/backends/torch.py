@@ -80,7 +80,7 @@ class TorchBackend:
         packed = self.bank.pack_convs(run, batches=sorted({1, int(max_batch)}))
         if not packed:
             return f"dense ({self.bank.fusion})"
-        if packed and len(self._inputs) == 1 and len(self._inputs[0].shape) == 4 and self._inputs[0].datatype == "FP32":
+        if len(self._inputs) == 1 and len(self._inputs[0].shape) == 4 and self._inputs[0].datatype == "FP32":
             import torch
 
             from liedeploy.core.conv_pack import channels_last_safe
